@@ -1,0 +1,102 @@
+"""Tiny random models of every supported architecture, built with stock transformers and saved as
+multi-shard safetensors checkpoints (the same files `save_pretrained` writes for real models).
+
+Used by every test that needs a checkpoint. Deterministic: the same (arch, seed, overrides) give the same bytes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"]
+DENSE_ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
+MOE_ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"]
+
+_COMMON = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+)
+
+_EXTRA: dict[str, dict] = {
+    "llama": {},
+    "mistral": {},
+    "qwen2": {},
+    "qwen3": {"head_dim": 16},
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen2_moe": {
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 48,
+        "decoder_sparse_step": 1,
+    },
+    "qwen3_moe": {
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "decoder_sparse_step": 1,
+        "head_dim": 16,
+    },
+    "deepseek_v3": {
+        "n_routed_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "n_shared_experts": 1,
+        "first_k_dense_replace": 1,
+        "kv_lora_rank": 16,
+        "q_lora_rank": 24,
+        "qk_rope_head_dim": 8,
+        "qk_nope_head_dim": 8,
+        "v_head_dim": 16,
+        "n_group": 1,
+        "topk_group": 1,
+    },
+}
+
+
+def tiny_config(arch: str, **overrides):
+    """A small config of `arch` (a transformers `model_type`); `overrides` replace any field."""
+    if arch not in _EXTRA:
+        raise ValueError(f"unknown tiny arch {arch!r}; choose from {ARCHS}")
+    return AutoConfig.for_model(arch, **{**_COMMON, **_EXTRA[arch], **overrides})
+
+
+def tiny_model(arch: str, seed: int = 0, **overrides) -> PreTrainedModel:
+    """A randomly initialised float32 model (eval mode). Weights are scaled up from HF's std=0.02 init so that
+    activations are far from zero and pruning visibly changes outputs."""
+    config = tiny_config(arch, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed + 1)
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * (1.0 / p.shape[-1]) ** 0.5)
+            elif "norm" in name or "layernorm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def save_tiny(
+    model: PreTrainedModel, path: str | Path, max_shard_size: str = "20KB", tokenizer: bool = False
+) -> Path:
+    """Save `model` with `save_pretrained` into `path` as many shards with an index."""
+    path = Path(path)
+    model.save_pretrained(path, max_shard_size=max_shard_size)
+    n = len(list(path.glob("*.safetensors")))
+    assert n >= 5, f"expected a multi-shard checkpoint, got {n} shard(s)"
+    return path
+
+
+def build_tiny_checkpoint(arch: str, path: str | Path, seed: int = 0, max_shard_size: str = "20KB", **overrides) -> Path:
+    """Build a tiny model of `arch` and save it as a multi-shard checkpoint in `path`."""
+    return save_tiny(tiny_model(arch, seed=seed, **overrides), path, max_shard_size=max_shard_size)
