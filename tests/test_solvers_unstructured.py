@@ -1,0 +1,387 @@
+"""Tests of solvers.stats, solvers.unstructured, solvers.sparsegpt and solvers.registry against float64 references."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.testing import assert_close
+
+from solvers.registry import available_solvers, get_solver, needs_gram, needs_stats
+from solvers.sparsegpt import sparsegpt_prune
+from solvers.stats import accumulate, col_norm_sq, init_stats, layer_error, merge
+from solvers.unstructured import PruneResult, magnitude_prune, nm_mask, parse_pattern, wanda_prune
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _correlated_inputs(seed: int, n: int = 256, d: int = 32) -> torch.Tensor:
+    """``X = Z A`` with a random mixing ``A`` and spread column scales: an ill-conditioned Gram."""
+    g = _gen(seed)
+    Z = torch.randn(n, d, generator=g, dtype=torch.float64)
+    A = torch.randn(d, d, generator=g, dtype=torch.float64) * torch.randn(d, generator=g, dtype=torch.float64).exp()
+    return Z @ A
+
+
+def _round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+# ---------------------------------------------------------------- numpy / python references
+
+
+def _ref_prune_lowest_rows(scores: np.ndarray, k: int) -> np.ndarray:
+    keep = np.ones(scores.shape, dtype=bool)
+    for r in range(scores.shape[0]):
+        keep[r, np.argsort(scores[r], kind="stable")[:k]] = False
+    return keep
+
+
+def _ref_nm(scores: np.ndarray, n: int, m: int) -> np.ndarray:
+    keep = np.ones(scores.shape, dtype=bool)
+    for r in range(scores.shape[0]):
+        for g0 in range(0, scores.shape[1], m):
+            keep[r, g0 + np.argsort(scores[r, g0:g0 + m], kind="stable")[: m - n]] = False
+    return keep
+
+
+def _ref_obs(W: torch.Tensor, H: torch.Tensor, sparsity: float, nm, blocksize: int, percdamp: float):
+    """Float64 OBS, column by column, full-matrix update, no lazy blocks and no Cholesky trick.
+
+    Column i is pruned against the inverse of the Hessian of the not-yet-processed columns, ``F = (H_{i:, i:})⁻¹``:
+    ``W_{:, i:} −= (w − q) F_{0,:} / F_00``. Scores ``w_j² / F⁽ʲ⁾_00`` are taken at block (unstructured) or group
+    (N:M) starts on the current weights.
+    """
+    W = W.double().clone()
+    H = H.double().clone()
+    d_out, d_in = W.shape
+    dead = H.diagonal() == 0
+    H.diagonal()[dead] = 1.0
+    W[:, dead] = 0.0
+    H.diagonal().add_(percdamp * H.diagonal().mean())
+    dsq = torch.stack([torch.linalg.inv(H[j:, j:])[0, 0] for j in range(d_in)])
+    keep = np.ones((d_out, d_in), dtype=bool)
+    loss = 0.0
+    for i in range(d_in):
+        if nm is None and i % blocksize == 0:
+            i2 = min(i + blocksize, d_in)
+            k = _round_half_up(sparsity * d_out * i2) - _round_half_up(sparsity * d_out * i)
+            sc = (W[:, i:i2] ** 2 / dsq[i:i2]).numpy()
+            flat = np.ones(sc.size, dtype=bool)
+            flat[np.argsort(sc.reshape(-1), kind="stable")[:k]] = False
+            keep[:, i:i2] = flat.reshape(sc.shape)
+        if nm is not None and i % nm[1] == 0:
+            sc = (W[:, i:i + nm[1]] ** 2 / dsq[i:i + nm[1]]).numpy()
+            keep[:, i:i + nm[1]] = _ref_nm(sc, *nm)
+        F = torch.linalg.inv(H[i:, i:])
+        w = W[:, i].clone()
+        q = w * torch.from_numpy(keep[:, i]).double()
+        W[:, i:] -= torch.outer((w - q) / F[0, 0], F[0, :])
+        W[:, i] = q
+        loss += float(((w - q) ** 2).sum() / F[0, 0])
+    return W, torch.from_numpy(keep), loss
+
+
+# ---------------------------------------------------------------- stats
+
+
+def test_accumulate_chunks_equals_float64_gram():
+    g = _gen(0)
+    chunks = [torch.randn(2, 5, 16, generator=g), torch.randn(7, 16, generator=g).bfloat16(), torch.randn(3, 16)]
+    X = torch.cat([c.double().reshape(-1, 16) for c in chunks])
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        st = init_stats(16, dtype=dtype, track_moments=True)
+        for c in chunks:
+            accumulate(st, c)
+        assert st.n == X.shape[0] == 20
+        assert_close(st.H, (X.T @ X).to(dtype), rtol=tol, atol=tol)
+        assert_close(st.sum, X.sum(0).to(dtype), rtol=tol, atol=tol)
+        assert_close(st.sumsq, (X**2).sum(0).to(dtype), rtol=tol, atol=tol)
+        assert_close(col_norm_sq(st), (X**2).sum(0).to(dtype), rtol=tol, atol=tol)
+
+
+def test_stats_without_gram_keep_column_norms():
+    X = torch.randn(30, 8, generator=_gen(1), dtype=torch.float64)
+    st = init_stats(8, dtype=torch.float64, gram=False)
+    accumulate(st, X)
+    assert st.H is None and st.sum is None
+    assert_close(col_norm_sq(st), X.norm(dim=0) ** 2)
+
+
+def test_merge_equals_accumulating_everything():
+    g = _gen(2)
+    A, B = torch.randn(11, 6, generator=g, dtype=torch.float64), torch.randn(4, 6, generator=g, dtype=torch.float64)
+    sa, sb, sall = (init_stats(6, dtype=torch.float64, track_moments=True) for _ in range(3))
+    accumulate(sa, A)
+    accumulate(sb, B)
+    accumulate(sall, torch.cat([A, B]))
+    m = merge(sa, sb)
+    assert m.n == 15
+    for f in ("H", "sum", "sumsq"):
+        assert_close(getattr(m, f), getattr(sall, f))
+    assert sa.n == 11  # inputs untouched
+    with pytest.raises(ValueError, match="sum"):
+        merge(sa, init_stats(6, dtype=torch.float64))
+
+
+def test_stats_reject_bad_input():
+    st = init_stats(4)
+    with pytest.raises(ValueError, match="width 5"):
+        accumulate(st, torch.randn(3, 5))
+    with pytest.raises(ValueError):
+        init_stats(0)
+
+
+def test_layer_error_is_output_error():
+    g = _gen(3)
+    X = torch.randn(40, 12, generator=g, dtype=torch.float64)
+    W0, W = torch.randn(5, 12, generator=g, dtype=torch.float64), torch.randn(5, 12, generator=g, dtype=torch.float64)
+    expected = float(((W - W0) @ X.T).pow(2).sum())
+    assert layer_error(W0, W, X.T @ X) == pytest.approx(expected, rel=1e-12)
+    assert layer_error(W0, W0, X.T @ X) == 0.0
+
+
+# ---------------------------------------------------------------- patterns and masks
+
+
+def test_parse_pattern():
+    assert parse_pattern(None) is None
+    assert parse_pattern("unstructured") is None
+    assert parse_pattern("2:4") == (2, 4)
+    assert parse_pattern(" 4 : 8 ") == (4, 8)
+    for bad in ("3:2", "0:4", "4:4", "2-4", "a:b", "2:4:8", "", "50%"):
+        with pytest.raises(ValueError, match="pattern"):
+            parse_pattern(bad)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.9, 1.0])
+def test_magnitude_matches_numpy_reference(sparsity):
+    W = torch.randn(6, 20, generator=_gen(4))
+    a = W.abs().numpy()
+    res = magnitude_prune(W, sparsity, per_row=True)
+    assert np.array_equal(res.mask.numpy(), _ref_prune_lowest_rows(a, _round_half_up(sparsity * 20)))
+    assert (res.mask.sum(1) == 20 - _round_half_up(sparsity * 20)).all()
+    res = magnitude_prune(W, sparsity)
+    flat = _ref_prune_lowest_rows(a.reshape(1, -1), _round_half_up(sparsity * 120)).reshape(a.shape)
+    assert np.array_equal(res.mask.numpy(), flat)
+    assert res.info["sparsity"] == pytest.approx(_round_half_up(sparsity * 120) / 120)
+    assert torch.equal(res.weight, W * res.mask)
+
+
+@pytest.mark.parametrize("sparsity", [0.25, 0.5, 0.7])
+def test_wanda_matches_numpy_reference(sparsity):
+    g = _gen(5)
+    W = torch.randn(7, 24, generator=g, dtype=torch.float64)
+    X = torch.randn(50, 24, generator=g, dtype=torch.float64) * torch.rand(24, generator=g, dtype=torch.float64)
+    st = init_stats(24, dtype=torch.float64, gram=False)
+    accumulate(st, X)
+    res = wanda_prune(W, col_norm_sq(st), sparsity)
+    scores = (W.abs() * X.norm(dim=0)).numpy()
+    k = _round_half_up(sparsity * 24)
+    assert np.array_equal(res.mask.numpy(), _ref_prune_lowest_rows(scores, k))
+    assert (res.mask.sum(1) == 24 - k).all()
+    assert torch.equal(res.weight, W * res.mask)
+    assert res.weight.dtype == W.dtype
+
+
+def test_wanda_ties_are_deterministic():
+    W = torch.tensor([[1.0, -1.0, 1.0, 2.0, 1.0, -2.0]]).bfloat16()
+    res = wanda_prune(W, torch.ones(6), 0.5)
+    # equal scores: the lower index is pruned first
+    assert res.mask.tolist() == [[False, False, False, True, True, True]]
+    assert res.weight.dtype == torch.bfloat16
+
+
+def test_wanda_worked_example():
+    res = wanda_prune(torch.tensor([[4.0, -1.0, 2.0, 3.0]]), torch.tensor([1.0, 25.0, 1.0, 1.0]), 0.5)
+    assert res.mask.tolist() == [[True, True, False, False]]
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "1:4", "4:8"])
+def test_nm_masks_keep_n_largest_of_every_m(pattern):
+    n, m = parse_pattern(pattern)
+    g = _gen(6)
+    W = torch.randn(5, 32, generator=g)
+    cns = torch.rand(32, generator=g) + 0.1
+    for res, scores in ((magnitude_prune(W, 0.5, pattern=pattern), W.abs()),
+                        (wanda_prune(W, cns, 0.5, pattern=pattern), W.abs() * cns.sqrt())):
+        groups_keep = res.mask.reshape(5, -1, m)
+        assert (groups_keep.sum(-1) == n).all()
+        sg = scores.reshape(5, -1, m)
+        kept_min = torch.where(groups_keep, sg, torch.inf).amin(-1)
+        pruned_max = torch.where(~groups_keep, sg, -torch.inf).amax(-1)
+        assert (kept_min >= pruned_max).all()
+        assert np.array_equal(res.mask.numpy(), _ref_nm(scores.numpy(), n, m))
+        assert res.info["sparsity"] == pytest.approx(1 - n / m)
+
+
+def test_nm_mask_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="multiple of M=4"):
+        nm_mask(torch.randn(2, 10), 2, 4)
+    with pytest.raises(ValueError):
+        nm_mask(torch.randn(2, 8), 4, 4)
+    with pytest.raises(ValueError, match="pattern"):
+        magnitude_prune(torch.randn(2, 8), 0.5, pattern="3:2")
+    with pytest.raises(ValueError, match="sparsity"):
+        magnitude_prune(torch.randn(2, 8), 1.5)
+    with pytest.raises(ValueError, match="NaN"):
+        wanda_prune(torch.tensor([[float("nan"), 1.0]]), torch.ones(2), 0.5)
+
+
+# ---------------------------------------------------------------- sparsegpt
+
+
+def _sgpt_problem(seed: int, d_out: int = 8, d_in: int = 32, n: int = 128):
+    g = _gen(seed)
+    X = torch.randn(n, d_in, generator=g, dtype=torch.float64) @ (
+        torch.eye(d_in, dtype=torch.float64) + 0.5 * torch.randn(d_in, d_in, generator=g, dtype=torch.float64))
+    W = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+    return W, X.T @ X
+
+
+@pytest.mark.parametrize("pattern,sparsity", [(None, 0.5), (None, 0.3), ("2:4", 0.5), ("1:4", 0.75)])
+@pytest.mark.parametrize("blocksize", [8, 32])
+def test_sparsegpt_matches_float64_obs_reference(pattern, sparsity, blocksize):
+    W, H = _sgpt_problem(7)
+    res = sparsegpt_prune(W, H, sparsity, pattern=pattern, blocksize=blocksize)
+    W_ref, keep_ref, loss_ref = _ref_obs(W, H, sparsity, parse_pattern(pattern), blocksize, 0.01)
+    assert torch.equal(res.mask, keep_ref)
+    assert_close(res.weight, W_ref, rtol=1e-9, atol=1e-9)
+    assert res.info["loss"] == pytest.approx(loss_ref, rel=1e-9)
+    assert torch.equal(res.weight == 0, ~res.mask)
+    k = _round_half_up(sparsity * W.numel())
+    assert res.info["sparsity"] == pytest.approx(k / W.numel())
+
+
+def test_sparsegpt_loss_is_damped_layer_error():
+    W, H = _sgpt_problem(8)
+    res = sparsegpt_prune(W, H, 0.5, blocksize=8)
+    H_damped = H + 0.01 * H.diagonal().mean() * torch.eye(32, dtype=torch.float64)
+    assert res.info["loss"] == pytest.approx(layer_error(W, res.weight, H_damped), rel=1e-9)
+    scaled = sparsegpt_prune(W, H, 0.5, blocksize=8, n_tokens=128)  # scale of H does not change the solution
+    assert_close(scaled.weight, res.weight, rtol=1e-9, atol=1e-9)
+    assert scaled.info["loss"] == pytest.approx(res.info["loss"] / 128, rel=1e-9)
+
+
+@pytest.mark.parametrize("pattern", [None, "2:4"])
+def test_sparsegpt_float32_close_to_float64(pattern):
+    W, H = _sgpt_problem(9)
+    r64 = sparsegpt_prune(W, H, 0.5, pattern=pattern, blocksize=16)
+    r32 = sparsegpt_prune(W.float(), H.float(), 0.5, pattern=pattern, blocksize=16)
+    assert r32.weight.dtype == torch.float32
+    assert torch.equal(r32.mask, r64.mask)
+    assert_close(r32.weight.double(), r64.weight, rtol=1e-4, atol=1e-4)
+    rbf = sparsegpt_prune(W.bfloat16(), H.float(), 0.5, pattern=pattern, blocksize=16)
+    assert rbf.weight.dtype == torch.bfloat16
+    assert bool((rbf.weight[~rbf.mask] == 0).all())
+
+
+def test_sparsegpt_nm_independent_of_blocksize():
+    W, H = _sgpt_problem(10, d_out=6, d_in=48)
+    results = [sparsegpt_prune(W, H, 0.5, pattern="2:4", blocksize=b) for b in (4, 12, 48)]
+    for r in results[1:]:
+        assert torch.equal(r.mask, results[0].mask)
+        assert_close(r.weight, results[0].weight, rtol=1e-10, atol=1e-10)
+    assert (results[0].mask.reshape(6, -1, 4).sum(-1) == 2).all()
+
+
+def test_sparsegpt_sparsity_zero_is_identity():
+    W, H = _sgpt_problem(11)
+    H[:, 3] = 0.0
+    H[3, :] = 0.0  # a dead input must not be zeroed when nothing is pruned
+    for Wt in (W, W.float(), W.bfloat16()):
+        res = sparsegpt_prune(Wt, H, 0.0)
+        assert torch.equal(res.weight, Wt) and bool(res.mask.all())
+        assert res.info["sparsity"] == 0.0
+
+
+def test_sparsegpt_dead_inputs():
+    W, H = _sgpt_problem(12)
+    H[:, [0, 5]] = 0.0
+    H[[0, 5], :] = 0.0
+    res = sparsegpt_prune(W, H, 0.5, blocksize=8, percdamp=0.0)
+    assert bool(torch.isfinite(res.weight).all())
+    assert bool((res.weight[:, [0, 5]] == 0).all())
+    assert not bool(res.mask[:, [0, 5]].any())  # zero score: pruned first
+    assert res.info["dead_inputs"] == 2
+    assert res.info["damp"] == 0.0  # H_jj = 1 alone makes the singular H factorise
+
+
+def test_sparsegpt_cholesky_retry(caplog):
+    W = torch.randn(4, 8, generator=_gen(13), dtype=torch.float64)
+    H = torch.eye(8, dtype=torch.float64)
+    H[7, 7] = -0.5  # indefinite: needs damping ≥ 0.5/mean(diag) ≈ 0.62 to factorise
+    with caplog.at_level(logging.WARNING, logger="solvers.sparsegpt"):
+        res = sparsegpt_prune(W, H, 0.5, percdamp=0.0)
+    assert res.info["damp"] == pytest.approx(1.0)
+    assert sum("Cholesky" in r.getMessage() for r in caplog.records) == 3
+    H[7, 7] = -1e6
+    with pytest.raises(RuntimeError, match="Cholesky"):
+        sparsegpt_prune(W, H, 0.5)
+    H[7, 7] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        sparsegpt_prune(W, H, 0.5)
+
+
+def test_sparsegpt_rejects_bad_arguments():
+    W, H = _sgpt_problem(14)
+    with pytest.raises(ValueError, match="Hessian shape"):
+        sparsegpt_prune(W, H[:16, :16], 0.5)
+    with pytest.raises(ValueError, match="multiples of M=4"):
+        sparsegpt_prune(W, H, 0.5, pattern="2:4", blocksize=6)
+    with pytest.raises(ValueError, match="blocksize"):
+        sparsegpt_prune(W, H, 0.5, blocksize=0)
+
+
+@pytest.mark.parametrize("pattern", [None, "2:4"])
+def test_error_order_sparsegpt_wanda_magnitude(pattern):
+    for seed in range(5):
+        X = _correlated_inputs(100 + seed)
+        W = torch.randn(16, 32, generator=_gen(200 + seed), dtype=torch.float64)
+        st = init_stats(32, dtype=torch.float64)
+        accumulate(st, X)
+        errs = {}
+        for name in ("magnitude", "wanda", "sparsegpt"):
+            res = get_solver(name)(W, st, 0.5, pattern, compute_error=True)
+            errs[name] = res.info["error"]
+            assert res.info["error"] == pytest.approx(layer_error(W, res.weight, st.H) / st.n)
+        assert errs["sparsegpt"] <= errs["wanda"] <= errs["magnitude"], (seed, errs)
+
+
+# ---------------------------------------------------------------- registry
+
+
+def test_registry():
+    assert available_solvers() == ("magnitude", "sparsegpt", "wanda")
+    assert not needs_stats("magnitude") and not needs_gram("magnitude")
+    assert needs_stats("wanda") and not needs_gram("wanda")
+    assert needs_stats("sparsegpt") and needs_gram("sparsegpt")
+    with pytest.raises(ValueError, match="magnitude, sparsegpt, wanda"):
+        get_solver("obs")
+    with pytest.raises(ValueError, match="magnitude, sparsegpt, wanda"):
+        needs_gram("Wanda")
+
+
+def test_registry_solvers_run_with_minimal_stats():
+    g = _gen(15)
+    W = torch.randn(4, 16, generator=g)
+    X = torch.randn(3, 10, 16, generator=g)
+    assert isinstance(get_solver("magnitude")(W, None, 0.5, None), PruneResult)
+    light = init_stats(16, gram=needs_gram("wanda"))
+    accumulate(light, X)
+    res = get_solver("wanda")(W, light, 0.5, "2:4")
+    assert torch.equal(res.mask, wanda_prune(W, (X.reshape(-1, 16) ** 2).sum(0), 0.5, pattern="2:4").mask)
+    with pytest.raises(ValueError, match="Gram"):
+        get_solver("sparsegpt")(W, light, 0.5, None)
+    with pytest.raises(ValueError, match="statistics"):
+        get_solver("wanda")(W, None, 0.5, None)
+    full = init_stats(16)
+    accumulate(full, X)
+    res = get_solver("sparsegpt")(W, full, 0.5, None, blocksize=8, percdamp=0.05)
+    assert res.info["sparsity"] == pytest.approx(0.5)
+    assert res.info["damp"] == pytest.approx(0.05)
