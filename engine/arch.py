@@ -184,6 +184,10 @@ class ArchAdapter:
         read from the block itself. Routers and the shared-expert gate are not included."""
         return self._attention_linears(block) + self._mlp_linears(block)
 
+    def meta_linears(self, i: int) -> list[LinearSpec]:
+        """`linears()` of block `i` from the config alone (a `meta` block; no weight is read)."""
+        return self.linears(build_meta_block(self.spec, self.config, i), i)
+
     def _dense(self, block: nn.Module, name: str, input_id: str) -> LinearSpec:
         lin = block.get_submodule(name)
         return LinearSpec(name, input_id, lin.out_features, lin.in_features, bias=lin.bias is not None)

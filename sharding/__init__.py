@@ -9,6 +9,7 @@ from sharding.reader import (
     TensorInfo,
     read_safetensors_header,
 )
+from sharding.writer import CheckpointWriter, WriterError
 
 __all__ = [
     "DTYPES",
@@ -18,5 +19,6 @@ __all__ = [
     "SafetensorsHeader",
     "TensorInfo",
     "read_safetensors_header",
-    # writer exports are added here by the writer's owner
+    "CheckpointWriter",
+    "WriterError",
 ]

@@ -86,12 +86,58 @@ def tiny_model(arch: str, seed: int = 0, **overrides) -> PreTrainedModel:
     return model.eval()
 
 
+_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'-()"
+
+
+def tiny_tokenizer(vocab_size: int = 128):
+    """A character-level byte-level-BPE fast tokenizer (no merges), built offline: 4 special tokens, then the
+    byte-level symbols of space and newline and of `_CHARS`. Being plain byte-level BPE, it tokenizes the same
+    whichever class AutoTokenizer picks for the architecture (e.g. Qwen2Tokenizer rebuilds it from vocab/merges)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    symbols = ["\u0120", "\u010a"] + list(_CHARS)  # byte-level forms of " " and "\n"
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
+    vocab.update({c: 4 + i for i, c in enumerate(symbols[: vocab_size - 4])})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+    fast.chat_template = "{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}"
+    return fast
+
+
+def tiny_text(n_words: int = 4000, seed: int = 0) -> str:
+    """Deterministic pseudo-text over the tiny tokenizer's characters: words drawn Zipf-like from a fixed lexicon
+    of 300 random words (so that there is structure for a model's statistics to see)."""
+    g = torch.Generator().manual_seed(seed)
+    letters = _CHARS[:26]
+    lexicon = []
+    for _ in range(300):
+        n = int(torch.randint(2, 8, (1,), generator=g))
+        lexicon.append("".join(letters[int(i)] for i in torch.randint(0, 26, (n,), generator=g)))
+    probs = 1.0 / torch.arange(1, len(lexicon) + 1, dtype=torch.float64)
+    idx = torch.multinomial(probs / probs.sum(), n_words, replacement=True, generator=g).tolist()
+    lines, line = [], []
+    for k, i in enumerate(idx):
+        line.append(lexicon[i])
+        if (k + 1) % 12 == 0:
+            lines.append(" ".join(line) + ".")
+            line = []
+    return "\n".join(lines + [" ".join(line)]) + "\n"
+
+
 def save_tiny(
-    model: PreTrainedModel, path: str | Path, max_shard_size: str = "20KB", tokenizer: bool = False
+    model: PreTrainedModel, path: str | Path, max_shard_size: str = "20KB", tokenizer: bool = True
 ) -> Path:
-    """Save `model` with `save_pretrained` into `path` as many shards with an index."""
+    """Save `model` with `save_pretrained` into `path` as many shards with an index (and a tiny tokenizer)."""
     path = Path(path)
     model.save_pretrained(path, max_shard_size=max_shard_size)
+    if tokenizer:
+        tiny_tokenizer(model.config.vocab_size).save_pretrained(path)
+
     n = len(list(path.glob("*.safetensors")))
     assert n >= 5, f"expected a multi-shard checkpoint, got {n} shard(s)"
     return path

@@ -1,0 +1,90 @@
+"""`blockprune plan`: per-block shapes, parameter counts and the estimated peak memory, from the checkpoint's
+headers only (no tensor data is read)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.arch import adapter_for
+from engine.config import RunConfig, name_selected
+from sharding.reader import CheckpointReader
+from solvers.registry import needs_gram
+
+
+@dataclass
+class Plan:
+    model: str
+    model_type: str
+    dtype: str
+    blocks: list[dict] = field(default_factory=list)
+    non_block_params: int = 0
+    activations_bytes: int = 0
+    peak_bytes: int = 0
+    bytes_read: int = 0
+
+
+def make_plan(cfg: RunConfig) -> Plan:
+    reader = CheckpointReader(cfg.model)
+    adapter = adapter_for(reader.config)
+    dtype = torch.float32 if cfg.runtime.dtype == "auto" else getattr(torch, cfg.runtime.dtype)
+    item = torch.empty((), dtype=dtype).element_size()
+    c = cfg.calibration
+    hidden = adapter.config.hidden_size
+    plan = Plan(cfg.model, adapter.model_type, str(dtype).replace("torch.", ""))
+    # inputs + outputs of the activation cache
+    plan.activations_bytes = 2 * c.samples * c.seq_len * hidden * item
+    names = reader.names()
+    block_names = set()
+    for i in range(adapter.num_layers):
+        own = reader.names_with_prefix(adapter.block_prefix(i))
+        block_names.update(own)
+        params = sum(_numel(reader.info(n).shape) for n in own)
+        specs = adapter.meta_linears(i)
+        gram = {}
+        for s in specs:
+            if any(name_selected(s.name, st.targets, st.ignore) and needs_gram(st.method) for st in cfg.prune):
+                gram[s.input_id] = s.d_in
+        gram_bytes = sum(4 * d * d for d in gram.values())
+        widest = max([hidden] + [s.d_out for s in specs])
+        heads = getattr(adapter.config, "num_attention_heads", 1)
+        mb = min(cfg.runtime.micro_batch, c.samples)
+        transient = mb * c.seq_len * (4 * widest + heads * c.seq_len) * item
+        block_bytes = params * item
+        plan.blocks.append({
+            "block": i,
+            "params": params,
+            "linears": {s.name: [s.d_out, s.d_in] for s in specs},
+            "gram_mb": gram_bytes / 2**20,
+            "weights_mb": block_bytes / 2**20,
+            "peak_mb": (block_bytes * 2 + gram_bytes + transient) / 2**20,
+        })
+    plan.non_block_params = sum(_numel(reader.info(n).shape) for n in names if n not in block_names)
+    embed = _numel(reader.info(adapter.embed_key).shape) * item
+    plan.peak_bytes = int(max(b["peak_mb"] for b in plan.blocks) * 2**20 + plan.activations_bytes + embed)
+    plan.bytes_read = reader.bytes_read
+    return plan
+
+
+def format_plan(plan: Plan) -> str:
+    lines = [f"model {plan.model} ({plan.model_type}), compute dtype {plan.dtype}",
+             f"{'block':>5} {'params':>12} {'weights MB':>11} {'Gram MB':>9} {'peak MB':>9}  linears"]
+    for b in plan.blocks:
+        lin = ", ".join(f"{k.split('.')[-1]}{v[0]}x{v[1]}" for k, v in list(b["linears"].items())[:8])
+        more = len(b["linears"]) - 8
+        lin += f", +{more} more" if more > 0 else ""
+        lines.append(f"{b['block']:>5} {b['params']:>12,} {b['weights_mb']:>11.1f} {b['gram_mb']:>9.1f} "
+                     f"{b['peak_mb']:>9.1f}  {lin}")
+    total = sum(b["params"] for b in plan.blocks)
+    lines.append(f"block params {total:,}; non-block params {plan.non_block_params:,}")
+    lines.append(f"activation cache {plan.activations_bytes / 2**20:.1f} MB; "
+                 f"estimated peak memory {plan.peak_bytes / 2**20:.1f} MB; tensor bytes read: {plan.bytes_read}")
+    return "\n".join(lines)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

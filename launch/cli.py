@@ -1,0 +1,135 @@
+"""`blockprune` command line: run, plan, inspect, eval, demo.
+
+Thin by design: parse arguments, call the engine, turn known errors into one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+log = logging.getLogger("blockprune")
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from engine.calibration import CalibrationError
+    from engine.config import ConfigError
+    from sharding.errors import CheckpointError
+    from sharding.writer import WriterError
+
+    return (ConfigError, CheckpointError, CalibrationError, WriterError, FileNotFoundError, ValueError)
+
+
+def _cmd_run(args) -> int:
+    from engine.config import load_recipe
+    from engine.pipeline import run
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    if args.resume:
+        cfg.resume = True
+    if args.overwrite:
+        cfg.overwrite = True
+    report = run(cfg)
+    print(
+        f"pruned {report['model']} -> {cfg.output}: linear sparsity {report['pruned_linear_sparsity']:.4f}, "
+        f"{report['wall_time_s']:.1f} s, peak RSS {report['peak_rss_mb']:.0f} MB"
+    )
+    return 0
+
+
+def _cmd_plan(args) -> int:
+    from engine.config import load_recipe
+    from engine.planning import format_plan, make_plan
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    print(format_plan(make_plan(cfg)))
+    return 0
+
+
+def _cmd_inspect(args) -> int:
+    from engine.inspect import format_inspection, inspect_checkpoint
+
+    info = inspect_checkpoint(args.checkpoint, verify=not args.no_verify)
+    print(json.dumps(info, indent=2) if args.json else format_inspection(info))
+    return 0 if info.get("ok", True) else 1
+
+
+def _cmd_eval(args) -> int:
+    from engine.evaluate import evaluate, format_eval
+
+    res = evaluate(args.model, data=args.data, windows=args.windows, seq_len=args.seq_len, compare=args.compare)
+    print(json.dumps(res, indent=2) if args.json else format_eval(res))
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from launch.demo import demo
+
+    return demo(out_dir=args.output, samples=args.samples, seq_len=args.seq_len)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="blockprune", description="Memory-bounded block-by-block LLM pruning.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="prune a checkpoint with a recipe")
+    r.add_argument("recipe")
+    r.add_argument("overrides", nargs="*", help="key=value overrides, e.g. prune.0.sparsity=0.6 calibration.samples=32")
+    r.add_argument("--resume", action="store_true", help="continue an interrupted run in the same output")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    r.set_defaults(func=_cmd_run)
+
+    pl = sub.add_parser("plan", help="print per-block shapes, parameter counts and peak memory; reads no weights")
+    pl.add_argument("recipe")
+    pl.add_argument("overrides", nargs="*")
+    pl.set_defaults(func=_cmd_plan)
+
+    ins = sub.add_parser("inspect", help="shapes and sparsity per layer; verifies shards and hashes")
+    ins.add_argument("checkpoint")
+    ins.add_argument("--json", action="store_true")
+    ins.add_argument("--no-verify", action="store_true", help="skip hashing the shards")
+    ins.set_defaults(func=_cmd_inspect)
+
+    ev = sub.add_parser("eval", help="perplexity (and sizes) of a checkpoint on a text")
+    ev.add_argument("model")
+    ev.add_argument("--data", required=True)
+    ev.add_argument("--compare", default=None, help="a second (e.g. dense) checkpoint to evaluate side by side")
+    ev.add_argument("--windows", type=int, default=16)
+    ev.add_argument("--seq-len", type=int, default=512)
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=_cmd_eval)
+
+    d = sub.add_parser("demo", help="prune the real SmolLM2-135M 50%% with SparseGPT and evaluate it")
+    d.add_argument("--output", default=None)
+    d.add_argument("--samples", type=int, default=64)
+    d.add_argument("--seq-len", type=int, default=512)
+    d.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("transformers", "urllib3", "filelock", "DeepSpeed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except _known_errors() as e:
+        if args.verbose:
+            raise
+        print(f"blockprune: error: {e}  (run with -v for the traceback)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("blockprune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
