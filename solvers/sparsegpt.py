@@ -23,7 +23,9 @@ pruned, ``err = 1``, column 1 gets ``−1·U_01 = 0``: result ``[[0, 2]]``, loss
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -61,6 +63,21 @@ def inverse_hessian_cholesky(H: Tensor, percdamp: float, *, retries: int = _MAX_
                        f"damping {applied:.3g}·mean(diag H); check the calibration statistics")
 
 
+@contextlib.contextmanager
+def _few_threads(t: Tensor) -> Iterator[None]:
+    """The column loop is thousands of tiny vector ops: on CPU, intra-op threads only add synchronisation (and
+    under load, spinning workers make it 10x slower), so it runs on one thread; the previous count is restored."""
+    if t.device.type != "cpu" or torch.get_num_threads() == 1:
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def _prune_block(W1: Tensor, U1: Tensor, mask1: Tensor, k: int, nm: tuple[int, int] | None) -> tuple[Tensor, Tensor]:
     """OBS on one block in place: ``W1 [r, b]`` weights, ``U1 [b, b]`` its Cholesky block, ``mask1`` filled.
 
@@ -71,6 +88,12 @@ def _prune_block(W1: Tensor, U1: Tensor, mask1: Tensor, k: int, nm: tuple[int, i
         scores = (W1.square() / d.square()).reshape(1, -1)
         mask1.copy_(prune_lowest(scores, k).reshape(W1.shape))
     Err1 = torch.zeros_like(W1)
+    with _few_threads(W1):
+        _column_loop(W1, U1, mask1, d, Err1, nm)
+    return Err1, Err1.square().sum()
+
+
+def _column_loop(W1: Tensor, U1: Tensor, mask1: Tensor, d: Tensor, Err1: Tensor, nm: tuple[int, int] | None) -> None:
     for i in range(W1.shape[1]):
         if nm is not None and i % nm[1] == 0:
             mask1[:, i:i + nm[1]] = nm_mask(W1[:, i:i + nm[1]].square() / d[i:i + nm[1]].square(), *nm)
@@ -80,7 +103,6 @@ def _prune_block(W1: Tensor, U1: Tensor, mask1: Tensor, k: int, nm: tuple[int, i
         W1[:, i + 1:].addr_(err, U1[i, i + 1:], alpha=-1.0)
         W1[:, i] = q
         Err1[:, i] = err
-    return Err1, Err1.square().sum()
 
 
 def _validate(W: Tensor, H: Tensor, sparsity: float, nm: tuple[int, int] | None, blocksize: int) -> None:
