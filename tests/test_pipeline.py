@@ -42,7 +42,7 @@ def all_tensors(path: Path) -> dict[str, torch.Tensor]:
     out = {}
     for f in sorted(path.glob("*.safetensors")):
         with safe_open(f, "pt") as fh:
-            for n in fh.keys():
+            for n in fh.keys():  # noqa: SIM118 (safe_open is not iterable)
                 out[n] = fh.get_tensor(n)
     return out
 
