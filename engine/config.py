@@ -106,6 +106,7 @@ class RunConfig:
     overwrite: bool = False  # replace a non-empty output directory
     resume: bool = False  # continue an interrupted run in `output` (same recipe and input)
     max_shard_size: str = "5GB"
+    report_plots: bool = True  # write report.md and plots/*.png beside blockprune_report.json
     version: int = CONFIG_VERSION
 
     def to_dict(self) -> dict:
@@ -114,7 +115,7 @@ class RunConfig:
     def run_id(self) -> str:
         """Hash of everything that determines the output bytes (not paths of the output, resume or overwrite)."""
         d = self.to_dict()
-        for k in ("output", "overwrite", "resume"):
+        for k in ("output", "overwrite", "resume", "report_plots"):
             d.pop(k, None)
         d["runtime"] = {k: v for k, v in d["runtime"].items() if k in ("dtype", "micro_batch", "device")}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

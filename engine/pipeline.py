@@ -29,6 +29,7 @@ from engine.report import RunReport
 from sharding.reader import CheckpointReader
 from sharding.writer import CheckpointWriter
 from solvers.registry import get_solver, needs_gram
+from solvers.sparsegpt import sparsegpt_prune_many
 from solvers.stats import InputStats, accumulate, init_stats, layer_error
 
 log = logging.getLogger(__name__)
@@ -165,6 +166,10 @@ def run(cfg: RunConfig) -> dict:
         source_dir=cfg.model,
         extra_files={"blockprune_recipe.yaml": config_to_yaml(cfg), "blockprune_report.json": report.to_json()},
     )
+    if cfg.report_plots:
+        from engine.report_render import write_report_files
+
+        write_report_files(cfg.output, report.data)
     log.info("wrote %s (%.1f s, peak RSS %.0f MB)", cfg.output, report.wall_time_s, memory.peak_rss_mb())
     return report.data
 
@@ -226,11 +231,16 @@ def _process_block(i: int, cfg: RunConfig, reader: CheckpointReader, adapter: Ar
     linears = _solve_block(adapter, block, specs, plan, stats)
     del stats
     t_fwd = time.perf_counter()
+    writer_tensors = adapter.block_to_disk(i, block, src_dtypes)
+    if any(t.dtype != rt.dtype for t in writer_tensors.values() if t.is_floating_point()):
+        # propagate with the weights exactly as written (rounded to the checkpoint's dtype), so that the next block
+        # sees what the saved model computes and a resumed run (which reads them back) is bit-identical
+        _free(block)
+        block = adapter.build_block(i, writer_tensors, device=rt.device, dtype=rt.dtype)
     out_err = None
     if cfg.sequential and plan.stages:
         out_err = _forward_all(adapter, block, cache, rt, compare=True)
     t_write = time.perf_counter()
-    writer_tensors = adapter.block_to_disk(i, block, src_dtypes)
     entry = {
         "block": i,
         "linears": linears,
@@ -280,29 +290,49 @@ def _collect_stats(adapter: ArchAdapter, block, specs: list[LinearSpec], plan: B
 
 def _solve_block(adapter: ArchAdapter, block, specs: list[LinearSpec], plan: BlockPlan,
                  stats: dict[str, InputStats]) -> dict[str, dict]:
+    """Prune every planned linear. Linears that read the same input under the same SparseGPT stages (q/k/v,
+    gate/up) are solved together: one factorisation of H and one column loop, same result as one by one."""
     out: dict[str, dict] = {}
+    groups: dict[tuple, list[LinearSpec]] = {}
     for spec in specs:
         stages = plan.stages.get(spec.name)
-        if not stages:
-            continue
-        W0 = adapter.get_weight(block, spec)
-        st = stats.get(spec.input_id)
-        W = W0.float()
+        if stages:
+            shared = all(s.method == "sparsegpt" for s in stages) and spec.input_id in stats
+            key = (spec.input_id, tuple(id(s) for s in stages)) if shared else (spec.name,)
+            groups.setdefault(key, []).append(spec)
+    for group in groups.values():
+        stages = plan.stages[group[0].name]
+        st = stats.get(group[0].input_id)
+        W0s = [adapter.get_weight(block, spec) for spec in group]
+        Ws = [W0.float() for W0 in W0s]
         for stage in stages:
-            if st is None and stage.method != "magnitude":  # an expert that received no calibration token
-                log.warning("%s: no calibration tokens reached this linear; using magnitude", spec.name)
-                res = get_solver("magnitude")(W, None, stage.effective_sparsity, stage.pattern)
-            else:
-                res = get_solver(stage.method)(W, st, stage.effective_sparsity, stage.pattern, **_options(stage))
-            W = res.weight
-        rec = {"sparsity": round(float((W == 0).float().mean()), 6), "shape": list(W.shape)}
-        if st is not None and st.H is not None:
-            H = st.H
-            base = layer_error(torch.zeros_like(W), W0.float(), H)
-            rec["error"] = float(layer_error(W0.float(), W, H) / max(base, 1e-30))
-        adapter.set_weight(block, spec, W.to(W0.dtype))
-        out[spec.name] = rec
+            Ws = _apply_stage(stage, Ws, st, group)
+        for spec, W0, W in zip(group, W0s, Ws):
+            out[spec.name] = _linear_record(W0, W, st, stages)
+            adapter.set_weight(block, spec, W.to(W0.dtype))
     return out
+
+
+def _apply_stage(stage, Ws: list[torch.Tensor], st: InputStats | None, group: list[LinearSpec]) -> list[torch.Tensor]:
+    s, pattern = stage.effective_sparsity, stage.pattern
+    if len(Ws) > 1:  # a shared-input SparseGPT group
+        return [r.weight for r in sparsegpt_prune_many(Ws, st.H, s, pattern=pattern, n_tokens=st.n, **_options(stage))]
+    if st is None and stage.method != "magnitude":  # an expert that received no calibration token
+        log.warning("%s: no calibration tokens reached this linear; using magnitude", group[0].name)
+        return [get_solver("magnitude")(Ws[0], None, s, pattern).weight]
+    return [get_solver(stage.method)(Ws[0], st, s, pattern, **_options(stage)).weight]
+
+
+def _linear_record(W0: torch.Tensor, W: torch.Tensor, st: InputStats | None, stages: list) -> dict:
+    rec = {
+        "sparsity": round(float((W == 0).float().mean()), 6),
+        "shape": list(W.shape),
+        "planned": max(s.effective_sparsity for s in stages),
+    }
+    if st is not None and st.H is not None:
+        base = layer_error(torch.zeros_like(W), W0.float(), st.H)
+        rec["error"] = float(layer_error(W0.float(), W, st.H) / max(base, 1e-30))
+    return rec
 
 
 def _options(stage) -> dict:

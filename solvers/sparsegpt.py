@@ -32,7 +32,7 @@ from torch import Tensor
 
 from solvers.unstructured import PruneResult, check_inputs, n_pruned, nm_mask, parse_pattern, prune_lowest
 
-__all__ = ["sparsegpt_prune", "inverse_hessian_cholesky"]
+__all__ = ["sparsegpt_prune", "sparsegpt_prune_many", "inverse_hessian_cholesky"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,15 +78,20 @@ def _few_threads(t: Tensor) -> Iterator[None]:
         torch.set_num_threads(n)
 
 
-def _prune_block(W1: Tensor, U1: Tensor, mask1: Tensor, k: int, nm: tuple[int, int] | None) -> tuple[Tensor, Tensor]:
+def _prune_block(
+    W1: Tensor, U1: Tensor, mask1: Tensor, segments: list[tuple[int, int, int]], nm: tuple[int, int] | None
+) -> tuple[Tensor, Tensor]:
     """OBS on one block in place: ``W1 [r, b]`` weights, ``U1 [b, b]`` its Cholesky block, ``mask1`` filled.
 
-    Returns ``(Err1 [r, b], loss)``; ``k`` is the number to prune in the block (unstructured only).
+    ``segments``: ``(row_start, row_stop, k)`` per stacked matrix, ``k`` the number to prune in its part of the
+    block (unstructured only; each matrix selects among its own rows, as if solved alone).
+    Returns ``(Err1 [r, b], loss)``.
     """
     d = U1.diagonal()
     if nm is None:
-        scores = (W1.square() / d.square()).reshape(1, -1)
-        mask1.copy_(prune_lowest(scores, k).reshape(W1.shape))
+        scores = W1.square() / d.square()
+        for r0, r1, k in segments:
+            mask1[r0:r1] = prune_lowest(scores[r0:r1].reshape(1, -1), k).reshape(r1 - r0, -1)
     Err1 = torch.zeros_like(W1)
     with _few_threads(W1):
         _column_loop(W1, U1, mask1, d, Err1, nm)
@@ -138,15 +143,36 @@ def sparsegpt_prune(
     The returned ``mask`` is the pruning decision: ``weight[~mask] == 0`` exactly; kept entries of dead inputs
     are zero too. ``info``: ``sparsity`` (achieved), ``loss`` (``tr(ΔW H_damped ΔWᵀ)``, OBS sum), ``damp``.
     """
+    return sparsegpt_prune_many([W], H, sparsity, pattern=pattern, blocksize=blocksize, percdamp=percdamp,
+                                n_tokens=n_tokens)[0]
+
+
+def sparsegpt_prune_many(
+    Ws: list[Tensor],
+    H: Tensor,
+    sparsity: float,
+    *,
+    pattern: str | None = None,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    n_tokens: int | None = None,
+) -> list[PruneResult]:
+    """`sparsegpt_prune` of several matrices that read the same input (q/k/v; gate/up): identical results to
+    solving each alone, since OBS updates are row-independent given ``H`` and each matrix selects its mask among
+    its own rows, but with one Cholesky factorisation and one column loop over the stacked rows."""
     nm = parse_pattern(pattern)
-    _validate(W, H, sparsity, nm, blocksize)
-    d_out, d_in = W.shape
+    for W in Ws:
+        _validate(W, H, sparsity, nm, blocksize)
     info: dict = {"method": "sparsegpt", "pattern": "unstructured" if nm is None else f"{nm[0]}:{nm[1]}"}
-    if nm is None and n_pruned(sparsity, d_out * d_in) == 0:
-        return PruneResult(W.clone(), torch.ones_like(W, dtype=torch.bool), {**info, "sparsity": 0.0, "loss": 0.0})
-    dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
-    Wf = W.to(dtype=dtype, copy=True)
-    Hf = H.to(device=W.device, dtype=dtype, copy=True)
+    d_in = H.shape[0]
+    if nm is None and all(n_pruned(sparsity, W.numel()) == 0 for W in Ws):
+        return [PruneResult(W.clone(), torch.ones_like(W, dtype=torch.bool), {**info, "sparsity": 0.0, "loss": 0.0})
+                for W in Ws]
+    dtype = torch.float64 if any(W.dtype == torch.float64 for W in Ws) else torch.float32
+    device = Ws[0].device
+    Wf = torch.cat([W.to(dtype=dtype) for W in Ws], dim=0)
+    bounds = torch.tensor([0] + [W.shape[0] for W in Ws]).cumsum(0).tolist()
+    Hf = H.to(device=device, dtype=dtype, copy=True)
     if n_tokens:
         Hf /= n_tokens
     dead = Hf.diagonal() == 0
@@ -154,15 +180,26 @@ def sparsegpt_prune(
     Wf[:, dead] = 0.0
     U, damp = inverse_hessian_cholesky(Hf, percdamp)
     del Hf
-    mask = torch.ones(d_out, d_in, dtype=torch.bool, device=W.device)
-    loss = torch.zeros((), dtype=dtype, device=W.device)
+    mask = torch.ones(Wf.shape, dtype=torch.bool, device=device)
+    losses = torch.zeros(len(Ws), dtype=dtype, device=device)
     for i1 in range(0, d_in, blocksize):
         i2 = min(i1 + blocksize, d_in)
-        k = n_pruned(sparsity, d_out * i2) - n_pruned(sparsity, d_out * i1)
+        segments = [
+            (r0, r1, n_pruned(sparsity, (r1 - r0) * i2) - n_pruned(sparsity, (r1 - r0) * i1))
+            for r0, r1 in zip(bounds[:-1], bounds[1:])
+        ]
         W1 = Wf[:, i1:i2].clone()  # contiguous copy: the column loop is the hot path
-        Err1, block_loss = _prune_block(W1, U[i1:i2, i1:i2], mask[:, i1:i2], k, nm)
+        Err1, _ = _prune_block(W1, U[i1:i2, i1:i2], mask[:, i1:i2], segments, nm)
         Wf[:, i1:i2] = W1
         Wf[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)
-        loss += block_loss
-    info.update(sparsity=1.0 - mask.float().mean().item(), loss=float(loss), damp=damp, dead_inputs=int(dead.sum()))
-    return PruneResult(weight=Wf.to(W.dtype), mask=mask, info=info)
+        losses += torch.stack([Err1[r0:r1].square().sum() for r0, r1 in zip(bounds[:-1], bounds[1:])])
+    out = []
+    for j, (W, r0, r1) in enumerate(zip(Ws, bounds[:-1], bounds[1:])):
+        m = mask[r0:r1]
+        out.append(PruneResult(
+            weight=Wf[r0:r1].to(W.dtype),
+            mask=m,
+            info={**info, "sparsity": 1.0 - m.float().mean().item(), "loss": float(losses[j]), "damp": damp,
+                  "dead_inputs": int(dead.sum())},
+        ))
+    return out

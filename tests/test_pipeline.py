@@ -34,6 +34,7 @@ def recipe(model, out, calib, stages, **extra) -> dict:
         "calibration": {"data": str(calib), "samples": 8, "seq_len": 32, "seed": 0},
         "runtime": {"device": "cpu", "dtype": "float32", "micro_batch": 3, "progress": False},
         "prune": stages,
+        "report_plots": False,  # rendering is tested in test_report_render.py; it costs ~1 s a run
         **extra,
     }
 
@@ -263,3 +264,35 @@ def test_peak_rss_flat_in_depth(tmp_path, calib_file):
     ratio = peaks[24] / peaks[4]
     print(f"peak RSS 4 layers {peaks[4] / 1024:.0f} MB, 24 layers {peaks[24] / 1024:.0f} MB, ratio {ratio:.3f}")
     assert ratio <= 1.15, peaks
+
+
+def test_resume_after_crash_is_byte_identical(tiny_ckpt, calib_file, tmp_path, monkeypatch):
+    """A run that dies after two blocks, rerun with resume, equals an uninterrupted run byte for byte (shards,
+    index, config); a resume with a changed recipe is refused."""
+    from sharding.writer import CheckpointWriter, WriterError
+
+    src = tiny_ckpt("llama")
+    stages = [{"method": "sparsegpt", "sparsity": 0.5}]
+    run(config_from_dict(recipe(src, tmp_path / "full", calib_file, stages)))
+
+    real_write = CheckpointWriter.write_unit
+
+    def dying_write(self, unit, tensors, metadata=None):
+        if unit == "block.00002":
+            raise KeyboardInterrupt("simulated kill")
+        return real_write(self, unit, tensors, metadata)
+
+    monkeypatch.setattr(CheckpointWriter, "write_unit", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        run(config_from_dict(recipe(src, tmp_path / "part", calib_file, stages)))
+    monkeypatch.setattr(CheckpointWriter, "write_unit", real_write)
+    assert not (tmp_path / "part" / "model.safetensors.index.json").exists()
+
+    changed = recipe(src, tmp_path / "part", calib_file, [{"method": "sparsegpt", "sparsity": 0.4}], resume=True)
+    with pytest.raises(WriterError, match="different recipe"):
+        run(config_from_dict(changed))
+    rep = run(config_from_dict(recipe(src, tmp_path / "part", calib_file, stages, resume=True)))
+    assert [b.get("resumed", False) for b in rep["blocks"]] == [True, True, False]
+    for f in sorted((tmp_path / "full").iterdir()):
+        if f.suffix in (".safetensors", ".json") and f.name not in ("blockprune_report.json", "blockprune_manifest.json"):
+            assert f.read_bytes() == (tmp_path / "part" / f.name).read_bytes(), f.name

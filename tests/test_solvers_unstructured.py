@@ -385,3 +385,20 @@ def test_registry_solvers_run_with_minimal_stats():
     res = get_solver("sparsegpt")(W, full, 0.5, None, blocksize=8, percdamp=0.05)
     assert res.info["sparsity"] == pytest.approx(0.5)
     assert res.info["damp"] == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("pattern", [None, "2:4"])
+def test_sparsegpt_many_equals_one_by_one(pattern):
+    """Stacking matrices that share H (q/k/v, gate/up) gives the same masks and weights as solving each alone."""
+    from solvers.sparsegpt import sparsegpt_prune, sparsegpt_prune_many
+
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(256, 32, generator=g) @ torch.randn(32, 32, generator=g)
+    H = X.T @ X
+    Ws = [torch.randn(r, 32, generator=g) for r in (16, 8, 8)]
+    many = sparsegpt_prune_many(Ws, H, 0.5, pattern=pattern, blocksize=8)
+    for W, res in zip(Ws, many):
+        one = sparsegpt_prune(W, H, 0.5, pattern=pattern, blocksize=8)
+        assert torch.equal(one.mask, res.mask)
+        torch.testing.assert_close(one.weight, res.weight, rtol=1e-5, atol=1e-6)
+        assert one.info["loss"] == pytest.approx(res.info["loss"], rel=1e-5)
