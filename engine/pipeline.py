@@ -125,6 +125,17 @@ def validate_against_model(cfg: RunConfig, adapter: ArchAdapter) -> None:
                 raise ConfigError(f"prune[{k}]: pattern {stage.pattern} needs input widths divisible by {nm[1]}: {bad[0]}")
 
 
+def check_output(cfg: RunConfig) -> None:
+    """Fail before any work when the output cannot be written (the writer checks again when it opens it)."""
+    out = Path(cfg.output)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (cfg.overwrite or cfg.resume):
+        raise ConfigError(f"output {out} is not empty; pass --overwrite to replace it or --resume to continue it")
+    if out.resolve() == Path(cfg.model).resolve():
+        raise ConfigError(f"output {out} is the input model directory")
+
+
 # --------------------------------------------------------------------------------------------- the run
 
 
@@ -134,6 +145,7 @@ def run(cfg: RunConfig) -> dict:
     reader = CheckpointReader(cfg.model)
     adapter = adapter_for(reader.config)
     validate_against_model(cfg, adapter)
+    check_output(cfg)
     rt = resolve_runtime(cfg, reader)
     log.info("blockprune: %s (%s, %d blocks) -> %s on %s/%s", cfg.model, adapter.model_type, adapter.num_layers,
              cfg.output, rt.device, str(rt.dtype).replace("torch.", ""))
