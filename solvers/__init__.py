@@ -1,12 +1,20 @@
-"""Pure tensor solvers: statistics, importance scores, masks, reconstruction. No files, modules or ranks here."""
+"""Pure tensor solvers: statistics, importance scores, masks, reconstruction, allocation rules, expert clustering.
 
+No files, modules or ranks here: every function takes tensors and returns tensors (DESIGN.md §1).
+"""
+
+from solvers.allocation import BudgetReconciler, owl_allocation, softmax_allocation, uniform_allocation
+from solvers.experts import cluster_experts, coactivation_counts, experts_to_keep, router_distance
 from solvers.registry import available_solvers, get_solver, needs_gram, needs_stats, register_solver
-from solvers.sparsegpt import sparsegpt_prune
+from solvers.sparsegpt import sparsegpt_prune, sparsegpt_prune_many
 from solvers.stats import InputStats, accumulate, col_norm_sq, init_stats, layer_error, merge
+from solvers.structured import closed_form_reconstruct, obs_group_prune, prune_groups
 from solvers.unstructured import PruneResult, magnitude_prune, nm_mask, parse_pattern, wanda_prune
 
 __all__ = [
-    "InputStats", "PruneResult", "accumulate", "available_solvers", "col_norm_sq", "get_solver", "init_stats",
-    "layer_error", "magnitude_prune", "merge", "needs_gram", "needs_stats", "nm_mask", "parse_pattern",
-    "register_solver", "sparsegpt_prune", "wanda_prune",
+    "BudgetReconciler", "InputStats", "PruneResult", "accumulate", "available_solvers", "closed_form_reconstruct",
+    "cluster_experts", "coactivation_counts", "col_norm_sq", "experts_to_keep", "get_solver", "init_stats",
+    "layer_error", "magnitude_prune", "merge", "needs_gram", "needs_stats", "nm_mask", "obs_group_prune",
+    "owl_allocation", "parse_pattern", "prune_groups", "register_solver", "router_distance", "softmax_allocation",
+    "sparsegpt_prune", "sparsegpt_prune_many", "uniform_allocation", "wanda_prune",
 ]
