@@ -1,88 +1,349 @@
-"""Perplexity and size of a checkpoint on a text (non-overlapping windows, BOS first)."""
+"""`blockprune eval`: perplexity of a checkpoint on a text, prefill and decode speed, sizes and memory.
+
+Perplexity. The text is tokenized once (no special tokens) and cut into non-overlapping windows of `seq_len`
+tokens, each BOS followed by the next seq_len-1 text tokens (no BOS when the tokenizer has none):
+
+    ppl = exp( Σ_windows Σ_{t≥1} −log p(x_t | x_<t) / Σ_windows (seq_len − 1) )
+
+Speed, under `torch.inference_mode()`, timed with `time.perf_counter` (device synchronised), a warm-up run excluded,
+the median of `repeats` runs, on a [batch, prompt_len] prompt cut from the same text (BOS first):
+- prefill: one forward of the prompt that fills the KV cache (last-position logits only);
+  `prefill_ms`, `prefill_tokens_per_s = batch·prompt_len / prefill time`.
+- decode: greedy `generate` with KV cache for exactly `new_tokens` tokens (min_new_tokens = max_new_tokens); a
+  logits processor stamps the clock after each step's forward, so the decode time is the time from the first to
+  the last new token, new_tokens−1 steps: `decode_ms_per_token` (one step, all rows) and
+  `decode_tokens_per_s = batch·(new_tokens−1) / decode time`; `generate_ms` is the whole call.
+
+Memory: `model_mb` = bytes of the parameters; `peak_rss_mb` = the process's peak resident set while the model was
+loaded and measured (the kernel's counter is reset before each model on Linux, so `--compare` gives one per model);
+`device_peak_mb` on CUDA.
+"""
 
 from __future__ import annotations
 
+import gc
+import inspect
 import logging
 import math
+import statistics
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from engine import memory
+
 log = logging.getLogger(__name__)
 
 
-def eval_windows(tokenizer, text: str, windows: int, seq_len: int) -> torch.Tensor:
-    """[windows, seq_len] ids: each window is BOS followed by the next seq_len-1 tokens of the text
-    (non-overlapping). Fewer windows if the text is short (at least one is required)."""
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
-    bos = tokenizer.bos_token_id
-    body = seq_len - 1 if bos is not None else seq_len
-    n = min(windows, ids.numel() // body)
-    if n < 1:
-        raise ValueError(f"evaluation text has {ids.numel()} tokens, fewer than one window of {seq_len}")
-    rows = ids[: n * body].view(n, body)
+@dataclass(frozen=True)
+class SpeedConfig:
+    """Shape of the speed measurement: `batch` prompts of `prompt_len` tokens, `new_tokens` greedy tokens each;
+    `warmup` untimed runs, then the median of `repeats` timed runs."""
+
+    batch: int = 1
+    prompt_len: int = 128
+    new_tokens: int = 32
+    repeats: int = 3
+    warmup: int = 1
+
+    def validate(self) -> None:
+        if self.batch < 1 or self.prompt_len < 1 or self.repeats < 1 or self.warmup < 0:
+            raise ValueError(f"speed settings must be positive (batch, prompt_len, repeats; warmup >= 0): {self}")
+        if self.new_tokens < 2:
+            raise ValueError(f"new_tokens must be >= 2 to time decode steps, got {self.new_tokens}")
+
+
+DEFAULT_SPEED = SpeedConfig()
+
+
+# ------------------------------------------------------------------------------------------------------ tokens
+
+
+def text_ids(tokenizer, text: str) -> torch.Tensor:
+    """1-D token ids of `text`, no special tokens added."""
+    return tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+
+
+def _rows(ids: torch.Tensor, n: int, length: int, bos: int | None) -> torch.Tensor:
+    """[n, length]: consecutive chunks of `ids`, each after a BOS when `bos` is not None."""
+    body = length - 1 if bos is not None else length
+    rows = ids[: n * body].reshape(n, body)
     if bos is not None:
         rows = torch.cat([torch.full((n, 1), bos, dtype=rows.dtype), rows], dim=1)
     return rows
 
 
-@torch.no_grad()
+def windows_from_ids(ids: torch.Tensor, bos: int | None, windows: int, seq_len: int, source: str = "text") -> torch.Tensor:
+    """[n, seq_len] non-overlapping windows (BOS + seq_len-1 tokens), n = min(windows, what the text holds)."""
+    if seq_len < 2 or windows < 1:
+        raise ValueError(f"need seq_len >= 2 and windows >= 1, got seq_len={seq_len}, windows={windows}")
+    body = seq_len - 1 if bos is not None else seq_len
+    n = min(windows, ids.numel() // body)
+    if n < 1:
+        raise ValueError(f"{source}: {ids.numel()} tokens, fewer than one evaluation window of {seq_len} "
+                         f"({body} text tokens); use a longer text or a smaller --seq-len")
+    if n < windows:
+        log.warning("%s holds only %d of the %d requested windows of %d tokens", source, n, windows, seq_len)
+    return _rows(ids, n, seq_len, bos)
+
+
+def eval_windows(tokenizer, text: str, windows: int, seq_len: int, source: str = "text") -> torch.Tensor:
+    """[windows, seq_len] ids: each window is BOS followed by the next seq_len-1 tokens of the text
+    (non-overlapping). Fewer windows if the text is short (at least one is required)."""
+    return windows_from_ids(text_ids(tokenizer, text), tokenizer.bos_token_id, windows, seq_len, source)
+
+
+def prompt_ids(ids: torch.Tensor, bos: int | None, batch: int, prompt_len: int) -> torch.Tensor:
+    """[batch, prompt_len] prompts for the speed runs: consecutive chunks of the text (BOS first), the text
+    repeated as often as needed."""
+    body = prompt_len - 1 if bos is not None else prompt_len
+    need = batch * body
+    if ids.numel() == 0:
+        raise ValueError("the text has no tokens to build a prompt from")
+    reps = -(-need // ids.numel())
+    return _rows(ids.repeat(reps), batch, prompt_len, bos)
+
+
+# -------------------------------------------------------------------------------------------------- perplexity
+
+
 def perplexity(model, ids: torch.Tensor, batch_size: int = 4) -> float:
-    """exp(mean token NLL) over all predicted positions of all windows."""
+    """exp(mean token NLL) over all predicted positions (1..L-1) of all windows `ids` [n, L]."""
     nll, count = 0.0, 0
-    for s in range(0, ids.shape[0], batch_size):
-        batch = ids[s : s + batch_size].to(model.device)
-        logits = model(batch).logits.float()
-        lp = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-        )
-        nll += float(lp)
-        count += batch[:, 1:].numel()
+    with torch.inference_mode():
+        for s in range(0, ids.shape[0], batch_size):
+            batch = ids[s : s + batch_size].to(model.device)
+            logits = model(batch, use_cache=False).logits.float()
+            nll += float(torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"))
+            count += batch[:, 1:].numel()
     return math.exp(nll / count)
 
 
-def load_model(path: str | Path, dtype=torch.float32):
-    """Stock transformers load; blockprune outputs with non-uniform widths load through engine.load_pruned."""
+# ------------------------------------------------------------------------------------------------------ speed
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _StepClock:
+    """A logits processor that records `perf_counter` once per generated token (after that step's forward)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        _sync(self.device)
+        self.stamps.append(time.perf_counter())
+        return scores
+
+
+def time_prefill(model, ids: torch.Tensor) -> float:
+    """Seconds for one forward of `ids` [batch, L] that fills a KV cache (last-position logits only)."""
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    mask = torch.ones_like(ids)
+    with torch.inference_mode():
+        _sync(ids.device)
+        t0 = time.perf_counter()
+        model(input_ids=ids, attention_mask=mask, use_cache=True, **extra)
+        _sync(ids.device)
+        return time.perf_counter() - t0
+
+
+def time_decode(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    """(seconds per decode step, seconds of the whole call) of greedy `generate` with KV cache producing exactly
+    `new_tokens` tokens per row; a step is the time between consecutive new tokens (new_tokens-1 of them)."""
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    eos = model.generation_config.eos_token_id
+    pad = model.generation_config.pad_token_id
+    if pad is None:
+        pad = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
+    cfg = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, num_beams=1,
+                           use_cache=True, eos_token_id=eos, pad_token_id=pad)
+    clock = _StepClock(ids.device)
+    with torch.inference_mode():
+        _sync(ids.device)
+        t0 = time.perf_counter()
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=cfg,
+                             logits_processor=LogitsProcessorList([clock]))
+        _sync(ids.device)
+        total = time.perf_counter() - t0
+    made = out.shape[1] - ids.shape[1]
+    if made != new_tokens or len(clock.stamps) != new_tokens:
+        raise RuntimeError(f"generate made {made} tokens ({len(clock.stamps)} steps), expected {new_tokens}")
+    return (clock.stamps[-1] - clock.stamps[0]) / (new_tokens - 1), total
+
+
+def _timed_runs(fn, warmup: int, repeats: int) -> list:
+    for _ in range(warmup):
+        fn()
+    return [fn() for _ in range(repeats)]
+
+
+def measure_speed(model, prompt: torch.Tensor, speed: SpeedConfig) -> dict:
+    """Prefill and decode speed of `model` on `prompt` [batch, prompt_len] (see the module docstring)."""
+    speed.validate()
+    prompt = prompt.to(model.device)
+    batch, length = prompt.shape
+    prefill = statistics.median(_timed_runs(lambda: time_prefill(model, prompt), speed.warmup, speed.repeats))
+    runs = _timed_runs(lambda: time_decode(model, prompt, speed.new_tokens), speed.warmup, speed.repeats)
+    step = statistics.median(r[0] for r in runs)
+    total = statistics.median(r[1] for r in runs)
+    return {
+        **asdict(speed),
+        "prefill_ms": prefill * 1e3,
+        "prefill_tokens_per_s": batch * length / prefill,
+        "decode_ms_per_token": step * 1e3,
+        "decode_tokens_per_s": batch / step,
+        "generate_ms": total * 1e3,
+    }
+
+
+# ------------------------------------------------------------------------------------------- model and sizes
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """`auto`: the first CUDA device when there is one, else the CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def check_checkpoint(path: str | Path) -> Path:
+    """`path` as a Path; FileNotFoundError unless it is a directory holding config.json."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: not a checkpoint directory (no config.json)")
+    return path
+
+
+def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu"):
+    """The model of checkpoint `path`, in eval mode on `device`.
+
+    Hook for loaders: stock checkpoints (every blockprune output of uniform width, e.g. unstructured runs) load
+    with `AutoModelForCausalLM`. The loader of non-uniform blockprune outputs (per-layer widths, DESIGN.md §6)
+    extends this function; everything else in this module only needs an `nn.Module` with the
+    `PreTrainedModel` forward/generate API."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
+    path = check_checkpoint(path)
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r} (e.g. float32, bfloat16, float16)")
+        dtype = getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    return model.to(resolve_device(device)).eval()
 
 
 def model_sizes(model) -> dict:
+    """Parameter count, nonzero parameters, sparsity = 1 - nonzero/params, and `model_mb` = parameter bytes / 2^20
+    (tied tensors counted once)."""
     params = sum(p.numel() for p in model.parameters())
     nonzero = sum(int(torch.count_nonzero(p)) for p in model.parameters())
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     return {"params": params, "nonzero": nonzero, "sparsity": 1 - nonzero / params, "model_mb": nbytes / 2**20}
 
 
-def evaluate_one(path: str | Path, text: str, windows: int = 16, seq_len: int = 512) -> dict:
+# --------------------------------------------------------------------------------------------------- evaluate
+
+
+def evaluate_one(path: str | Path, text: str, windows: int = 16, seq_len: int = 512, *,
+                 speed: SpeedConfig | None = DEFAULT_SPEED, device: str | torch.device = "auto",
+                 dtype: torch.dtype | str = torch.float32, source: str = "text", batch_size: int = 4) -> dict:
+    """Evaluate one checkpoint on `text`: perplexity, sizes, memory and (unless `speed` is None) speed.
+    Returns a JSON-serialisable dict (fields in the module docstring)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(path))
-    ids = eval_windows(tok, text, windows, seq_len)
-    model = load_model(path)
+    dev = resolve_device(device)
+    tok = AutoTokenizer.from_pretrained(str(check_checkpoint(path)))
+    ids = text_ids(tok, text)
+    win = windows_from_ids(ids, tok.bos_token_id, windows, seq_len, source)
+    memory.reset_peak_rss()
+    memory.reset_device_peak(dev)
+    model = load_model(path, dtype=dtype, device=dev)
     t0 = time.perf_counter()
-    ppl = perplexity(model, ids)
-    res = {"model": str(path), "ppl": ppl, "windows": ids.shape[0], "seq_len": ids.shape[1],
-           "eval_s": round(time.perf_counter() - t0, 2), **model_sizes(model)}
+    ppl = perplexity(model, win, batch_size=batch_size)
+    res = {"model": str(path), "ppl": ppl, "windows": int(win.shape[0]), "seq_len": int(win.shape[1]),
+           "tokens": int(win[:, 1:].numel()), "eval_s": round(time.perf_counter() - t0, 3),
+           "device": str(dev), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+           **model_sizes(model)}
+    if speed is not None:
+        res.update(measure_speed(model, prompt_ids(ids, tok.bos_token_id, speed.batch, speed.prompt_len), speed))
+    res["peak_rss_mb"] = round(memory.peak_rss_mb(), 1)
+    res["device_peak_mb"] = memory.device_peak_mb(dev)
+    log.info("%s: ppl %.4f on %d x %d tokens", path, ppl, res["windows"], res["seq_len"])
     del model
+    gc.collect()
     return res
 
 
 def evaluate(path: str | Path, data: str | Path, windows: int = 16, seq_len: int = 512,
-             compare: str | Path | None = None) -> dict:
-    text = Path(data).read_text(encoding="utf-8", errors="replace")
-    res = evaluate_one(path, text, windows, seq_len)
+             compare: str | Path | None = None, *, batch: int = 1, prompt_len: int = 128, new_tokens: int = 32,
+             repeats: int = 3, speed: bool = True, device: str | torch.device = "auto",
+             dtype: torch.dtype | str = torch.float32) -> dict:
+    """`blockprune eval`: `evaluate_one` of `path` on the text file `data`; with `compare`, the second
+    checkpoint's result under the key "compare" (same windows and prompts)."""
+    for p in (path, compare) if compare else (path,):
+        check_checkpoint(p)
+    data = Path(data)
+    if not data.is_file():
+        raise FileNotFoundError(f"{data}: evaluation text not found")
+    text = data.read_text(encoding="utf-8", errors="replace")
+    cfg = SpeedConfig(batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats) if speed else None
+    if cfg is not None:
+        cfg.validate()
+    kw = {"speed": cfg, "device": device, "dtype": dtype, "source": str(data)}
+    res = evaluate_one(path, text, windows, seq_len, **kw)
     if compare:
-        res["compare"] = evaluate_one(compare, text, windows, seq_len)
+        res["compare"] = evaluate_one(compare, text, windows, seq_len, **kw)
     return res
 
 
+# ----------------------------------------------------------------------------------------------------- format
+
+_COLUMNS = [  # (header, key, format)
+    ("ppl", "ppl", "{:.3f}"),
+    ("params", "params", "{:,}"),
+    ("nonzero", "nonzero", "{:,}"),
+    ("sparsity", "sparsity", "{:.4f}"),
+    ("MB", "model_mb", "{:.1f}"),
+    ("prefill tok/s", "prefill_tokens_per_s", "{:.1f}"),
+    ("prefill ms", "prefill_ms", "{:.2f}"),
+    ("decode tok/s", "decode_tokens_per_s", "{:.1f}"),
+    ("ms/token", "decode_ms_per_token", "{:.2f}"),
+    ("peak RSS MB", "peak_rss_mb", "{:.0f}"),
+]
+
+
+def _short(path: str | Path, keep: int = 40) -> str:
+    s = str(path)
+    return s if len(s) <= keep else "..." + s[-(keep - 3):]
+
+
 def format_eval(res: dict) -> str:
+    """A text table: one row per model (the compared one second), then the ratio first / second when comparing
+    (sparsity excepted), and a line stating the windows and the speed shape. Columns absent from a result (e.g.
+    speed when it was not measured) are left out."""
     rows = [res] + ([res["compare"]] if "compare" in res else [])
-    lines = [f"{'model':<50} {'ppl':>9} {'params':>12} {'nonzero':>12} {'sparsity':>9} {'MB':>8}"]
-    for r in rows:
-        lines.append(f"{str(r['model'])[-50:]:<50} {r['ppl']:>9.3f} {r['params']:>12,} {r['nonzero']:>12,} "
-                     f"{r['sparsity']:>9.4f} {r['model_mb']:>8.1f}")
+    cols = [c for c in _COLUMNS if all(r.get(c[1]) is not None for r in rows)]
+    names = [_short(r["model"]) for r in rows]
+    width = max(12, *(len(n) for n in names))
+    cells = [[n] + [fmt.format(r[key]) for _, key, fmt in cols] for n, r in zip(names, rows)]
+    if len(rows) == 2:
+        cells.append(["ratio"] + [f"{rows[0][k] / rows[1][k]:.3f}" if rows[1][k] and k != "sparsity" else "-"
+                                  for _, k, _ in cols])
+    heads = ["model"] + [h for h, _, _ in cols]
+    sizes = [width] + [max(len(h), *(len(c[i + 1]) for c in cells)) for i, (h, _, _) in enumerate(cols)]
+    lines = ["  ".join(h.ljust(s) if i == 0 else h.rjust(s) for i, (h, s) in enumerate(zip(heads, sizes)))]
+    lines += ["  ".join(c.ljust(s) if i == 0 else c.rjust(s) for i, (c, s) in enumerate(zip(row, sizes)))
+              for row in cells]
+    lines.append(f"perplexity over {res['windows']} x {res['seq_len']} tokens (BOS first)"
+                 + (f"; speed at batch {res['batch']}, prompt {res['prompt_len']}, {res['new_tokens']} new tokens, "
+                    f"median of {res['repeats']} on {res['device']}" if "batch" in res else ""))
     return "\n".join(lines)

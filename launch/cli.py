@@ -62,7 +62,9 @@ def _cmd_inspect(args) -> int:
 def _cmd_eval(args) -> int:
     from engine.evaluate import evaluate, format_eval
 
-    res = evaluate(args.model, data=args.data, windows=args.windows, seq_len=args.seq_len, compare=args.compare)
+    res = evaluate(args.model, data=args.data, windows=args.windows, seq_len=args.seq_len, compare=args.compare,
+                   batch=args.batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
+                   speed=not args.no_speed, device=args.device, dtype=args.dtype)
     print(json.dumps(res, indent=2) if args.json else format_eval(res))
     return 0
 
@@ -102,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--compare", default=None, help="a second (e.g. dense) checkpoint to evaluate side by side")
     ev.add_argument("--windows", type=int, default=16)
     ev.add_argument("--seq-len", type=int, default=512)
+    ev.add_argument("--batch", type=int, default=1, help="speed: prompts per forward")
+    ev.add_argument("--prompt-len", type=int, default=128, help="speed: prompt tokens (prefill)")
+    ev.add_argument("--new-tokens", type=int, default=32, help="speed: greedy tokens generated per prompt (decode)")
+    ev.add_argument("--repeats", type=int, default=3, help="speed: timed runs (median), after one warm-up run")
+    ev.add_argument("--no-speed", action="store_true", help="perplexity and sizes only")
+    ev.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=_cmd_eval)
 
