@@ -1,6 +1,6 @@
 """engine: the block loop, architecture adapters, calibration, activation cache, config, report.
 
-Library verb: `engine.prune(model_dir, config) -> report`.
+Library verbs: `engine.prune(model_dir, config) -> report`, `engine.load_pruned(path) -> model`.
 """
 
 from __future__ import annotations
@@ -14,4 +14,11 @@ def prune(model_dir, config):
     return _prune(model_dir, config)
 
 
-__all__ = ["prune"]
+def load_pruned(path, **kwargs):
+    """Load a blockprune output (stock or non-uniform) without remote code; see `engine.loader.load_pruned`."""
+    from engine.loader import load_pruned as _load
+
+    return _load(path, **kwargs)
+
+
+__all__ = ["load_pruned", "prune"]

@@ -92,7 +92,85 @@ class UnstructuredStage:
         return self.sparsity if nm is None else 1 - nm[0] / nm[1]
 
 
-STAGE_TYPES: dict[str, type] = {m: UnstructuredStage for m in UnstructuredStage.METHODS}
+@dataclass
+class StructuredStage:
+    """Structured pruning of whole units with reconstruction (docs/structured.md).
+
+    `target`: fraction of the prunable (non-embedding) parameters removed. `units`: `heads` (whole KV groups)
+    and/or `channels` (MLP / expert intermediate channels). `score`: how units are chosen; `solver`: how the kept
+    weights of o_proj / down_proj are refit. `allocation.rule`: only `uniform` (every layer removes the same units;
+    the output is the stock architecture). `align`: kept channel counts are multiples of it.
+    """
+
+    method: str = "structured"
+    target: float = 0.2
+    units: list[str] = field(default_factory=lambda: ["heads", "channels"])
+    score: str = "obs"  # magnitude | wanda | fluctuation | obs
+    solver: str = "closed_form"  # none | closed_form | admm
+    allocation: dict[str, Any] = field(default_factory=lambda: {"rule": "uniform"})
+    bias_compensation: bool = False
+    align: int = 1
+    percdamp: float = 0.01
+
+    UNITS: ClassVar[tuple[str, ...]] = ("heads", "channels")
+    SCORES: ClassVar[tuple[str, ...]] = ("magnitude", "wanda", "fluctuation", "obs")
+    SOLVERS: ClassVar[tuple[str, ...]] = ("none", "closed_form", "admm")
+
+    def validate(self, where: str) -> None:
+        if not 0.0 < self.target < 1.0:
+            raise ConfigError(f"{where}.target = {self.target}: must be in (0, 1)")
+        _choice(self.units, self.UNITS, f"{where}.units")
+        if not self.units:
+            raise ConfigError(f"{where}.units must name at least one of {', '.join(self.UNITS)}")
+        _choice([self.score], self.SCORES, f"{where}.score")
+        _choice([self.solver], self.SOLVERS, f"{where}.solver")
+        if not isinstance(self.allocation, dict):
+            raise ConfigError(f"{where}.allocation: expected a mapping such as {{rule: uniform}}")
+        rule = self.allocation.get("rule", "uniform")
+        if rule != "uniform":
+            raise ConfigError(f"{where}.allocation.rule = {rule!r}: only 'uniform' is available; {rule!r} arrives "
+                              "with the global budget")
+        extra = sorted(set(self.allocation) - {"rule"})
+        if extra:
+            raise ConfigError(f"{where}.allocation: unknown key(s) {', '.join(extra)} for rule 'uniform'")
+        if self.align < 1:
+            raise ConfigError(f"{where}.align must be >= 1")
+        if self.percdamp < 0:
+            raise ConfigError(f"{where}.percdamp must be >= 0")
+
+
+@dataclass
+class DepthStage:
+    """Depth pruning, scored in a dense pass before the main pass.
+
+    `by: block`: remove the `remove` blocks of lowest block influence `1 - mean cos(x_in, x_out)` (ShortGPT); the
+    output renumbers the remaining layers (stock architecture). `by: sublayer`: remove the `remove` attention or MLP
+    sublayers whose removal changes their block's output least, `‖y − y_ref‖² / ‖y_ref‖²` (FinerCut's criterion,
+    per block); the output is a non-uniform checkpoint (`modeling_blockprune.py`, see docs/structured.md)."""
+
+    method: str = "depth"
+    remove: int = 1
+    by: str = "block"
+
+    BY: ClassVar[tuple[str, ...]] = ("block", "sublayer")
+
+    def validate(self, where: str) -> None:
+        if self.remove < 1:
+            raise ConfigError(f"{where}.remove must be >= 1")
+        _choice([self.by], self.BY, f"{where}.by")
+
+
+def _choice(values: list[str], allowed: tuple[str, ...], where: str) -> None:
+    bad = [v for v in values if v not in allowed]
+    if bad:
+        raise ConfigError(f"{where} = {bad[0]!r}: choose from {', '.join(allowed)}")
+
+
+STAGE_TYPES: dict[str, type] = {
+    **{m: UnstructuredStage for m in UnstructuredStage.METHODS},
+    "structured": StructuredStage,
+    "depth": DepthStage,
+}
 
 
 @dataclass
@@ -230,6 +308,7 @@ def config_from_dict(data: dict) -> RunConfig:
     stages = [_build_stage(s, f"prune[{i}]") for i, s in enumerate(stages_raw)]
     cfg = _build(RunConfig, {**data, "calibration": calib, "runtime": runtime, "prune": stages}, "recipe")
     _validate(cfg)
+    _validate_stage_mix(stages)
     return cfg
 
 
@@ -256,6 +335,17 @@ def _validate(cfg: RunConfig) -> None:
     if c.samples < 1 or c.seq_len < 2:
         raise ConfigError("calibration: samples must be >= 1 and seq_len >= 2")
     parse_size(cfg.max_shard_size)
+
+
+def _validate_stage_mix(stages: list) -> None:
+    """At most one structured and one depth stage; they do not combine with unstructured stages in one run yet."""
+    kinds = [s.method for s in stages]
+    for m in ("structured", "depth"):
+        if kinds.count(m) > 1:
+            raise ConfigError(f"prune: at most one `{m}` stage per run")
+    if any(k in ("structured", "depth") for k in kinds) and any(k in UnstructuredStage.METHODS for k in kinds):
+        raise ConfigError("prune: structured/depth stages and unstructured stages cannot share a run yet; "
+                          "run them one after the other (the output of one is the input of the next)")
 
 
 def parse_size(size: str | int) -> int:

@@ -21,14 +21,28 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from engine import memory
+from engine import structured as st_mod
 from engine.arch import ArchAdapter, LinearSpec, adapter_for
 from engine.cache import ActivationCache, default_budgets
 from engine.calibration import load_calibration
-from engine.config import ConfigError, RunConfig, config_to_yaml, name_selected, parse_nm, parse_size
+from engine.config import (
+    ConfigError,
+    DepthStage,
+    RunConfig,
+    StructuredStage,
+    UnstructuredStage,
+    config_to_yaml,
+    name_selected,
+    parse_nm,
+    parse_size,
+)
+from engine.export import MODELING_FILE, kept_layers, nonuniform_config, output_config
+from engine.modeling_blockprune import remove_sublayers
 from engine.report import RunReport
 from sharding.reader import CheckpointReader
 from sharding.writer import CheckpointWriter
 from solvers.registry import get_solver, needs_gram
+from solvers.scores import block_influence
 from solvers.sparsegpt import sparsegpt_prune_many
 from solvers.stats import InputStats, accumulate, init_stats, layer_error
 
@@ -59,6 +73,23 @@ class BlockPlan:
     stages: dict[str, list] = field(default_factory=dict)  # linear name -> stages in order
     gram_inputs: set[str] = field(default_factory=set)  # input ids that need the full Gram
     moment_inputs: set[str] = field(default_factory=set)  # input ids that need only column norms
+    track_inputs: set[str] = field(default_factory=set)  # input ids that also need sums (means, variances)
+
+
+@dataclass
+class Job:
+    """What the run does besides unstructured stages: the structured plan (and the adapter of the shrunk blocks, in
+    source numbering) and the depth removal (source layer indices; output layer j is source layer `kept[j]`)."""
+
+    structured: StructuredStage | None = None
+    plan: st_mod.StructuredPlan | None = None
+    layer_adapter: ArchAdapter | None = None
+    removed: list[int] = field(default_factory=list)
+    influence: list[float] = field(default_factory=list)
+    sublayers: dict[int, dict[str, bool]] = field(default_factory=dict)  # source layer -> {"attention", "mlp"} kept
+
+    def out_index(self, i: int, num_layers: int) -> int:
+        return kept_layers(num_layers, self.removed).index(i)
 
 
 def resolve_runtime(cfg: RunConfig, reader: CheckpointReader) -> Runtime:
@@ -93,8 +124,13 @@ def _checkpoint_dtype(reader: CheckpointReader) -> torch.dtype:
     return max(set(floats), key=floats.count) if floats else torch.float32
 
 
+def _stage_of(cfg: RunConfig, cls: type):
+    return next((s for s in cfg.prune if isinstance(s, cls)), None)
+
+
 def plan_block(adapter: ArchAdapter, specs: list[LinearSpec], stages: list) -> BlockPlan:
     plan = BlockPlan()
+    stages = [s for s in stages if isinstance(s, UnstructuredStage)]
     for spec in specs:
         chosen = [s for s in stages if name_selected(spec.name, s.targets, s.ignore)]
         if not chosen:
@@ -114,6 +150,13 @@ def validate_against_model(cfg: RunConfig, adapter: ArchAdapter) -> None:
     stage selects at least one linear."""
     specs = [s for i in range(adapter.num_layers) for s in adapter.meta_linears(i)]
     for k, stage in enumerate(cfg.prune):
+        if isinstance(stage, DepthStage) and stage.by == "block" and stage.remove >= adapter.num_layers:
+            raise ConfigError(f"prune[{k}].remove = {stage.remove}: the model has only {adapter.num_layers} blocks")
+        if isinstance(stage, StructuredStage) and adapter.spec.attention != "gqa":
+            raise ConfigError(f"prune[{k}]: structured pruning of {adapter.model_type} (MLA attention) is not "
+                              "supported yet")
+        if not isinstance(stage, UnstructuredStage):
+            continue
         chosen = [s for s in specs if name_selected(s.name, stage.targets, stage.ignore)]
         if not chosen:
             names = ", ".join(sorted({s.name for s in specs})[:12])
@@ -145,6 +188,7 @@ def run(cfg: RunConfig) -> dict:
     reader = CheckpointReader(cfg.model)
     adapter = adapter_for(reader.config)
     validate_against_model(cfg, adapter)
+    job = make_job(cfg, adapter, reader.config)
     check_output(cfg)
     rt = resolve_runtime(cfg, reader)
     log.info("blockprune: %s (%s, %d blocks) -> %s on %s/%s", cfg.model, adapter.model_type, adapter.num_layers,
@@ -157,6 +201,11 @@ def run(cfg: RunConfig) -> dict:
     writer = CheckpointWriter(cfg.output, max_shard_size=parse_size(cfg.max_shard_size), overwrite=cfg.overwrite,
                               resume=cfg.resume, run_id=cfg.run_id())
     report = RunReport.start(cfg, adapter, rt)
+    if job.plan is not None:
+        report.data["structured_plan"] = {"remove_per_layer": job.plan.remove, "config": job.plan.overrides,
+                                          "block_params_before": job.plan.params_before,
+                                          "block_params_after": job.plan.params_after,
+                                          "target": job.plan.target, "achieved": round(job.plan.achieved, 6)}
 
     _copy_non_block(reader, adapter, writer)
     hidden = adapter.config.hidden_size
@@ -164,20 +213,27 @@ def run(cfg: RunConfig) -> dict:
                          micro_batch=rt.micro_batch, device_budget_bytes=rt.device_budget,
                          host_budget_bytes=rt.host_budget, spill_dir=rt.spill_dir) as cache:
         report.cache_tier = cache.tier
+        depth = _stage_of(cfg, DepthStage)
+        if depth is not None:
+            _embed(reader, adapter, ids, cache, rt)
+            report.data["depth"] = _plan_depth(depth, job, _depth_scoring_pass(reader, adapter, cache, rt, depth.by))
         _embed(reader, adapter, ids, cache, rt)
         bar = tqdm(range(adapter.num_layers), desc="blocks", unit="block", disable=not rt.progress, dynamic_ncols=True)
         for i in bar:
-            entry = _process_block(i, cfg, reader, adapter, writer, cache, rt)
+            if i in job.removed:
+                continue  # the block's inputs stay the next block's inputs
+            entry = _process_block(i, cfg, reader, adapter, writer, cache, rt, job)
             report.add_block(entry)
             err = entry.get("output_error")
             bar.set_postfix(peak_rss=f"{memory.peak_rss_mb():.0f}MB", err="-" if err is None else f"{err:.3g}")
             cache.swap()
     report.finish(time.perf_counter() - t_start, reader=reader)
-    writer.finalize(
-        dict(reader.config),
-        source_dir=cfg.model,
-        extra_files={"blockprune_recipe.yaml": config_to_yaml(cfg), "blockprune_report.json": report.to_json()},
-    )
+    out_config = output_config(dict(reader.config), job.plan.overrides if job.plan else {}, job.removed)
+    extra = {"blockprune_recipe.yaml": config_to_yaml(cfg), "blockprune_report.json": report.to_json()}
+    if job.sublayers:
+        out_config, modeling = nonuniform_config(out_config, _layer_entries(job, adapter.num_layers))
+        extra[MODELING_FILE] = modeling
+    writer.finalize(out_config, source_dir=cfg.model, extra_files=extra)
     if cfg.report_plots:
         from engine.report_render import write_report_files
 
@@ -195,6 +251,131 @@ def prune(model_dir: str | Path, config: RunConfig | dict) -> dict:
     else:
         config.model = str(model_dir)
     return run(config)
+
+
+def make_job(cfg: RunConfig, adapter: ArchAdapter, src_config: dict) -> Job:
+    """The structured plan and the adapter of the shrunk blocks; ConfigError (before any weight is read) when the
+    plan cannot be met or the output config cannot be renumbered for depth removal."""
+    job = Job(structured=_stage_of(cfg, StructuredStage))
+    depth = _stage_of(cfg, DepthStage)
+    if depth is not None and depth.by == "block":
+        output_config(dict(src_config), {}, list(range(depth.remove)))
+    if depth is not None and depth.by == "sublayer":
+        if job.structured is not None:
+            raise ConfigError("prune: depth by sublayer and structured stages cannot share a run yet")
+        if depth.remove > 2 * adapter.num_layers - 1:
+            raise ConfigError(f"depth.remove = {depth.remove}: the model has only {2 * adapter.num_layers} sublayers")
+    if job.structured is not None:
+        job.plan = st_mod.plan_uniform(adapter, job.structured)
+        job.layer_adapter = ArchAdapter(adapter.spec, st_mod.shrunk_config(adapter.config, job.plan.overrides))
+    return job
+
+
+@torch.no_grad()
+def _depth_scoring_pass(reader: CheckpointReader, adapter: ArchAdapter, cache: ActivationCache, rt: Runtime,
+                        by: str) -> list[dict[str, float]]:
+    """Dense propagation through every block, one in memory at a time. Per block: "block" = block influence
+    `1 - mean_t cos(x_in_t, x_out_t)` over all calibration tokens (ShortGPT); with `by: sublayer` also "attention" /
+    "mlp" = `Σ‖y − y_ref‖² / Σ‖y_ref‖²`, the change of the block's output when that sublayer is an identity."""
+    out = []
+    for i in range(adapter.num_layers):
+        disk = reader.read(reader.names_with_prefix(adapter.block_prefix(i)), device=rt.device)
+        block = adapter.build_block(i, disk, device=rt.device, dtype=rt.dtype)
+        del disk
+        sums = {"block": 0.0, "tokens": 0.0, "attention": 0.0, "mlp": 0.0, "ref": 0.0}
+        ctxs: dict[int, dict] = {}
+        for b in range(cache.num_batches()):
+            x = cache.get(b)
+            ctx = ctxs.get(x.shape[0])
+            if ctx is None:
+                ctx = ctxs[x.shape[0]] = adapter.forward_context(x.shape[0], x.shape[1], device=rt.device,
+                                                                 dtype=rt.dtype)
+            y = adapter.block_forward(block, x, ctx)
+            n = x.shape[0] * x.shape[1]
+            sums["block"] += block_influence(x, y) * n
+            sums["tokens"] += n
+            if by == "sublayer":
+                sums["ref"] += float(y.double().square().sum())
+                for part in ("attention", "mlp"):
+                    y_wo = _without(adapter, block, part, x, ctx)
+                    sums[part] += float((y_wo.double() - y.double()).square().sum())
+            cache.put(b, y)
+        scores = {"block": sums["block"] / sums["tokens"]}
+        if by == "sublayer":
+            scores.update({p: sums[p] / max(sums["ref"], 1e-30) for p in ("attention", "mlp")})
+        out.append(scores)
+        cache.swap()
+        _free(block)
+    return out
+
+
+def _without(adapter: ArchAdapter, block, part: str, x: torch.Tensor, ctx: dict) -> torch.Tensor:
+    """The block's output with sublayer `part` an identity (modules swapped in and restored)."""
+    saved = {n: getattr(block, n) for n in ("self_attn", "input_layernorm", "mlp", "post_attention_layernorm")}
+    layer_idx = block.self_attn.layer_idx
+    try:
+        remove_sublayers(block, attention=part != "attention", mlp=part != "mlp")
+        mask = ctx["attention_masks"][adapter.layer_type(layer_idx)]
+        return block(x, attention_mask=mask, position_ids=ctx["position_ids"],
+                     position_embeddings=ctx["position_embeddings"])
+    finally:
+        for n, m in saved.items():
+            setattr(block, n, m)
+
+
+def _plan_depth(depth: DepthStage, job: Job, scores: list[dict[str, float]]) -> dict:
+    """Choose what to remove (lowest scores; ties: lower index) and return the report section."""
+    job.influence = [s["block"] for s in scores]
+    section: dict = {"by": depth.by, "block_influence": [round(v, 6) for v in job.influence]}
+    if depth.by == "block":
+        order = sorted(range(len(scores)), key=lambda i: (job.influence[i], i))
+        job.removed = sorted(order[: depth.remove])
+        section["removed"] = job.removed
+        log.info("depth: removing blocks %s", job.removed)
+        return section
+    cands = sorted((s[p], i, p) for i, s in enumerate(scores) for p in ("attention", "mlp"))
+    for _, i, p in cands[: depth.remove]:
+        job.sublayers.setdefault(i, {"attention": True, "mlp": True})[p] = False
+    section["output_change"] = [{p: round(s[p], 6) for p in ("attention", "mlp")} for s in scores]
+    section["removed_sublayers"] = [[i, p] for _, i, p in sorted(cands[: depth.remove], key=lambda c: c[1:])]
+    log.info("depth: removing sublayers %s", section["removed_sublayers"])
+    return section
+
+
+def _layer_entries(job: Job, num_layers: int) -> list[dict]:
+    """The `blockprune.layers` entries of the output layers (kept sublayers; widths are the stock fields)."""
+    return [{"attention": job.sublayers.get(i, {}).get("attention", True),
+             "mlp": job.sublayers.get(i, {}).get("mlp", True), "config": {}}
+            for i in kept_layers(num_layers, job.removed)]
+
+
+def _build(adapter: ArchAdapter, i: int, disk: dict[str, torch.Tensor], job: Job, rt: Runtime):
+    """Block `i` of the written shapes from its disk tensors; removed sublayers are identities with no tensors."""
+    keep = job.sublayers.get(i)
+    if keep is None:
+        return adapter.build_block(i, disk, device=rt.device, dtype=rt.dtype)
+    from engine.blocks import (
+        DISK_LAYOUT_ATTR,
+        build_meta_block,
+        cast_state,
+        check_shapes,
+        disk_to_memory_state,
+        load_assign,
+    )
+
+    prefix = adapter.block_prefix(i)
+    meta = remove_sublayers(build_meta_block(adapter.spec, adapter.config, i), **keep)
+    state, layout = disk_to_memory_state(disk, prefix, meta, adapter.spec)
+    check_shapes(state, meta, prefix, layout)
+    block = load_assign(meta, cast_state(state, adapter.spec, device=rt.device, dtype=rt.dtype), prefix)
+    setattr(block, DISK_LAYOUT_ATTR, layout)
+    return block
+
+
+def _renumber(tensors: dict[str, torch.Tensor], old_prefix: str, new_prefix: str) -> dict[str, torch.Tensor]:
+    if old_prefix == new_prefix:
+        return tensors
+    return {new_prefix + n[len(old_prefix):]: t for n, t in tensors.items()}
 
 
 def _copy_non_block(reader: CheckpointReader, adapter: ArchAdapter, writer: CheckpointWriter) -> None:
@@ -218,12 +399,17 @@ def _embed(reader: CheckpointReader, adapter: ArchAdapter, ids: torch.Tensor, ca
 
 
 def _process_block(i: int, cfg: RunConfig, reader: CheckpointReader, adapter: ArchAdapter,
-                   writer: CheckpointWriter, cache: ActivationCache, rt: Runtime) -> dict:
-    unit = block_unit(i)
+                   writer: CheckpointWriter, cache: ActivationCache, rt: Runtime, job: Job | None = None) -> dict:
+    """Block `i` (source numbering) -> output block `j` (after depth removal); written under unit `block.j`."""
+    job = job or Job()
+    j = job.out_index(i, adapter.num_layers)
+    out_adapter = job.layer_adapter or adapter  # builds blocks of the written (shrunk) shapes, source numbering
+    unit = block_unit(j)
     t0 = time.perf_counter()
     memory.reset_device_peak(rt.device)
     if writer.is_committed(unit):  # resume: rebuild the activations from the block already written
-        block = adapter.build_block(i, writer.read_unit(unit, device=rt.device), device=rt.device, dtype=rt.dtype)
+        disk = _renumber(writer.read_unit(unit, device=rt.device), adapter.block_prefix(j), adapter.block_prefix(i))
+        block = _build(out_adapter, i, disk, job, rt)
         _forward_all(adapter, block, cache, rt)
         entry = dict(writer.unit_metadata(unit))
         entry["resumed"] = True
@@ -234,27 +420,41 @@ def _process_block(i: int, cfg: RunConfig, reader: CheckpointReader, adapter: Ar
     src_dtypes = {n: t.dtype for n, t in disk.items()}
     block = adapter.build_block(i, disk, device=rt.device, dtype=rt.dtype)
     del disk
-    specs = adapter.linears(block, i)
+    if i in job.sublayers:
+        remove_sublayers(block, **job.sublayers[i])
+    specs = adapter.linears(block, i) if i not in job.sublayers else []
     plan = plan_block(adapter, specs, cfg.prune)
+    if job.structured is not None:
+        _plan_structured_inputs(adapter, block, i, job.structured, plan)
 
     t_stats = time.perf_counter()
     stats = _collect_stats(adapter, block, specs, plan, cache, rt)  # dense forward; dense outputs -> cache
     t_solve = time.perf_counter()
     linears = _solve_block(adapter, block, specs, plan, stats)
+    records = None
+    if job.structured is not None:
+        old = block
+        block, records = st_mod.prune_block(adapter, old, i, job.structured, job.plan, stats, out_adapter)
+        del old
     del stats
     t_fwd = time.perf_counter()
-    writer_tensors = adapter.block_to_disk(i, block, src_dtypes)
+    if job.structured is not None and job.structured.bias_compensation:
+        src_dtypes = _dtypes_for(block, out_adapter, i, src_dtypes)
+    writer_tensors = out_adapter.block_to_disk(i, block, src_dtypes)
     if any(t.dtype != rt.dtype for t in writer_tensors.values() if t.is_floating_point()):
         # propagate with the weights exactly as written (rounded to the checkpoint's dtype), so that the next block
         # sees what the saved model computes and a resumed run (which reads them back) is bit-identical
         _free(block)
-        block = adapter.build_block(i, writer_tensors, device=rt.device, dtype=rt.dtype)
+        block = _build(out_adapter, i, writer_tensors, job, rt)
     out_err = None
-    if cfg.sequential and plan.stages:
+    if cfg.sequential and (plan.stages or records):
         out_err = _forward_all(adapter, block, cache, rt, compare=True)
+    writer_tensors = _renumber(writer_tensors, adapter.block_prefix(i), adapter.block_prefix(j))
     t_write = time.perf_counter()
     entry = {
         "block": i,
+        **({"output_block": j, "structured": records} if job.structured or job.removed else {}),
+        **({"sublayers": job.sublayers[i]} if i in job.sublayers else {}),
         "linears": linears,
         "output_error": out_err,
         "time_s": {
@@ -277,6 +477,31 @@ def _process_block(i: int, cfg: RunConfig, reader: CheckpointReader, adapter: Ar
     return entry
 
 
+def _plan_structured_inputs(adapter: ArchAdapter, block, i: int, stage: StructuredStage, plan: BlockPlan) -> None:
+    """The consumers' inputs need sums and squares always (fluctuation, Wanda norms, bias compensation) and the
+    Gram for the OBS score or any reconstruction."""
+    inputs = st_mod.consumer_inputs(adapter, block, i, stage.units)
+    if st_mod.needs_gram(stage):
+        plan.gram_inputs |= inputs
+    else:
+        plan.moment_inputs |= inputs
+    plan.moment_inputs -= plan.gram_inputs
+    plan.track_inputs |= inputs
+
+
+def _dtypes_for(block, out_adapter: ArchAdapter, i: int, src: dict[str, torch.dtype]) -> dict[str, torch.dtype]:
+    """Disk dtypes of the written tensors: the source's; a tensor the source lacks (a compensation bias) takes
+    the dtype of its weight."""
+    names = out_adapter.block_to_disk(i, block).keys()
+    out = dict(src)
+    for n in names:
+        if n not in out:
+            w = n[: -len("bias")] + "weight"
+            if w in src:
+                out[n] = src[w]
+    return out
+
+
 def _collect_stats(adapter: ArchAdapter, block, specs: list[LinearSpec], plan: BlockPlan,
                    cache: ActivationCache, rt: Runtime) -> dict[str, InputStats]:
     """One dense forward over all micro-batches: accumulate the statistics each input needs, and write the dense
@@ -291,7 +516,8 @@ def _collect_stats(adapter: ArchAdapter, block, specs: list[LinearSpec], plan: B
         st = stats.get(input_id)
         if st is None:
             st = stats[input_id] = init_stats(widths[input_id], device=X.device, dtype=torch.float32,
-                                              gram=input_id in plan.gram_inputs)
+                                              gram=input_id in plan.gram_inputs,
+                                              track_moments=input_id in plan.track_inputs)
         accumulate(st, X)
 
     hooks = adapter.input_hooks(block, on_input) if wanted else contextlib.nullcontext()

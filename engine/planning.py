@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.arch import adapter_for
-from engine.config import RunConfig, name_selected
+from engine.config import RunConfig, UnstructuredStage, name_selected
 from sharding.reader import CheckpointReader
 from solvers.registry import needs_gram
 
@@ -44,8 +44,12 @@ def make_plan(cfg: RunConfig) -> Plan:
         specs = adapter.meta_linears(i)
         gram = {}
         for s in specs:
-            if any(name_selected(s.name, st.targets, st.ignore) and needs_gram(st.method) for st in cfg.prune):
-                gram[s.input_id] = s.d_in
+            for st in cfg.prune:
+                if isinstance(st, UnstructuredStage):
+                    if name_selected(s.name, st.targets, st.ignore) and needs_gram(st.method):
+                        gram[s.input_id] = s.d_in
+                elif st.method == "structured" and s.input_id.endswith("_out"):
+                    gram[s.input_id] = s.d_in  # reconstruction of the consumer (o_proj / down_proj) inputs
         gram_bytes = sum(4 * d * d for d in gram.values())
         widest = max([hidden] + [s.d_out for s in specs])
         heads = getattr(adapter.config, "num_attention_heads", 1)

@@ -296,3 +296,13 @@ def test_resume_after_crash_is_byte_identical(tiny_ckpt, calib_file, tmp_path, m
     for f in sorted((tmp_path / "full").iterdir()):
         if f.suffix in (".safetensors", ".json") and f.name not in ("blockprune_report.json", "blockprune_manifest.json"):
             assert f.read_bytes() == (tmp_path / "part" / f.name).read_bytes(), f.name
+
+
+def test_plan_with_structured_and_depth_stages(tiny_ckpt, calib_file, tmp_path):
+    from engine.planning import format_plan, make_plan
+
+    stages = [{"method": "structured", "target": 0.2}, {"method": "depth", "remove": 1, "by": "block"}]
+    plan = make_plan(config_from_dict(recipe(tiny_ckpt("llama"), tmp_path / "o", calib_file, stages)))
+    assert plan.bytes_read == 0 and len(plan.blocks) == 3
+    assert all(b["gram_mb"] > 0 for b in plan.blocks)  # the o_proj / down_proj input Grams for reconstruction
+    assert "estimated peak memory" in format_plan(plan)

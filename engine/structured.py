@@ -1,0 +1,325 @@
+"""Block-level structured pruning: plan the units each layer removes, call the solver, and rebuild a smaller block.
+
+Units (from `ArchAdapter.units`): "heads" = whole KV groups (a KV head with its query heads: q/k/v rows and the
+o_proj columns of the group); "channels" = MLP intermediate channels (gate/up rows and the down_proj column), in
+MoE blocks the intermediate channels of every routed expert and of the shared expert.
+
+Uniform allocation (the only rule so far; the global rules arrive with the global budget): every layer removes the
+same number of KV groups and, in every MLP / expert, the same number of channels, so the output is the stock
+architecture with smaller `num_attention_heads`, `num_key_value_heads`, `intermediate_size`
+(`moe_intermediate_size`, `shared_expert_intermediate_size`). With `P` the prunable (non-embedding, all block)
+parameters and `R_k` the parameters held by units of kind k, the split is::
+
+    f      = target·P / Σ_k R_k                       # the same fraction of every selected kind's parameters
+    r_head = round(f · n_kv)                          # whole KV groups, at most n_kv − 1
+    f_ch   = (target·P − removed by heads) / R_ch     # channels absorb the heads' rounding
+    keep_k = align · round(n_k (1 − f_ch) / align)    # kept channel counts are multiples of `align` (>= align)
+
+Routed experts' kept widths are also multiples of 8 (`EXPERT_ALIGN`): the fused expert tensors run through torch's
+grouped matmul, which needs 16-byte strides.
+
+Surgery: the consumer (o_proj / down_proj) is pruned by `solvers.structured.prune_groups` (score, solver, bias
+compensation); the producing rows (q/k/v, gate/up) of removed units are dropped; the block is then rebuilt as the
+stock decoder layer of the shrunk config (`build_meta_block` + `assign=True` load), so every module (and the
+attention's head bookkeeping) is exactly what `from_pretrained` builds from the exported config. Nothing is masked.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from transformers import PretrainedConfig
+
+from engine.arch import ArchAdapter, LinearSpec, UnitGroup
+from engine.blocks import DISK_LAYOUT_ATTR, FUSED_DOWN, FUSED_GATE_UP, build_meta_block, load_assign
+from engine.config import ConfigError
+from solvers.stats import InputStats
+from solvers.structured import groups_contiguous, prune_groups
+
+log = logging.getLogger(__name__)
+
+UNIT_KINDS: dict[str, tuple[str, ...]] = {
+    "heads": ("kv_group",),
+    "channels": ("channel", "expert_channel", "shared_channel"),
+}
+_CHANNEL_KINDS = UNIT_KINDS["channels"]
+# Fused experts run through torch's grouped matmul, which needs 16-byte strides: kept expert widths are multiples of 8.
+EXPERT_ALIGN = 8
+
+
+@dataclass
+class StructuredPlan:
+    """Units removed per layer (per expert for expert channels) and the shrunk config they give.
+
+    remove: {unit kind: units removed from each group of that kind}. overrides: config fields of the output
+    (`num_attention_heads`, `num_key_value_heads`, `head_dim`, `intermediate_size`, ...). params_before/after:
+    block parameters (all layers) of the input and of the planned output (exact, from meta builds).
+    """
+
+    remove: dict[str, int]
+    overrides: dict[str, int | bool]
+    params_before: int
+    params_after: int
+    target: float
+    info: dict = field(default_factory=dict)
+
+    @property
+    def achieved(self) -> float:
+        return 1.0 - self.params_after / self.params_before
+
+
+# ------------------------------------------------------------------------------------------------ planning
+
+
+def _member_params(specs: dict[str, LinearSpec], name: str, axis: int, width: int) -> int:
+    s = specs[name]
+    other = s.d_in if axis == 0 else s.d_out
+    return width * other + (width if axis == 0 and s.bias else 0)
+
+
+def unit_inventory(adapter: ArchAdapter) -> dict[str, dict]:
+    """{kind: {"count": units per group, "groups": groups over all layers, "params": parameters of one unit}}
+    from meta blocks (no weight read). Raises ConfigError when layers disagree on a kind's unit size."""
+    inv: dict[str, dict] = {}
+    for i in range(adapter.num_layers):
+        meta = build_meta_block(adapter.spec, adapter.config, i)
+        specs = {s.name: s for s in adapter.linears(meta, i)}
+        for g in adapter.units(meta, i):
+            if g.kind not in UNIT_KINDS["heads"] + _CHANNEL_KINDS:
+                continue
+            p = sum(_member_params(specs, *m) for m in g.members)
+            cur = inv.setdefault(g.kind, {"count": g.count, "groups": 0, "params": p})
+            if (cur["count"], cur["params"]) != (g.count, p):
+                raise ConfigError(f"structured: layer {i} has {g.count} {g.kind} units of {p} parameters, other "
+                                  f"layers {cur['count']} of {cur['params']}; uniform allocation needs equal layers")
+            cur["groups"] += 1
+    return inv
+
+
+def block_params(adapter: ArchAdapter, config: PretrainedConfig) -> int:
+    """Parameters of all decoder blocks of `config` (meta builds)."""
+    return sum(sum(p.numel() for p in build_meta_block(adapter.spec, config, i).parameters())
+               for i in range(adapter.num_layers))
+
+
+def _round_keep(n: int, frac_remove: float, align: int) -> int:
+    keep = align * round(n * (1.0 - frac_remove) / align)
+    return int(min(max(keep, align if align <= n else n), n))
+
+
+def plan_uniform(adapter: ArchAdapter, stage) -> StructuredPlan:
+    """The uniform plan of a `StructuredStage` (formulas in the module docstring)."""
+    inv = unit_inventory(adapter)
+    kinds = [k for u in stage.units for k in UNIT_KINDS[u] if k in inv]
+    if not kinds:
+        raise ConfigError(f"structured.units = {stage.units}: the {adapter.model_type} blocks have no such units")
+    P = block_params(adapter, adapter.config)
+    goal = stage.target * P
+    held = {k: inv[k]["groups"] * inv[k]["count"] * inv[k]["params"] for k in kinds}
+    per_unit = {k: inv[k]["groups"] * inv[k]["params"] for k in kinds}  # removing one unit from every group
+    remove: dict[str, int] = {}
+    if "kv_group" in kinds:
+        n = inv["kv_group"]["count"]
+        share = goal / sum(held.values()) if len(kinds) > 1 else goal / held["kv_group"]
+        remove["kv_group"] = int(min(round(share * n), n - 1))
+        goal -= remove["kv_group"] * per_unit["kv_group"]
+    ch = sorted((k for k in kinds if k in _CHANNEL_KINDS), key=lambda k: k != "expert_channel")  # coarsest first
+    for idx, k in enumerate(ch):
+        frac = max(goal, 0.0) / sum(held[x] for x in ch[idx:])  # later kinds absorb earlier rounding
+        if frac >= 1.0:
+            raise ConfigError(f"structured.target = {stage.target}: needs more than all MLP channels")
+        n = inv[k]["count"]
+        align = math.lcm(stage.align, EXPERT_ALIGN) if k == "expert_channel" else stage.align
+        remove[k] = n - _round_keep(n, frac, align)
+        goal -= remove[k] * per_unit[k]
+    overrides = config_overrides(adapter.config, inv, remove, stage.bias_compensation)
+    out_cfg = shrunk_config(adapter.config, overrides)
+    plan = StructuredPlan(remove=remove, overrides=overrides, params_before=P,
+                          params_after=block_params(adapter, out_cfg), target=stage.target)
+    log.info("structured plan: remove %s per layer -> %s (%.4f of block parameters removed, target %.4f)",
+             remove, overrides, plan.achieved, stage.target)
+    if abs(plan.achieved - stage.target) > 0.02:
+        log.warning("structured: whole units give %.4f of the block parameters, not the target %.4f (units %s, "
+                    "align %d)", plan.achieved, stage.target, stage.units, stage.align)
+    return plan
+
+
+def config_overrides(config: PretrainedConfig, inv: dict, remove: dict[str, int], bias: bool) -> dict:
+    """Output config fields for `remove` (units removed per group) applied to every layer."""
+    out: dict = {}
+    if remove.get("kv_group"):
+        n_kv = int(config.num_key_value_heads)
+        per = int(config.num_attention_heads) // n_kv
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        keep = n_kv - remove["kv_group"]
+        out.update(num_key_value_heads=keep, num_attention_heads=keep * per, head_dim=int(head_dim))
+    fields = {"channel": "intermediate_size", "expert_channel": _expert_field(config),
+              "shared_channel": "shared_expert_intermediate_size"}
+    for k in _CHANNEL_KINDS:
+        if remove.get(k):
+            out[fields[k]] = inv[k]["count"] - remove[k]
+    if bias:
+        out.update(bias_flags(config, inv, remove))
+    return out
+
+
+def _expert_field(config: PretrainedConfig) -> str:
+    return "moe_intermediate_size" if getattr(config, "moe_intermediate_size", None) else "intermediate_size"
+
+
+def bias_flags(config: PretrainedConfig, inv: dict, remove: dict[str, int]) -> dict[str, bool]:
+    """`attention_bias` / `mlp_bias` to turn on for bias compensation; ConfigError where the architecture's config
+    has no such flag (its consumer linear cannot carry a bias in the stock model)."""
+    out = {}
+    wants = {"attention_bias": bool(remove.get("kv_group")), "mlp_bias": any(remove.get(k) for k in _CHANNEL_KINDS)}
+    for flag, needed in wants.items():
+        if needed:
+            if not _flag_gives_consumer_bias(config, flag):
+                raise ConfigError(f"structured.bias_compensation: {config.model_type} has no `{flag}` config flag "
+                                  f"that gives its {'o_proj' if flag == 'attention_bias' else 'down_proj'} a bias")
+            out[flag] = True
+    return out
+
+
+def _flag_gives_consumer_bias(config: PretrainedConfig, flag: str) -> bool:
+    if not hasattr(config, flag):
+        return False
+    from engine.arch import adapter_for
+
+    adapter = adapter_for(shrunk_config(config, {flag: True}))
+    meta = build_meta_block(adapter.spec, adapter.config, 0)
+    consumer = "self_attn.o_proj" if flag == "attention_bias" else "mlp.down_proj"
+    try:
+        return meta.get_submodule(consumer).bias is not None
+    except AttributeError:
+        return False
+
+
+def shrunk_config(config: PretrainedConfig, overrides: dict) -> PretrainedConfig:
+    """A deep copy of `config` with `overrides` set."""
+    out = copy.deepcopy(config)
+    for k, v in overrides.items():
+        setattr(out, k, v)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+
+
+def consumer_inputs(adapter: ArchAdapter, block: nn.Module, i: int, units: list[str]) -> set[str]:
+    """Input ids of the consumer linears (o_proj, down_proj, experts' down) whose units `units` selects."""
+    specs = {s.name: s for s in adapter.linears(block, i)}
+    kinds = {k for u in units for k in UNIT_KINDS[u]}
+    out = set()
+    for g in adapter.units(block, i):
+        if g.kind in kinds:
+            out.add(specs[_consumer(g)].input_id)
+    return out
+
+
+def needs_gram(stage) -> bool:
+    return stage.score == "obs" or stage.solver != "none"
+
+
+def _consumer(g: UnitGroup) -> str:
+    return next(name for name, axis, _ in g.members if axis == 1)
+
+
+# ------------------------------------------------------------------------------------------------ surgery
+
+
+def prune_block(adapter: ArchAdapter, block: nn.Module, i: int, stage, plan: StructuredPlan,
+                stats: dict[str, InputStats], out_adapter: ArchAdapter) -> tuple[nn.Module, dict[str, dict]]:
+    """Remove `plan.remove` units from every unit group of block `i` and return (the rebuilt stock block of
+    `out_adapter.config`, per-consumer records). The old block's tensors are not modified."""
+    specs = {s.name: s for s in adapter.linears(block, i)}
+    state = {n: t.detach() for n, t in block.state_dict().items()}
+    experts: dict[int, dict[str, Tensor]] = {}
+    records: dict[str, dict] = {}
+    for g in adapter.units(block, i):
+        k = plan.remove.get(g.kind, 0)
+        if k == 0:
+            continue
+        cons = specs[_consumer(g)]
+        res = _solve(adapter, block, cons, g, k, stage, stats.get(cons.input_id))
+        records[cons.name] = {**res.info, "shape": list(res.weight.shape), "kept_units": g.count - k}
+        for name, axis, width in g.members:
+            spec = specs[name]
+            W = adapter.get_weight(block, spec)
+            if axis == 1:
+                new = res.weight.to(W.dtype)
+            else:
+                rows = groups_contiguous(g.count * width, width)
+                new = W[torch.cat([rows[j] for j in res.keep_groups.tolist()]).to(W.device)]
+            if spec.expert is not None:
+                experts.setdefault(spec.expert, {})[name.rsplit(".", 1)[1]] = new
+                continue
+            state[f"{name}.weight"] = new
+            if axis == 0 and f"{name}.bias" in state:
+                b = state[f"{name}.bias"]
+                state[f"{name}.bias"] = b[torch.cat([rows[j] for j in res.keep_groups.tolist()]).to(b.device)]
+            if axis == 1 and res.bias is not None:
+                old = state.get(f"{name}.bias")
+                base = torch.zeros(W.shape[0], dtype=W.dtype, device=W.device) if old is None else old
+                state[f"{name}.bias"] = base + res.bias.to(W.dtype)
+    if experts:
+        _fuse_into(state, experts, block)
+    return _rebuild(out_adapter, block, i, state), records
+
+
+def _solve(adapter: ArchAdapter, block: nn.Module, cons: LinearSpec, g: UnitGroup, k: int, stage,
+           st: InputStats | None):
+    W = adapter.get_weight(block, cons).float()
+    width = next(w for _, axis, w in g.members if axis == 1)
+    groups = groups_contiguous(W.shape[1], width)
+    if st is None or st.n == 0:  # an expert that received no calibration token
+        log.warning("block %d %s: no calibration tokens; magnitude score, no reconstruction", block.self_attn.layer_idx,
+                    cons.name)
+        from solvers.stats import init_stats
+
+        st = init_stats(W.shape[1], gram=False, track_moments=True)
+        st.n = 1
+        return prune_groups(W, st, groups, k, score="magnitude", solver="none", bias_compensation=False)
+    return prune_groups(W, st, groups, k, score=stage.score, solver=stage.solver,
+                        bias_compensation=stage.bias_compensation, percdamp=stage.percdamp)
+
+
+def _fuse_into(state: dict[str, Tensor], experts: dict[int, dict[str, Tensor]], block: nn.Module) -> None:
+    """Rebuild the fused expert tensors from per-expert (gate, up, down) pieces; experts left out keep theirs."""
+    fused_gu, fused_down = block.mlp.experts.gate_up_proj.detach(), block.mlp.experts.down_proj.detach()
+    inter = fused_gu.shape[1] // 2
+    gu, down = [], []
+    for e in range(fused_gu.shape[0]):
+        parts = experts.get(e, {})
+        gate = parts.get("gate_proj", fused_gu[e, :inter])
+        up = parts.get("up_proj", fused_gu[e, inter:])
+        gu.append(torch.cat([gate, up], dim=0))
+        down.append(parts.get("down_proj", fused_down[e]))
+    state[FUSED_GATE_UP] = torch.stack(gu)
+    state[FUSED_DOWN] = torch.stack(down)
+
+
+def _rebuild(out_adapter: ArchAdapter, old: nn.Module, i: int, state: dict[str, Tensor]) -> nn.Module:
+    """Load `state` into the stock layer of the shrunk config; tensors the new config adds (biases turned on for
+    compensation) are zeros. ValueError names a tensor whose shape does not fit."""
+    meta = build_meta_block(out_adapter.spec, out_adapter.config, i)
+    want = meta.state_dict()
+    ref = next(iter(state.values()))
+    for name, t in want.items():
+        if name not in state:
+            if not name.endswith("bias"):
+                raise ValueError(f"structured surgery, block {i}: no tensor for {name}")
+            state[name] = torch.zeros(t.shape, dtype=ref.dtype, device=ref.device)
+        elif tuple(state[name].shape) != tuple(t.shape):
+            raise ValueError(f"structured surgery, block {i}: {name} has shape {tuple(state[name].shape)}, the "
+                             f"shrunk config needs {tuple(t.shape)}")
+    block = load_assign(meta, {n: state[n].contiguous() for n in want}, out_adapter.block_prefix(i))
+    layout = getattr(old, DISK_LAYOUT_ATTR, None)
+    if layout is not None:
+        setattr(block, DISK_LAYOUT_ATTR, layout)
+    return block
