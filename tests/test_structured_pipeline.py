@@ -237,7 +237,13 @@ def test_model_dependent_errors(tiny_ckpt, calib_file, tmp_path):
 
 
 REMOTE = """
-import sys, torch
+import sys
+# a Python where blockprune is not installed: drop an editable install's import hooks (`pip install -e .`, as
+# `make setup` does) and any path to the repository
+sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+sys.path_hooks[:] = [h for h in sys.path_hooks if not getattr(h, "__module__", "").startswith("__editable__")]
+sys.path_importer_cache.clear()
+import torch
 from transformers import AutoModelForCausalLM
 assert "{repo}" not in [p.rstrip("/") for p in sys.path], sys.path
 try:
@@ -268,7 +274,7 @@ def remote_logits(path: Path, tmp_path: Path) -> torch.Tensor:
     p = subprocess.run([sys.executable, "-I", str(script), str(path), str(tmp_path / "logits.pt")], cwd=tmp_path,
                        env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and "REMOTE OK" in p.stdout, p.stderr[-3000:]
-    return torch.load(tmp_path / "logits.pt")
+    return torch.load(tmp_path / "logits.pt", weights_only=True)
 
 
 def test_sublayer_removal_nonuniform_checkpoint(tiny_ckpt, calib_file, tmp_path):
