@@ -7,7 +7,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
-from tests.tiny_models import build_tiny_checkpoint  # noqa: E402
+from tests.tiny_models import build_tiny_checkpoint, tiny_text  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -23,3 +23,11 @@ def tiny_ckpt(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def calib_file(tmp_path_factory):
+    """A calibration text file over the tiny tokenizer's characters."""
+    p = tmp_path_factory.mktemp("calib") / "calib.txt"
+    p.write_text(tiny_text(20000, seed=0))
+    return p

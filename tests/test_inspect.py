@@ -17,8 +17,7 @@ from engine.inspect import count_nonzero, format_inspection, inspect_checkpoint
 from engine.pipeline import run
 from sharding.errors import CheckpointError
 from sharding.reader import CheckpointReader
-from tests.test_pipeline import recipe
-from tests.tiny_models import tiny_text
+from tests.tiny_models import recipe, tiny_text
 
 REPO = Path(__file__).resolve().parents[1]
 BLOCKS = ["model.layers.0", "model.layers.1", "model.layers.2"]

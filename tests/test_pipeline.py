@@ -15,28 +15,11 @@ from transformers import AutoModelForCausalLM
 
 from engine.config import ConfigError, config_from_dict
 from engine.pipeline import run
-from tests.tiny_models import ARCHS, MOE_ARCHS, build_tiny_checkpoint, tiny_text
+from tests.tiny_models import ARCHS, MOE_ARCHS, build_tiny_checkpoint, recipe
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def calib_file(tmp_path_factory) -> Path:
-    p = tmp_path_factory.mktemp("calib") / "calib.txt"
-    p.write_text(tiny_text(20000, seed=0))
-    return p
-
-
-def recipe(model, out, calib, stages, **extra) -> dict:
-    return {
-        "model": str(model),
-        "output": str(out),
-        "calibration": {"data": str(calib), "samples": 8, "seq_len": 32, "seed": 0},
-        "runtime": {"device": "cpu", "dtype": "float32", "micro_batch": 3, "progress": False},
-        "prune": stages,
-        "report_plots": False,  # rendering is tested in test_report_render.py; it costs ~1 s a run
-        **extra,
-    }
 
 
 def all_tensors(path: Path) -> dict[str, torch.Tensor]:

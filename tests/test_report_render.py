@@ -20,8 +20,7 @@ from engine.report_render import (
     render_report,
     write_report_files,
 )
-from tests.test_pipeline import recipe
-from tests.tiny_models import tiny_text
+from tests.tiny_models import recipe, tiny_text
 
 ACHIEVED_BLUE = (0x31, 0x82, 0xBD)  # the "achieved" bars of sparsity.png
 TAB_ORANGE, TAB_RED = (255, 127, 14), (214, 39, 40)  # "stats" and "forward" in time_memory.png (tab10)

@@ -18,29 +18,12 @@ from engine.loader import load_pruned
 from engine.modeling_blockprune import remove_sublayers
 from engine.pipeline import run
 from sharding.reader import CheckpointReader
-from tests.tiny_models import DENSE_ARCHS, build_tiny_checkpoint, tiny_text
+from tests.tiny_models import DENSE_ARCHS, build_tiny_checkpoint, recipe
 
 STRUCT = {"method": "structured", "target": 0.3, "units": ["heads", "channels"], "score": "obs",
           "solver": "closed_form", "allocation": {"rule": "uniform"}, "bias_compensation": False, "align": 1}
 
 
-@pytest.fixture(scope="module")
-def calib_file(tmp_path_factory) -> Path:
-    p = tmp_path_factory.mktemp("calib") / "calib.txt"
-    p.write_text(tiny_text(20000, seed=0))
-    return p
-
-
-def recipe(model, out, calib, stages, **extra) -> dict:
-    return {
-        "model": str(model),
-        "output": str(out),
-        "calibration": {"data": str(calib), "samples": 8, "seq_len": 32, "seed": 0},
-        "runtime": {"device": "cpu", "dtype": "float32", "micro_batch": 3, "progress": False},
-        "prune": stages,
-        "report_plots": False,
-        **extra,
-    }
 
 
 def ids_for_test() -> torch.Tensor:

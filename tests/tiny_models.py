@@ -146,3 +146,16 @@ def save_tiny(
 def build_tiny_checkpoint(arch: str, path: str | Path, seed: int = 0, max_shard_size: str = "20KB", **overrides) -> Path:
     """Build a tiny model of `arch` and save it as a multi-shard checkpoint in `path`."""
     return save_tiny(tiny_model(arch, seed=seed, **overrides), path, max_shard_size=max_shard_size)
+
+
+def recipe(model, out, calib, stages, **extra) -> dict:
+    """A small recipe dict for pipeline tests on tiny models (8 x 32 calibration tokens, float32, CPU)."""
+    return {
+        "model": str(model),
+        "output": str(out),
+        "calibration": {"data": str(calib), "samples": 8, "seq_len": 32, "seed": 0},
+        "runtime": {"device": "cpu", "dtype": "float32", "micro_batch": 3, "progress": False},
+        "prune": stages,
+        "report_plots": False,  # rendering is tested in test_report_render.py; it costs ~1 s a run
+        **extra,
+    }
