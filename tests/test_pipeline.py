@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from engine.config import ConfigError, config_from_dict
 from engine.pipeline import run
-from tests.tiny_models import ARCHS, MOE_ARCHS, build_tiny_checkpoint, recipe
+from tests.tiny_models import ARCHS, MOE_ARCHS, build_tiny_checkpoint, recipe, run_killed_before
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -252,23 +252,13 @@ def test_peak_rss_flat_in_depth(tmp_path, calib_file):
 def test_resume_after_crash_is_byte_identical(tiny_ckpt, calib_file, tmp_path, monkeypatch):
     """A run that dies after two blocks, rerun with resume, equals an uninterrupted run byte for byte (shards,
     index, config); a resume with a changed recipe is refused."""
-    from sharding.writer import CheckpointWriter, WriterError
+    from sharding.writer import WriterError
 
     src = tiny_ckpt("llama")
     stages = [{"method": "sparsegpt", "sparsity": 0.5}]
     run(config_from_dict(recipe(src, tmp_path / "full", calib_file, stages)))
 
-    real_write = CheckpointWriter.write_unit
-
-    def dying_write(self, unit, tensors, metadata=None):
-        if unit == "block.00002":
-            raise KeyboardInterrupt("simulated kill")
-        return real_write(self, unit, tensors, metadata)
-
-    monkeypatch.setattr(CheckpointWriter, "write_unit", dying_write)
-    with pytest.raises(KeyboardInterrupt):
-        run(config_from_dict(recipe(src, tmp_path / "part", calib_file, stages)))
-    monkeypatch.setattr(CheckpointWriter, "write_unit", real_write)
+    run_killed_before("block.00002", config_from_dict(recipe(src, tmp_path / "part", calib_file, stages)), monkeypatch)
     assert not (tmp_path / "part" / "model.safetensors.index.json").exists()
 
     changed = recipe(src, tmp_path / "part", calib_file, [{"method": "sparsegpt", "sparsity": 0.4}], resume=True)

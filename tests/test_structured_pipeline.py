@@ -18,7 +18,7 @@ from engine.loader import load_pruned
 from engine.modeling_blockprune import remove_sublayers
 from engine.pipeline import run
 from sharding.reader import CheckpointReader
-from tests.tiny_models import DENSE_ARCHS, build_tiny_checkpoint, recipe
+from tests.tiny_models import DENSE_ARCHS, build_tiny_checkpoint, recipe, run_killed_before
 
 STRUCT = {"method": "structured", "target": 0.3, "units": ["heads", "channels"], "score": "obs",
           "solver": "closed_form", "allocation": {"rule": "uniform"}, "bias_compensation": False, "align": 1}
@@ -137,22 +137,10 @@ def test_bias_compensation_and_align(tiny_ckpt, calib_file, tmp_path):
 
 
 def test_structured_resume_is_byte_identical(tiny_ckpt, calib_file, tmp_path, monkeypatch):
-    from sharding.writer import CheckpointWriter
-
     src = tiny_ckpt("llama")
     stages = [{**STRUCT, "solver": "closed_form", "score": "wanda"}]
     run(config_from_dict(recipe(src, tmp_path / "full", calib_file, stages)))
-    real_write = CheckpointWriter.write_unit
-
-    def dying_write(self, unit, tensors, metadata=None):
-        if unit == "block.00002":
-            raise KeyboardInterrupt("simulated kill")
-        return real_write(self, unit, tensors, metadata)
-
-    monkeypatch.setattr(CheckpointWriter, "write_unit", dying_write)
-    with pytest.raises(KeyboardInterrupt):
-        run(config_from_dict(recipe(src, tmp_path / "part", calib_file, stages)))
-    monkeypatch.setattr(CheckpointWriter, "write_unit", real_write)
+    run_killed_before("block.00002", config_from_dict(recipe(src, tmp_path / "part", calib_file, stages)), monkeypatch)
     rep = run(config_from_dict(recipe(src, tmp_path / "part", calib_file, stages, resume=True)))
     assert [b.get("resumed", False) for b in rep["blocks"]] == [True, True, False]
     for f in sorted((tmp_path / "full").glob("*.safetensors")):

@@ -159,3 +159,23 @@ def recipe(model, out, calib, stages, **extra) -> dict:
         "report_plots": False,  # rendering is tested in test_report_render.py; it costs ~1 s a run
         **extra,
     }
+
+
+def run_killed_before(unit: str, cfg, monkeypatch) -> None:
+    """Run the pipeline with `cfg` and die (KeyboardInterrupt, like a kill) just before `unit` is committed."""
+    import pytest
+
+    from engine.pipeline import run
+    from sharding.writer import CheckpointWriter
+
+    real_write = CheckpointWriter.write_unit
+
+    def dying_write(self, name, tensors, metadata=None):
+        if name == unit:
+            raise KeyboardInterrupt("simulated kill")
+        return real_write(self, name, tensors, metadata)
+
+    monkeypatch.setattr(CheckpointWriter, "write_unit", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg)
+    monkeypatch.setattr(CheckpointWriter, "write_unit", real_write)
