@@ -465,6 +465,25 @@ class CheckpointReader:
             self._pickled.update(tensors)
         return contents
 
+    def fingerprint(self, sample_bytes: int = 65536) -> str:
+        """A cheap identity of the input checkpoint for resume checks (hex sha256): `config.json`'s parsed content,
+        and per weight file its name, size, every tensor's name/dtype/shape/offsets and the first and last
+        `sample_bytes` of its data section. Reads O(files x sample_bytes), never the whole model; a change of
+        values in the middle of a large tensor is not seen (docs/distributed.md says so)."""
+        h = hashlib.sha256(json.dumps(self.config, sort_keys=True).encode())
+        for file in self.files:
+            infos = sorted((i for i in self._infos.values() if i.file == file), key=lambda i: i.start)
+            h.update(f"{file.name}:{file.stat().st_size}".encode())
+            h.update(json.dumps([[i.name, i.dtype, list(i.shape), i.start, i.end] for i in infos]).encode())
+            if self.format != "safetensors" or not infos:
+                continue
+            start, end = infos[0].start, infos[-1].end
+            with open(file, "rb") as f:
+                for pos in sorted({start, max(start, end - sample_bytes)}):
+                    f.seek(pos)
+                    h.update(f.read(min(sample_bytes, end - pos)))
+        return h.hexdigest()
+
     # ------------------------------------------------------------------------------------------------ lookup
 
     def names(self) -> list[str]:
