@@ -1,0 +1,136 @@
+"""Data-parallel scaling on CPU: the same SparseGPT run with 1 rank and with 2 ranks (torchrun, gloo).
+
+    python -m launch.benchmarks.ranks [--layers 12 --hidden 768 --samples 32 --seq-len 512] [--write-results]
+
+The model is a random llama (`--layers` x `--hidden`, intermediate 8/3 x hidden, 12 heads, 4 KV heads) written as
+safetensors with SmolLM2's tokenizer, so compute (block forwards, Grams, SparseGPT) dominates over I/O. Runs, one
+after the other, each its own `python -m launch run` process:
+
+- `1 rank, 1 thread`: the per-rank resources of the 2-rank run (the scaling measure);
+- `1 rank, N threads`: the whole machine for one process (torch's default threads);
+- `2 ranks`: `blockprune run --nproc 2` (torchrun --standalone; 1 thread each, torchrun's default).
+
+Printed and written: the run's `wall_time_s`, the process wall time, the ratios, and the largest relative
+difference of any tensor between the 2-rank and the 1-rank outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+from launch.benchmarks import common
+
+log = logging.getLogger("ranks")
+SECTION = "ranks"
+
+
+def build_model(path: Path, layers: int, hidden: int, seed: int = 0) -> Path:
+    """A random llama checkpoint of the given depth and width, with SmolLM2's tokenizer files."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from engine.assets import smollm2_checkpoint
+
+    if (path / "model.safetensors.index.json").exists() or (path / "model.safetensors").exists():
+        return path
+    tok_dir = smollm2_checkpoint()
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=hidden, intermediate_size=hidden * 8 // 3 // 64 * 64,
+                      num_hidden_layers=layers, num_attention_heads=12, num_key_value_heads=4,
+                      max_position_embeddings=2048, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
+    model.save_pretrained(path, max_shard_size="200MB")
+    for f in tok_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            shutil.copy(f, path / f.name)
+    return path
+
+
+def max_rel_diff(a: Path, b: Path) -> float:
+    from safetensors import safe_open
+
+    worst = 0.0
+    for f in sorted(a.glob("model-*.safetensors")) or [a / "model.safetensors"]:
+        with safe_open(str(f), framework="pt") as ha, safe_open(str(b / f.name), framework="pt") as hb:
+            names = ha.keys()
+            for n in names:
+                x, y = ha.get_tensor(n).double(), hb.get_tensor(n).double()
+                worst = max(worst, float((x - y).norm() / y.norm().clamp_min(1e-30)))
+    return worst
+
+
+def run_one(name: str, recipe: dict, work: Path, extra: list[str]) -> dict:
+    import yaml
+
+    path = work / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    child = common.run_child([sys.executable, "-m", "launch", "run", str(path), *extra], work / f"{name}.log")
+    report = json.loads((Path(recipe["output"]) / "blockprune_report.json").read_text())
+    return {"wall_s": child.wall_s, "run_s": report["wall_time_s"], "world": report.get("world_size", 1),
+            "rss": report["peak_rss_mb"], "output": Path(recipe["output"])}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(prog="python -m launch.benchmarks.ranks", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--hidden", type=int, default=768)
+    p.add_argument("--samples", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--work-dir", type=Path, default=common.BENCH_DIR / "ranks")
+    p.add_argument("--write-results", action="store_true")
+    p.add_argument("--results", type=Path, default=common.RESULTS_MD)
+    args = p.parse_args(argv)
+    common.setup_logging()
+    load_before = common.load_average()
+    from engine.assets import CALIBRATION_TEXT, real_text
+
+    work = args.work_dir
+    work.mkdir(parents=True, exist_ok=True)
+    model = build_model(work / f"llama-{args.layers}x{args.hidden}", args.layers, args.hidden)
+    info = common.machine_info()
+
+    def recipe(out: str, threads: int | None) -> dict:
+        return {"model": str(model), "output": str(work / out), "overwrite": True,
+                "calibration": {"data": str(real_text(CALIBRATION_TEXT)), "samples": args.samples,
+                                "seq_len": args.seq_len, "seed": 0},
+                "runtime": {"device": "cpu", "dtype": "float32", "threads": threads, "progress": False},
+                "prune": [{"method": "sparsegpt", "sparsity": 0.5}], "report_plots": False}  # fmt: skip
+
+    runs = {
+        "1 rank, 1 thread": run_one("one-1t", recipe("one-1t", 1), work, []),
+        f"1 rank, {info['usable_cores']} threads": run_one("one", recipe("one", None), work, []),
+        "2 ranks (1 thread each)": run_one("two", recipe("two", None), work, ["--nproc", "2"]),
+    }
+    two = runs["2 ranks (1 thread each)"]
+    diff = max_rel_diff(two["output"], runs["1 rank, 1 thread"]["output"])
+    rows = [[name, r["world"], f"{r['run_s']:.1f}", f"{r['wall_s']:.1f}", f"{two['run_s'] / r['run_s']:.3f}",
+             f"{two['wall_s'] / r['wall_s']:.3f}", f"{r['rss']:.0f}"] for name, r in runs.items()]
+    body = common.markdown_table(["run", "ranks", "run s", "process wall s", "2 ranks / this (run)",
+                                  "2 ranks / this (wall)", "peak RSS MiB (rank 0)"], rows)
+    body += f"\n\nLargest relative difference of any tensor, 2 ranks vs 1 rank: {diff:.2e}."
+    print(body)
+    if args.write_results:
+        extra = {"model": f"random llama, {args.layers} layers, hidden {args.hidden} (float32)",
+                 "calibration": f"{args.samples} x {args.seq_len} tokens of {CALIBRATION_TEXT}",
+                 "stage": "SparseGPT 50%"}
+        text = "\n\n".join([
+            "## Data-parallel scaling: 1 rank vs 2 ranks (CPU, gloo)",
+            f"Command: `{common.command_line('launch.benchmarks.ranks', argv)}`",
+            common.machine_markdown(info, load_before, common.load_average(), extra),
+            "*run s*: the run's `wall_time_s` (calibration, statistics, solving, writing); *process wall*: spawn to "
+            "exit (torchrun's start-up included for 2 ranks). Target: 2 ranks / 1 rank < 0.75.",
+            body,
+        ])  # fmt: skip
+        common.write_section(SECTION, text, args.results)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
