@@ -226,18 +226,17 @@ def check_checkpoint(path: str | Path) -> Path:
 def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu"):
     """The model of checkpoint `path`, in eval mode on `device`.
 
-    Hook for loaders: stock checkpoints (every blockprune output of uniform width, e.g. unstructured runs) load
-    with `AutoModelForCausalLM`. The loader of non-uniform blockprune outputs (per-layer widths, DESIGN.md §6)
-    extends this function; everything else in this module only needs an `nn.Module` with the
-    `PreTrainedModel` forward/generate API."""
-    from transformers import AutoModelForCausalLM
+    Stock checkpoints (every blockprune output of uniform width) load with `AutoModelForCausalLM`; non-uniform
+    blockprune outputs (per-layer widths, removed sublayers, per-layer expert counts; DESIGN.md §6) with
+    `engine.load_pruned`, which uses this package's copy of the checkpoint's model class (no remote code)."""
+    from engine.loader import load_pruned
 
     path = check_checkpoint(path)
     if isinstance(dtype, str):
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise ValueError(f"unknown dtype {dtype!r} (e.g. float32, bfloat16, float16)")
         dtype = getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    model = load_pruned(str(path), dtype=dtype)
     return model.to(resolve_device(device)).eval()
 
 

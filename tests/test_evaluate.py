@@ -48,12 +48,14 @@ def result(tiny_ckpt, text_file) -> dict:
                     device="cpu", **SPEED)
 
 
-def stock_perplexity(path: Path, text: str, windows: int, seq_len: int) -> float:
+def stock_perplexity(path: Path, text: str, windows: int, seq_len: int, model=None) -> float:
     """Independent reference: windows built here (BOS + seq_len-1 text tokens, non-overlapping), the NLL from
-    `model(ids, labels=ids).loss` per window, weighted by its predicted-token count."""
+    `model(ids, labels=ids).loss` per window, weighted by its predicted-token count (stock transformers' model
+    unless `model` is given)."""
     tok = AutoTokenizer.from_pretrained(str(path))
     ids = tok(text, add_special_tokens=False)["input_ids"]
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     nll, count = 0.0, 0
     with torch.no_grad():
         for w in range(windows):
@@ -156,3 +158,20 @@ def test_cli_prints_json(result, tiny_ckpt, text_file):
     res = json.loads(out.stdout)
     assert res["ppl"] == pytest.approx(result["ppl"], rel=1e-6)  # same windows as the in-process run
     assert res["decode_tokens_per_s"] > 0 and res["prefill_tokens_per_s"] > 0 and "compare" not in res
+
+
+def test_eval_of_a_nonuniform_checkpoint(tiny_ckpt, calib_file, text_file, tmp_path):
+    """A non-uniform output (a removed sublayer: `modeling_blockprune` class) evaluates, and its perplexity is the
+    loop's over the model `engine.load_pruned` builds."""
+    from engine.config import config_from_dict
+    from engine.loader import load_pruned
+    from engine.pipeline import run
+    from tests.tiny_models import recipe
+
+    out = tmp_path / "nonuniform"
+    run(config_from_dict(recipe(tiny_ckpt("llama"), out, calib_file, [{"method": "depth", "remove": 1,
+                                                                      "by": "sublayer"}])))
+    assert "blockprune" in json.loads((out / "config.json").read_text())
+    res = evaluate(out, text_file, windows=2, seq_len=SEQ_LEN, speed=False, device="cpu")
+    ref = stock_perplexity(out, text_file.read_text(), 2, SEQ_LEN, model=load_pruned(out, dtype=torch.float32))
+    assert res["ppl"] == pytest.approx(ref, rel=1e-4)
