@@ -34,8 +34,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "BudgetReconciler", "owl_allocation", "outlier_ratio", "scaled_allocation", "softmax_allocation",
-    "standardize_energy", "uniform_allocation",
+    "BudgetReconciler", "best_head_count", "interpolate_log", "owl_allocation", "outlier_ratio", "scaled_allocation",
+    "softmax_allocation", "standardize_energy", "uniform_allocation",
 ]
 
 logger = logging.getLogger(__name__)
@@ -228,6 +228,74 @@ def softmax_allocation(E: Vector, P: Vector, S: float, *, T: float = 1.0, s_min:
         raise ValueError("softmax_allocation: energies must be finite")
     w_log = torch.zeros_like(E) if math.isinf(T) else -E / T
     return scaled_allocation(w_log, P, S, s_min=s_min, s_max=s_max, tol=tol)
+
+
+# ---------------------------------------------------------------- within a layer
+
+
+def interpolate_log(x: Vector, y: Vector, at: float, *, floor: float = 1e-12) -> float:
+    """Piecewise-linear interpolation of ``log max(y, floor)`` over sorted ``x`` at ``at``, returned as ``exp``.
+
+    Errors of a pruned layer grow roughly geometrically with the removed fraction, so interpolating their logarithm
+    is closer than interpolating the values. ``at`` outside ``[x_0, x_{-1}]`` takes the nearest end's value.
+    Example: ``x = [0.1, 0.3]``, ``y = [1e-3, 1e-1]``, ``at = 0.2`` gives ``1e-2``.
+    """
+    xs, ys = _vec(x, "interpolation abscissae"), _vec(y, "interpolation values").clamp_min(floor).log()
+    if xs.numel() != ys.numel() or bool((xs[1:] < xs[:-1]).any()):
+        raise ValueError("interpolate_log: x must be sorted and as long as y")
+    if at <= float(xs[0]):
+        return float(ys[0].exp())
+    if at >= float(xs[-1]):
+        return float(ys[-1].exp())
+    k = int(torch.searchsorted(xs, torch.tensor([at], dtype=torch.float64), right=True)[0])
+    x0, x1, y0, y1 = float(xs[k - 1]), float(xs[k]), float(ys[k - 1]), float(ys[k])
+    t = 0.0 if x1 == x0 else (at - x0) / (x1 - x0)
+    return math.exp(y0 + t * (y1 - y0))
+
+
+def best_head_count(x: float, head_params: float, channel_params: float, head_error: Vector, channel_grid: Vector,
+                    channel_error: Vector, *, max_channel_fraction: float = 1.0) -> int:
+    """KV groups ``r`` to remove from a layer that loses ``x`` parameters: the ``r`` minimising the predicted error
+
+        err(r) = head_error[r] + interp(channel_grid, channel_error, (x − r·head_params) / channel_params)
+
+    over ``r = 0 .. len(head_error) − 1`` with ``0 <= x − r·head_params <= max_channel_fraction · channel_params``
+    (the channels take the rest); ties go to fewer groups. ``head_error[r]`` / ``channel_error`` are the layer's
+    output errors when only ``r`` groups / only that fraction of the channels are removed (same normaliser).
+    No feasible ``r`` (``x`` beyond what the channels can take with any ``r``): the largest ``r``. No channels
+    (``channel_params = 0``): ``r = round(x / head_params)`` within range.
+
+    Example: ``x = 10``, ``head_params = 10``, ``channel_params = 40``, ``head_error = [0, 0.5]``, grid ``[0, 0.25]``,
+    ``channel_error = [0, 0.2]``: ``r = 0`` costs ``0.2`` (a quarter of the channels), ``r = 1`` costs ``0.5``: 0.
+    """
+    herr = _vec(head_error, "head errors")
+    n = herr.numel()
+    if head_params <= 0:
+        raise ValueError(f"best_head_count: head_params must be > 0, got {head_params}")
+    if channel_params <= 0:
+        return int(min(max(round(x / head_params), 0), n - 1))
+    grid, cerr = _vec(channel_grid, "channel grid"), _vec(channel_error, "channel errors")
+    best, best_cost = None, math.inf
+    for r in range(n):
+        rest = x - r * head_params
+        if rest < 0 or rest > max_channel_fraction * channel_params * (1 + 1e-12):
+            continue
+        f = rest / channel_params
+        cost = float(herr[r]) + float(_interp(grid, cerr, f))
+        if best is None or cost < best_cost - 1e-15 * max(1.0, abs(best_cost)):
+            best, best_cost = r, cost
+    return n - 1 if best is None else best
+
+
+def _interp(x: Tensor, y: Tensor, at: float) -> float:
+    """Piecewise-linear ``y(at)`` over sorted ``x``, clamped to the ends."""
+    if at <= float(x[0]):
+        return float(y[0])
+    if at >= float(x[-1]):
+        return float(y[-1])
+    k = int(torch.searchsorted(x, torch.tensor([at], dtype=torch.float64), right=True)[0])
+    t = (at - float(x[k - 1])) / (float(x[k]) - float(x[k - 1]))
+    return float(y[k - 1]) + t * (float(y[k]) - float(y[k - 1]))
 
 
 # ---------------------------------------------------------------- reconciliation

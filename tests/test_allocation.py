@@ -294,3 +294,72 @@ def test_reconciler_state_round_trip() -> None:
     assert again.state_dict() == rec.state_dict()
     assert_close(again.current, rec.current)
     assert again.remaining == [2, 3, 4, 5]
+
+
+# ---------------------------------------------------------------- within a layer, interpolation
+
+
+def test_best_head_count_examples() -> None:
+    from solvers.allocation import best_head_count
+
+    grid = [0.0, 0.25]
+    assert best_head_count(10, 10, 40, [0.0, 0.5], grid, [0.0, 0.2]) == 0  # the docstring's example
+    assert best_head_count(10, 10, 40, [0.0, 0.1], grid, [0.0, 0.2]) == 1  # now the group is cheaper
+    assert best_head_count(45, 10, 40, [0.0, 0.1, 0.2], [0.0, 1.0], [0.0, 1.0], max_channel_fraction=0.5) == 2
+    assert best_head_count(100, 10, 40, [0.0, 0.1, 0.2], [0.0, 1.0], [0.0, 1.0], max_channel_fraction=0.5) == 2
+    assert best_head_count(26, 10, 0, [0.0, 1.0, 2.0, 3.0], [], []) == 3  # heads only: nearest count, capped
+
+
+def test_best_head_count_brute_force() -> None:
+    from solvers.allocation import best_head_count
+
+    g = _gen(7)
+    for _ in range(50):
+        n = int(torch.randint(2, 8, (1,), generator=g))
+        herr = torch.cat([torch.zeros(1), torch.rand(n - 1, generator=g).cumsum(0)]).double()
+        grid = torch.linspace(0, 1, 9, dtype=torch.float64)
+        cerr = (torch.rand(9, generator=g, dtype=torch.float64) * 0.3).cumsum(0)
+        cerr = cerr - float(cerr[0])
+        hp, cp = float(torch.randint(5, 50, (1,), generator=g)), float(torch.randint(50, 500, (1,), generator=g))
+        x = float(torch.rand(1, generator=g)) * (cp + hp * (n - 1))
+        costs = {r: float(herr[r]) + float(np.interp((x - r * hp) / cp, grid.numpy(), cerr.numpy()))
+                 for r in range(n) if 0 <= x - r * hp <= cp}
+        want = min(costs, key=lambda r: (costs[r], r)) if costs else n - 1
+        assert best_head_count(x, hp, cp, herr, grid, cerr) == want
+
+
+def test_interpolate_log() -> None:
+    from solvers.allocation import interpolate_log
+
+    assert interpolate_log([0.1, 0.3], [1e-3, 1e-1], 0.2) == pytest.approx(1e-2)
+    assert interpolate_log([0.1, 0.3], [1e-3, 1e-1], 0.05) == pytest.approx(1e-3)  # clamped to the ends
+    assert interpolate_log([0.1, 0.3], [1e-3, 1e-1], 0.3) == pytest.approx(1e-1)
+    assert interpolate_log([0.1, 0.2, 0.4], [0.0, 1e-2, 1e-2], 0.15, floor=1e-6) == pytest.approx(1e-4)
+    with pytest.raises(ValueError, match="sorted"):
+        interpolate_log([0.3, 0.1], [1.0, 2.0], 0.2)
+
+
+def test_reconciler_property_per_layer_bounds_and_coarse_units() -> None:
+    """Per-layer caps (as whole units allow), coarse layers (few units) and a plan from every rule: any rounding
+    to the layer's units lands within 0.1% of the target or one (coarsest) unit, and every layer is asked for a
+    sparsity inside its bounds."""
+    g = _gen(8)
+    for trial in range(150):
+        L = int(torch.randint(2, 30, (1,), generator=g))
+        units = torch.randint(50, 3000, (L,), generator=g).double()
+        P = units * torch.randint(3, 200, (L,), generator=g).double()
+        hi = torch.minimum(torch.full((L,), 0.8, dtype=torch.float64), 1 - units / P)  # keep at least one unit
+        S = float(torch.empty(1).uniform_(0.05, 0.6, generator=g)) * float((P * hi).sum() / P.sum())
+        rule = trial % 3
+        if rule == 0:
+            plan = uniform_allocation(P, S)
+        elif rule == 1:
+            plan = owl_allocation(torch.rand(L, generator=g), max(S, 0.17), lam=0.08).clamp(0, 1)
+        else:
+            plan = softmax_allocation(torch.randn(L, generator=g), P, S, T=0.3, s_max=hi)
+        rec = BudgetReconciler(plan.clamp(max=hi), P, S, s_max=hi, units=units)
+        _run_with_rounding(rec, units, g)
+        # one unit of the coarsest layer: a tiny last layer cannot absorb a coarse neighbour's rounding
+        assert abs(rec.final_error()) <= max(1e-3 * rec.target_removed, float(units.max())) + 1e-6
+        visit = rec.planned_at_visit  # what each layer was asked for (its own rounding may then exceed it)
+        assert bool((visit <= hi + 1e-12).all()) and bool((visit >= 0).all())
