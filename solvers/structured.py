@@ -79,15 +79,14 @@ def check_groups(groups: list[Tensor], d_in: int, where: str) -> None:
 
 def group_columns(groups: list[Tensor], ids: Tensor, d_in: int | None = None) -> Tensor:
     """Sorted columns of the groups ``ids``, plus every column in no group when ``d_in`` is given (kept columns)."""
-    cols = [groups[int(i)].cpu().long() for i in ids]
+    cols = [groups[i] for i in torch.as_tensor(ids).flatten().tolist()]
     if d_in is not None:
         grouped = torch.zeros(d_in, dtype=torch.bool)
-        for g in groups:
-            grouped[g.cpu()] = True
+        grouped[torch.cat(groups).cpu().long()] = True
         cols.append(torch.nonzero(~grouped).flatten())
     if not cols:
         return torch.zeros(0, dtype=torch.long)
-    return torch.sort(torch.cat(cols)).values
+    return torch.sort(torch.cat([c.cpu().long() for c in cols])).values
 
 
 def _check_k(k: int, n_groups: int, what: str, where: str) -> None:
@@ -152,7 +151,7 @@ def _solve_kept(Wf: Tensor, Hd: Tensor, keep: Tensor, where: str) -> Tensor:
     """``W·H_{:,S}·(H_{S,S})⁻¹`` in the dtype of ``Hd`` (``Wf`` already in that dtype)."""
     if keep.numel() == 0:
         return Wf.new_zeros(Wf.shape[0], 0)
-    L = _cholesky(Hd[keep][:, keep], where)
+    L = _cholesky(Hd[keep[:, None], keep], where)
     rhs = Hd[keep] @ Wf.T  # H_{S,:} Wᵀ  [|S|, d_out]
     return torch.cholesky_solve(rhs, L).T
 
@@ -215,7 +214,7 @@ def kept_error(M: Tensor, total: float, Hd: Tensor, S: Tensor, where: str) -> tu
     """
     if S.numel() == 0:
         return total, Hd.new_zeros(0, 0)
-    L = _cholesky(Hd[S][:, S], where)
+    L = _cholesky(Hd[S[:, None], S], where)
     return max(total - float(torch.linalg.solve_triangular(L, M[:, S].T, upper=False).square().sum()), 0.0), L
 
 
@@ -310,6 +309,52 @@ def _remove_group(Wf: Tensor, Hinv: Tensor, G: Tensor, where: str) -> None:
     Hinv[:, G] = 0.0
 
 
+_LAZY_STEPS = 64  # greedy single-column removals whose rank-1 downdates are applied together (one GEMM each)
+
+
+def _greedy_columns(Wf: Tensor, Hinv: Tensor, cols: Tensor, k_remove: int, removed: Tensor) -> None:
+    """Greedy OBS removal of ``k_remove`` single-column groups (column ``cols[i]`` is group ``i``), in place.
+
+    The same steps as :func:`_remove_group` with ``|G| = 1`` (cost ``c_j = ‖W_{:,j}‖² / [H⁻¹]_jj``; downdates
+    ``W ← W − w vᵀ``, ``H⁻¹ ← H⁻¹ − u vᵀ`` with ``u = H⁻¹_{:,g}``, ``w = W_{:,g}``, ``v = u / u_g``), but the
+    downdates of up to ``_LAZY_STEPS`` steps are kept as factors (``H⁻¹_t = H⁻¹ − U Vᵀ``, ``W_t = W − A Vᵀ``) and
+    applied together by two matrix products. Inside a block only what the next choice needs is formed: column
+    ``g`` of ``H⁻¹_t`` and of ``W_t`` (``O(d·t)``), ``diag H⁻¹ −= u ⊙ v`` and the column norms
+    ``‖W_j − w v_j‖² = ‖W_j‖² − 2 v_j (wᵀW_j) + v_j² ‖w‖²`` (one matrix-vector product ``W_tᵀw``); after each block
+    the norms and the diagonal are recomputed exactly. Equal to the step-by-step version up to rounding.
+    """
+    d_out, d_in = Wf.shape
+    done = 0
+    while done < k_remove:
+        b = min(_LAZY_STEPS, k_remove - done)
+        U, V, A = Hinv.new_zeros(d_in, b), Hinv.new_zeros(d_in, b), Wf.new_zeros(d_out, b)
+        norms, diag = Wf.square().sum(dim=0), Hinv.diagonal().clone()
+        gone = []
+        for s in range(b):
+            n_c, d_c = norms[cols], diag[cols]
+            ok = ~removed & (d_c > 0)
+            costs = torch.where(ok, n_c / torch.where(ok, d_c, torch.ones_like(d_c)), torch.full_like(n_c, math.inf))
+            i = int(torch.argmin(costs))
+            g = int(cols[i])
+            coef = V[g, :s]
+            u = Hinv[:, g] - U[:, :s] @ coef
+            w = Wf[:, g] - A[:, :s] @ coef
+            v = u / u[g]
+            z = Wf.T @ w - V[:, :s] @ (A[:, :s].T @ w)  # W_tᵀ w
+            norms += v * (v * w.dot(w) - 2.0 * z)
+            diag -= u * v
+            U[:, s], V[:, s], A[:, s] = u, v, w
+            removed[i] = True
+            gone.append(g)
+        Wf.addmm_(A, V.T, alpha=-1.0)
+        Hinv.addmm_(U, V.T, alpha=-1.0)
+        idx = torch.tensor(gone, device=Wf.device)
+        Wf[:, idx] = 0.0
+        Hinv[idx, :] = 0.0
+        Hinv[:, idx] = 0.0
+        done += b
+
+
 def obs_group_prune(
     W: Tensor, H: Tensor, groups: list[Tensor], k_remove: int, *, percdamp: float = 0.01, max_swaps: int = 16
 ) -> tuple[Tensor, Tensor]:
@@ -319,6 +364,8 @@ def obs_group_prune(
     ``c_G = tr(W_G ([H⁻¹]_GG)⁻¹ W_Gᵀ)``; remove ``G* = argmin c_G`` (ties: lowest id);
     ``W ← W − W_{G*}([H⁻¹]_{G*G*})⁻¹ H⁻¹_{G*,:}``; ``H⁻¹ ← H⁻¹ − H⁻¹_{:,G*}([H⁻¹]_{G*G*})⁻¹ H⁻¹_{G*,:}``.
     Each step is exact, so the greedy's kept weights equal the closed form on its kept columns (with ``H_λ``).
+    Single-column groups (MLP channels) take the blocked path :func:`_greedy_columns` (same choices, a fraction of
+    the memory traffic: 0.5 s instead of 2-3 s of CPU for 239 of SmolLM2's 1536 down_proj channels, one thread).
     Then up to ``max_swaps`` improving swaps (:func:`swap_refine`; ``0`` = the plain greedy). Dead inputs
     (``H_jj = 0``) count as free (their weights are zeroed).
 
@@ -333,12 +380,15 @@ def obs_group_prune(
     W0 = W.to(_F64).masked_fill(dead[None, :], 0.0)
     Wf = W0.clone()
     Hinv = _inverse(Hd, "obs_group_prune")
-    buckets = _Buckets.of(groups, W.device)
     removed = torch.zeros(len(groups), dtype=torch.bool, device=W.device)
-    for _ in range(k_remove):
-        j = int(torch.argmin(_bucket_costs(Wf, Hinv, buckets, removed)))
-        _remove_group(Wf, Hinv, groups[j].long().to(W.device), "obs_group_prune")
-        removed[j] = True
+    if all(g.numel() == 1 for g in groups):
+        _greedy_columns(Wf, Hinv, torch.cat(groups).long().to(W.device), k_remove, removed)
+    else:
+        buckets = _Buckets.of(groups, W.device)
+        for _ in range(k_remove):
+            j = int(torch.argmin(_bucket_costs(Wf, Hinv, buckets, removed)))
+            _remove_group(Wf, Hinv, groups[j].long().to(W.device), "obs_group_prune")
+            removed[j] = True
     del Hinv
     keep = torch.nonzero(~removed).flatten().cpu()
     if max_swaps > 0 and 0 < k_remove < len(groups):
@@ -374,10 +424,10 @@ def _swap_gains(M: Tensor, Hd: Tensor, S: Tensor, R: Tensor, G: Tensor) -> tuple
 
 
 def _best_swap_columns(M: Tensor, Hd: Tensor, groups: list[Tensor], keep: Tensor, S: Tensor, Hinv_S: Tensor,
-                       G: Tensor, W_S: Tensor) -> tuple[float, int, int]:
+                       W_S: Tensor) -> tuple[float, int, int]:
     """:func:`_best_swap` for single-column groups, all pairs at once (``|S|×|P|`` matrices, no loop).
 
-    With ``g = G_{k,r}``, ``σ = Σ_r``: ``‖W'_k‖² = ‖W_k‖² − 2g/σ·W_kᵀv_r + g²/σ²·‖v_r‖²``,
+    With ``G = H_SS⁻¹ H_SP`` (only the removed columns are formed), ``g = G_{k,r}``, ``σ = Σ_r``: ``‖W'_k‖² = ‖W_k‖² − 2g/σ·W_kᵀv_r + g²/σ²·‖v_r‖²``,
     ``[H'⁻¹]_kk = [H⁻¹]_kk + g²/σ``, ``Δ_kr = ‖W'_k‖²/[H'⁻¹]_kk − ‖v_r‖²/σ``.
     """
     kept = set(keep.tolist())
@@ -386,8 +436,9 @@ def _best_swap_columns(M: Tensor, Hd: Tensor, groups: list[Tensor], keep: Tensor
     pos = torch.full((Hd.shape[0],), -1, dtype=torch.long, device=Hd.device)
     pos[S] = torch.arange(S.numel(), device=Hd.device)
     K = pos[torch.cat([groups[int(i)] for i in keep]).long().to(Hd.device)]  # kept groups' rows in S order
-    GP = G[:, P]  # [|S|, |P|]
-    sig = Hd[P, P] - (Hd[S][:, P] * GP).sum(dim=0)
+    H_SP = Hd[S[:, None], P[None, :]]
+    GP = Hinv_S @ H_SP  # [|S|, |P|]
+    sig = Hd[P, P] - (H_SP * GP).sum(dim=0)
     new = sig > _COLLINEAR * Hd[P, P]
     sig = torch.where(new, sig, torch.ones_like(sig))
     V = M[:, P] - M[:, S] @ GP  # [d_out, |P|]
@@ -408,10 +459,10 @@ def _best_swap(M: Tensor, Hd: Tensor, groups: list[Tensor], keep: Tensor, S: Ten
     ``Δ = −gain_r + c_k(S ∪ r)`` with OBS costs on the enlarged set; ``L`` is the Cholesky factor of ``H_SS``.
     Returns ``(Δ, k, r)``."""
     Hinv_S = torch.cholesky_inverse(L)
-    G = Hinv_S @ Hd[S]  # [|S|, d_in]
     W_S = M[:, S] @ Hinv_S  # current optimal weights on S
     if all(g.numel() == 1 for g in groups):
-        return _best_swap_columns(M, Hd, groups, keep, S, Hinv_S, G, W_S)
+        return _best_swap_columns(M, Hd, groups, keep, S, Hinv_S, W_S)
+    G = Hinv_S @ Hd[S]  # [|S|, d_in]
     pos = torch.full((Hd.shape[0],), -1, dtype=torch.long, device=Hd.device)
     pos[S] = torch.arange(S.numel(), device=Hd.device)
     kept_local = [pos[groups[int(k)].to(Hd.device).long()] for k in keep]

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from solvers import structured
 from solvers.admm import admm_group_prune
 from solvers.scores import (
     block_influence,
@@ -222,6 +223,40 @@ def test_obs_prune_weights_equal_damped_closed_form():
     assert_close(W_new[:, cols], closed_form_reconstruct(W, H, cols, percdamp=0.01), rtol=1e-6, atol=1e-8)
     removed = torch.tensor([j for j in range(12) if j not in cols.tolist()])
     assert float(W_new[:, removed].abs().max()) == 0.0
+
+
+def _stepwise_greedy(W, H, groups, k: int, percdamp: float) -> list[int]:
+    """Reference greedy by the exact error: each step removes the group whose removal (the rest refit by the closed
+    form) raises the least-squares error least. Returns the removal order."""
+    d_in, left, order = W.shape[1], list(range(len(groups))), []
+    for _ in range(k):
+        errs = [support_error(W, H, group_columns(groups, torch.tensor([g for g in left if g != j]), d_in),
+                              percdamp=percdamp) for j in left]
+        order.append(left.pop(int(torch.tensor(errs).argmin())))
+    return order
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_blocked_column_greedy_equals_stepwise_exact_greedy(seed, monkeypatch):
+    """Single-column groups take the blocked path (downdates applied every `_LAZY_STEPS` steps): the same removal
+    order as the step-by-step exact greedy across several blocks and a partial one, groups in shuffled column
+    order, ungrouped columns and a dead input; the weights are the damped closed form on the kept columns."""
+    monkeypatch.setattr(structured, "_LAZY_STEPS", 7)
+    X, W = _problem(40 + seed, n=120, d_out=6, d_in=30)
+    X[:, 4] = 0.0  # dead: free to remove, so it goes first
+    cols = [c for c in torch.randperm(30, generator=torch.Generator().manual_seed(seed)).tolist() if c not in (0, 13, 29)]
+    groups = [torch.tensor([c]) for c in cols]
+    H = X.T @ X
+    order = _stepwise_greedy(W, H, groups, 20, 0.01)
+    assert order[0] == cols.index(4)
+    for k in (1, 7, 8, 20):
+        keep, W_new = obs_group_prune(W, H, groups, k, percdamp=0.01, max_swaps=0)
+        assert sorted(set(range(27)) - set(keep.tolist())) == sorted(order[:k]), k
+        kept_cols = group_columns(groups, keep, 30)
+        assert {0, 13, 29} <= set(kept_cols.tolist())
+        assert_close(W_new[:, kept_cols], closed_form_reconstruct(W, H, kept_cols, percdamp=0.01), rtol=1e-6,
+                     atol=1e-8)
+        assert float(W_new[:, [c for c in range(30) if c not in set(kept_cols.tolist())]].abs().max()) == 0.0
 
 
 def test_obs_treats_dead_inputs_as_free():

@@ -18,7 +18,7 @@ from engine.loader import load_pruned
 from engine.modeling_blockprune import remove_sublayers
 from engine.pipeline import run
 from sharding.reader import CheckpointReader
-from tests.tiny_models import DENSE_ARCHS, build_tiny_checkpoint, recipe, run_killed_before
+from tests.tiny_models import build_tiny_checkpoint, recipe, run_killed_before
 
 STRUCT = {"method": "structured", "target": 0.3, "units": ["heads", "channels"], "score": "obs",
           "solver": "closed_form", "allocation": {"rule": "uniform"}, "bias_compensation": False, "align": 1}
@@ -58,30 +58,6 @@ def adapter_logits(path: Path, ids: torch.Tensor, layers: list[int] | None = Non
 
 def block_param_count(model) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if ".layers." in n)
-
-
-@pytest.mark.parametrize("arch", DENSE_ARCHS + ["qwen2_moe"])
-def test_structured_30_loads_stock_and_matches(arch, tiny_ckpt, calib_file, tmp_path):
-    src, out = tiny_ckpt(arch), tmp_path / "out"
-    rep = run(config_from_dict(recipe(src, out, calib_file, [STRUCT])))
-    plan = rep["structured_plan"]
-    cfg = json.loads((out / "config.json").read_text())
-    assert "auto_map" not in cfg and "blockprune" not in cfg
-    for key, value in plan["config"].items():
-        assert cfg[key] == value, key
-    assert cfg["num_key_value_heads"] == 1 and cfg["num_attention_heads"] == 2  # 1 of 2 KV groups removed
-    assert plan["achieved"] == pytest.approx(0.3, abs=0.02)
-    ids = ids_for_test()
-    got, model = stock_logits(out, ids)
-    torch.testing.assert_close(got, adapter_logits(out, ids), rtol=1e-5, atol=1e-5)
-    assert block_param_count(model) == plan["block_params_after"]
-    dense = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    assert block_param_count(dense) == plan["block_params_before"]
-    assert sum(p.numel() for p in model.parameters()) == (
-        sum(p.numel() for p in dense.parameters()) - plan["block_params_before"] + plan["block_params_after"])
-    for b in rep["blocks"]:
-        assert 0 < b["output_error"] < 1
-        assert b["structured"]["self_attn.o_proj"]["kept_units"] == 1
 
 
 def test_surgery_keeps_whole_units(tiny_ckpt, calib_file, tmp_path):
@@ -181,7 +157,7 @@ def test_depth_renumbers_layer_lists(tmp_path, calib_file):
 @pytest.mark.parametrize(
     ("stage", "message"),
     [
-        ({**STRUCT, "allocation": {"rule": "owl"}}, "arrives with the global budget"),
+        ({**STRUCT, "allocation": {"rule": "bogus"}}, "rule = .bogus.: choose from"),
         ({**STRUCT, "score": "taylor"}, "score = 'taylor'"),
         ({**STRUCT, "units": ["experts"]}, "units = 'experts'"),
         ({**STRUCT, "target": 1.2}, "target = 1.2"),
