@@ -67,13 +67,18 @@ class UnstructuredStage:
     ignore: list[str] = field(default_factory=list)
     blocksize: int = 128  # SparseGPT lazy-update block
     percdamp: float = 0.01  # SparseGPT damping, fraction of mean(diag H)
+    allocation: dict[str, Any] = field(default_factory=lambda: {"rule": "uniform"})  # docs/allocation.md
 
     METHODS: ClassVar[tuple[str, ...]] = ("magnitude", "wanda", "sparsegpt")
 
     def validate(self, where: str) -> None:
         if not 0.0 <= self.sparsity < 1.0:
             raise ConfigError(f"{where}.sparsity = {self.sparsity}: must be in [0, 1)")
+        self.allocation = resolve_allocation(self.allocation, f"{where}.allocation", structured=False)
         nm = parse_nm(self.pattern, where)
+        if nm is not None and self.allocation["rule"] != "uniform":
+            raise ConfigError(f"{where}: pattern {self.pattern} fixes every layer's sparsity; allocation.rule "
+                              f"{self.allocation['rule']!r} needs pattern: unstructured")
         if nm is not None and self.sparsity not in (0.5, 1 - nm[0] / nm[1]):
             # N:M fixes the sparsity; accept the default 0.5 or the exact value, and say so otherwise
             raise ConfigError(
@@ -98,8 +103,9 @@ class StructuredStage:
 
     `target`: fraction of the prunable (non-embedding) parameters removed. `units`: `heads` (whole KV groups)
     and/or `channels` (MLP / expert intermediate channels). `score`: how units are chosen; `solver`: how the kept
-    weights of o_proj / down_proj are refit. `allocation.rule`: only `uniform` (every layer removes the same units;
-    the output is the stock architecture). `align`: kept channel counts are multiples of it.
+    weights of o_proj / down_proj are refit. `allocation`: how the target is spread over the layers (`uniform`: every
+    layer removes the same units, stock output; `owl` / `softmax`: per-layer widths from a scoring pass, see
+    docs/allocation.md). `align`: kept channel counts are multiples of it.
     """
 
     method: str = "structured"
@@ -124,15 +130,10 @@ class StructuredStage:
             raise ConfigError(f"{where}.units must name at least one of {', '.join(self.UNITS)}")
         _choice([self.score], self.SCORES, f"{where}.score")
         _choice([self.solver], self.SOLVERS, f"{where}.solver")
-        if not isinstance(self.allocation, dict):
-            raise ConfigError(f"{where}.allocation: expected a mapping such as {{rule: uniform}}")
-        rule = self.allocation.get("rule", "uniform")
-        if rule != "uniform":
-            raise ConfigError(f"{where}.allocation.rule = {rule!r}: only 'uniform' is available; {rule!r} arrives "
-                              "with the global budget")
-        extra = sorted(set(self.allocation) - {"rule"})
-        if extra:
-            raise ConfigError(f"{where}.allocation: unknown key(s) {', '.join(extra)} for rule 'uniform'")
+        self.allocation = resolve_allocation(self.allocation, f"{where}.allocation", structured=True)
+        if self.allocation["max"] >= 1.0:
+            raise ConfigError(f"{where}.allocation.max = {self.allocation['max']}: a structured layer keeps at least "
+                              "one unit of each kind; use max < 1")
         if self.align < 1:
             raise ConfigError(f"{where}.align must be >= 1")
         if self.percdamp < 0:
@@ -160,6 +161,74 @@ class DepthStage:
         _choice([self.by], self.BY, f"{where}.by")
 
 
+@dataclass
+class ExpertsStage:
+    """MoE expert pruning (STUN; docs/moe.md): cluster the routed experts of every MoE block by behaviour and keep one
+    expert per cluster, with its router row. Shared experts are never removed.
+
+    `target`: fraction of the routed experts removed. `similarity`: `router` (distance between router rows),
+    `coactivation` (how often two experts share a token's top-k) or `both` (`alpha`·router + (1−`alpha`)·coactivation,
+    each scaled to [0, 1]). `representative`: `centroid` (the member closest to the cluster's weight centroid) or
+    `average` (that slot receives the token-weighted cluster average). `per_layer`: per-layer counts from one global
+    threshold on the router-row merge heights (same total; non-uniform output), else every layer keeps the same
+    number (stock config)."""
+
+    method: str = "experts"
+    target: float = 0.25
+    similarity: str = "router"
+    alpha: float = 0.5
+    representative: str = "centroid"
+    per_layer: bool = False
+
+    SIMILARITIES: ClassVar[tuple[str, ...]] = ("router", "coactivation", "both")
+    REPRESENTATIVES: ClassVar[tuple[str, ...]] = ("centroid", "average")
+
+    def validate(self, where: str) -> None:
+        if not 0.0 < self.target < 1.0:
+            raise ConfigError(f"{where}.target = {self.target}: must be in (0, 1)")
+        _choice([self.similarity], self.SIMILARITIES, f"{where}.similarity")
+        _choice([self.representative], self.REPRESENTATIVES, f"{where}.representative")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"{where}.alpha = {self.alpha}: must be in [0, 1]")
+
+
+ALLOCATION_RULES: tuple[str, ...] = ("uniform", "owl", "softmax")
+ALLOCATION_ENERGIES: tuple[str, ...] = ("error", "influence", "score")
+ALLOCATION_OF: tuple[str, ...] = ("prunable", "total")
+ALLOCATION_SPLITS: tuple[str, ...] = ("error", "proportional")
+# every key of an `allocation` mapping and its default (docs/allocation.md); `split` only for structured stages
+ALLOCATION_DEFAULTS: dict[str, Any] = {"rule": "uniform", "energy": "error", "temperature": 1.0, "min": 0.0,
+                                       "max": 0.8, "of": "prunable", "lambda": 0.08, "m": 5.0}
+STRUCTURED_ALLOCATION_DEFAULTS: dict[str, Any] = {**ALLOCATION_DEFAULTS, "split": "error"}
+
+
+def resolve_allocation(alloc: Any, where: str, *, structured: bool) -> dict[str, Any]:
+    """The `allocation` mapping with every default filled in and every value checked (ConfigError naming the key)."""
+    if not isinstance(alloc, dict):
+        raise ConfigError(f"{where}: expected a mapping such as {{rule: softmax, temperature: 1.0}}")
+    defaults = STRUCTURED_ALLOCATION_DEFAULTS if structured else ALLOCATION_DEFAULTS
+    unknown = sorted(set(alloc) - set(defaults))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(defaults)}")
+    out = {**defaults, **alloc}
+    for key, allowed in (("rule", ALLOCATION_RULES), ("energy", ALLOCATION_ENERGIES), ("of", ALLOCATION_OF),
+                         ("split", ALLOCATION_SPLITS)):
+        if key in out:
+            _choice([str(out[key])], allowed, f"{where}.{key}")
+    for key in ("temperature", "min", "max", "lambda", "m"):
+        try:
+            out[key] = float(out[key])
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}.{key} = {out[key]!r}: expected a number") from None
+    if not out["temperature"] > 0:
+        raise ConfigError(f"{where}.temperature = {out['temperature']}: must be > 0 (use a large value for uniform)")
+    if not 0.0 <= out["min"] <= out["max"] <= 1.0:
+        raise ConfigError(f"{where}: need 0 <= min <= max <= 1, got min = {out['min']}, max = {out['max']}")
+    if out["lambda"] < 0 or out["m"] <= 0:
+        raise ConfigError(f"{where}: OWL needs lambda >= 0 and m > 0, got lambda = {out['lambda']}, m = {out['m']}")
+    return out
+
+
 def _choice(values: list[str], allowed: tuple[str, ...], where: str) -> None:
     bad = [v for v in values if v not in allowed]
     if bad:
@@ -170,6 +239,7 @@ STAGE_TYPES: dict[str, type] = {
     **{m: UnstructuredStage for m in UnstructuredStage.METHODS},
     "structured": StructuredStage,
     "depth": DepthStage,
+    "experts": ExpertsStage,
 }
 
 
@@ -346,6 +416,13 @@ def _validate_stage_mix(stages: list) -> None:
     if any(k in ("structured", "depth") for k in kinds) and any(k in UnstructuredStage.METHODS for k in kinds):
         raise ConfigError("prune: structured/depth stages and unstructured stages cannot share a run yet; "
                           "run them one after the other (the output of one is the input of the next)")
+    if kinds.count("experts") > 1:
+        raise ConfigError("prune: at most one `experts` stage per run")
+    if "experts" in kinds and any(k in ("structured", "depth") for k in kinds):
+        raise ConfigError("prune: an experts stage cannot share a run with structured/depth stages yet")
+    if "experts" in kinds and any(k in UnstructuredStage.METHODS for k in kinds[: kinds.index("experts")]):
+        raise ConfigError("prune: the experts stage must come before the unstructured stages (they act on the "
+                          "surviving experts)")
 
 
 def parse_size(size: str | int) -> int:

@@ -6,9 +6,9 @@ Uniform widths keep the stock architecture: the source config with the shrunk fi
 `num_hidden_layers` with the per-layer lists renumbered (`layer_types` and `mlp_only_layers` keep the entries of
 the remaining layers, `first_k_dense_replace` counts the remaining dense layers).
 
-Non-uniform layers (removed sublayers) add a `blockprune` section and `auto_map` to a `modeling_blockprune.py`
-written beside the weights (format in `engine/modeling_blockprune.py`); `engine.load_pruned` reads them without
-remote code.
+Non-uniform layers (removed sublayers, per-layer widths or expert counts) add a `blockprune` section and `auto_map`
+to a `modeling_blockprune.py` written beside the weights (format in `engine/modeling_blockprune.py`);
+`engine.load_pruned` reads them without remote code.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Modeling code shipped inside non-uniform blockprune checkpoints (needs only torch and transformers).
 
-A checkpoint whose layers differ from one another (removed attention or MLP sublayers, per-layer widths) keeps the
-stock `config.json` fields plus::
+A checkpoint whose layers differ from one another (removed attention or MLP sublayers, per-layer widths or
+per-layer expert counts such as `{"num_local_experts": 6, "num_experts_per_tok": 2}`) keeps the stock `config.json`
+fields plus::
 
     "blockprune": {"version": 1, "layers": [{"attention": true, "mlp": false, "config": {"intermediate_size": 80}},
                                              ...]}          # one entry per layer, in order

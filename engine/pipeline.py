@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from engine import coordinator as alloc_mod
+from engine import experts_stage as es
 from engine import memory
 from engine import structured as st_mod
 from engine.arch import ArchAdapter, LinearSpec, adapter_for
@@ -36,11 +38,14 @@ from engine.config import (
     parse_nm,
     parse_size,
 )
+from engine.distributed import RankWriter, reduce_stats, run_sharded
 from engine.export import MODELING_FILE, kept_layers, nonuniform_config, output_config
 from engine.modeling_blockprune import remove_sublayers
 from engine.report import RunReport
+from sharding import dist
+from sharding.dist import DistInfo
 from sharding.reader import CheckpointReader
-from sharding.writer import CheckpointWriter
+from sharding.writer import INDEX_NAME, MANIFEST_NAME, CheckpointWriter
 from solvers.registry import get_solver, needs_gram
 from solvers.scores import block_influence
 from solvers.sparsegpt import sparsegpt_prune_many
@@ -64,6 +69,7 @@ class Runtime:
     host_budget: int | None
     spill_dir: str
     progress: bool
+    dist: DistInfo = field(default_factory=DistInfo)
 
 
 @dataclass
@@ -87,6 +93,8 @@ class Job:
     removed: list[int] = field(default_factory=list)
     influence: list[float] = field(default_factory=list)
     sublayers: dict[int, dict[str, bool]] = field(default_factory=dict)  # source layer -> {"attention", "mlp"} kept
+    experts: es.ExpertsJob | None = None  # the experts stage (engine/experts_stage.py)
+    allocation: alloc_mod.AllocationJob | None = None  # a global budget over the layers (engine/coordinator.py)
 
     def out_index(self, i: int, num_layers: int) -> int:
         return kept_layers(num_layers, self.removed).index(i)
@@ -106,6 +114,15 @@ def resolve_runtime(cfg: RunConfig, reader: CheckpointReader) -> Runtime:
         dtype = getattr(torch, rt.dtype)
     if rt.threads:
         torch.set_num_threads(rt.threads)
+    info = dist.init_from_env(device.type)
+    spill_dir = rt.spill_dir or cfg.output
+    if info.enabled:
+        if device.type == "cuda":  # one GPU per rank (a launcher that narrows CUDA_VISIBLE_DEVICES leaves one)
+            device = torch.device("cuda", info.local_rank % torch.cuda.device_count())
+        spill_dir = str(Path(spill_dir) / f".rank{info.rank}")
+        if len(range(cfg.calibration.samples)[dist.sample_slice(cfg.calibration.samples, info)]) == 0:
+            raise ConfigError(f"calibration.samples = {cfg.calibration.samples} is fewer than the {info.world_size} "
+                              "ranks: every rank needs at least one sample")
     gb = 2**30
     dev_default, host_default = default_budgets(device)
     return Runtime(
@@ -114,8 +131,9 @@ def resolve_runtime(cfg: RunConfig, reader: CheckpointReader) -> Runtime:
         micro_batch=rt.micro_batch,
         device_budget=int(rt.device_budget_gb * gb) if rt.device_budget_gb is not None else dev_default,
         host_budget=int(rt.host_budget_gb * gb) if rt.host_budget_gb is not None else host_default,
-        spill_dir=rt.spill_dir or cfg.output,
-        progress=rt.progress,
+        spill_dir=spill_dir,
+        progress=rt.progress and info.is_main,
+        dist=info,
     )
 
 
@@ -168,12 +186,26 @@ def validate_against_model(cfg: RunConfig, adapter: ArchAdapter) -> None:
                 raise ConfigError(f"prune[{k}]: pattern {stage.pattern} needs input widths divisible by {nm[1]}: {bad[0]}")
 
 
+def check_input(config: dict) -> None:
+    """ConfigError for an input this pipeline cannot prune: a non-uniform blockprune output (per-layer shapes in a
+    `blockprune` section of config.json) is not the stock architecture layer by layer."""
+    if config.get("blockprune"):
+        raise ConfigError("model is a non-uniform blockprune checkpoint (config.json has a 'blockprune' section with "
+                          "per-layer shapes); pruning it again is not supported: prune the dense model with all stages "
+                          "in one recipe")
+
+
 def check_output(cfg: RunConfig) -> None:
     """Fail before any work when the output cannot be written (the writer checks again when it opens it)."""
     out = Path(cfg.output)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not (cfg.overwrite or cfg.resume):
+        if (out / MANIFEST_NAME).is_file() and not (out / INDEX_NAME).is_file():
+            # rerunning the command of an interrupted run continues it (the writer checks the run id)
+            log.warning("output %s holds an interrupted run: resuming it (--overwrite starts over)", out)
+            cfg.resume = True
+            return
         raise ConfigError(f"output {out} is not empty; pass --overwrite to replace it or --resume to continue it")
     if out.resolve() == Path(cfg.model).resolve():
         raise ConfigError(f"output {out} is the input model directory")
@@ -186,10 +218,12 @@ def run(cfg: RunConfig) -> dict:
     """Prune `cfg.model` into `cfg.output`; returns the report (also written as blockprune_report.json)."""
     t_start = time.perf_counter()
     reader = CheckpointReader(cfg.model)
+    check_input(reader.config)
     adapter = adapter_for(reader.config)
     validate_against_model(cfg, adapter)
     job = make_job(cfg, adapter, reader.config)
     check_output(cfg)
+    es.allocate(job.experts, reader)  # expert counts per MoE layer (per_layer: from the router rows)
     rt = resolve_runtime(cfg, reader)
     log.info("blockprune: %s (%s, %d blocks) -> %s on %s/%s", cfg.model, adapter.model_type, adapter.num_layers,
              cfg.output, rt.device, str(rt.dtype).replace("torch.", ""))
@@ -197,15 +231,20 @@ def run(cfg: RunConfig) -> dict:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-    ids = load_calibration(cfg.calibration, tokenizer)
-    writer = CheckpointWriter(cfg.output, max_shard_size=parse_size(cfg.max_shard_size), overwrite=cfg.overwrite,
-                              resume=cfg.resume, run_id=cfg.run_id())
+    ids = load_calibration(cfg.calibration, tokenizer)[dist.sample_slice(cfg.calibration.samples, rt.dist)]
+    run_id = output_run_id(cfg, reader, rt.dist)
+    writer = RankWriter(lambda: CheckpointWriter(cfg.output, max_shard_size=parse_size(cfg.max_shard_size),
+                                                 overwrite=cfg.overwrite, resume=cfg.resume, run_id=run_id), rt.dist)
     report = RunReport.start(cfg, adapter, rt)
+    report.data["run_id"] = run_id
+    report.data["world_size"] = rt.dist.world_size
     if job.plan is not None:
         report.data["structured_plan"] = {"remove_per_layer": job.plan.remove, "config": job.plan.overrides,
                                           "block_params_before": job.plan.params_before,
                                           "block_params_after": job.plan.params_after,
                                           "target": job.plan.target, "achieved": round(job.plan.achieved, 6)}
+    if job.experts is not None:
+        report.data["experts"] = es.report_section(job.experts)
 
     _copy_non_block(reader, adapter, writer)
     hidden = adapter.config.hidden_size
@@ -217,6 +256,10 @@ def run(cfg: RunConfig) -> dict:
         if depth is not None:
             _embed(reader, adapter, ids, cache, rt)
             report.data["depth"] = _plan_depth(depth, job, _depth_scoring_pass(reader, adapter, cache, rt, depth.by))
+        if job.allocation is not None:  # the scoring pass (or its cached result) and the per-layer plan
+            job.allocation.prepare(reader, cache, rt, ids, removed=job.removed,
+                                   embed=lambda: _embed(reader, adapter, ids, cache, rt),
+                                   layer_adapter=job.experts.layer_adapter if job.experts else None)
         _embed(reader, adapter, ids, cache, rt)
         bar = tqdm(range(adapter.num_layers), desc="blocks", unit="block", disable=not rt.progress, dynamic_ncols=True)
         for i in bar:
@@ -228,10 +271,18 @@ def run(cfg: RunConfig) -> dict:
             bar.set_postfix(peak_rss=f"{memory.peak_rss_mb():.0f}MB", err="-" if err is None else f"{err:.3g}")
             cache.swap()
     report.finish(time.perf_counter() - t_start, reader=reader)
-    out_config = output_config(dict(reader.config), job.plan.overrides if job.plan else {}, job.removed)
+    if job.allocation is not None:
+        report.data["allocation"] = job.allocation.report()
+    if not rt.dist.is_main:
+        dist.barrier(rt.dist)  # rank 0 finalizes; every rank returns once the checkpoint is complete
+        return report.data
+    alloc_over, alloc_layers = job.allocation.output_overrides() if job.allocation else ({}, {})
+    overrides = {**(job.plan.overrides if job.plan else {}), **es.output_overrides(job.experts), **alloc_over}
+    out_config = output_config(dict(reader.config), overrides, job.removed)
     extra = {"blockprune_recipe.yaml": config_to_yaml(cfg), "blockprune_report.json": report.to_json()}
-    if job.sublayers:
-        out_config, modeling = nonuniform_config(out_config, _layer_entries(job, adapter.num_layers))
+    if job.sublayers or es.is_nonuniform(job.experts) or alloc_layers:
+        entries = es.layer_entries(job.experts, _layer_entries(job, adapter.num_layers))
+        out_config, modeling = nonuniform_config(out_config, entries)
         extra[MODELING_FILE] = modeling
     writer.finalize(out_config, source_dir=cfg.model, extra_files=extra)
     if cfg.report_plots:
@@ -239,7 +290,18 @@ def run(cfg: RunConfig) -> dict:
 
         write_report_files(cfg.output, report.data)
     log.info("wrote %s (%.1f s, peak RSS %.0f MB)", cfg.output, report.wall_time_s, memory.peak_rss_mb())
+    dist.barrier(rt.dist)
     return report.data
+
+
+def output_run_id(cfg: RunConfig, reader: CheckpointReader, info: DistInfo) -> str:
+    """What a resumed run must match (stored in the writer's manifest): the recipe's output-determining keys
+    (`RunConfig.run_id`), the input checkpoint's fingerprint and the world size (the bytes depend on the
+    reduction order, docs/distributed.md)."""
+    import hashlib
+
+    key = f"{cfg.run_id()}:{reader.fingerprint()}:{info.world_size}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def prune(model_dir: str | Path, config: RunConfig | dict) -> dict:
@@ -256,7 +318,7 @@ def prune(model_dir: str | Path, config: RunConfig | dict) -> dict:
 def make_job(cfg: RunConfig, adapter: ArchAdapter, src_config: dict) -> Job:
     """The structured plan and the adapter of the shrunk blocks; ConfigError (before any weight is read) when the
     plan cannot be met or the output config cannot be renumbered for depth removal."""
-    job = Job(structured=_stage_of(cfg, StructuredStage))
+    job = Job(structured=_stage_of(cfg, StructuredStage), experts=es.make_experts_job(cfg, adapter))
     depth = _stage_of(cfg, DepthStage)
     if depth is not None and depth.by == "block":
         output_config(dict(src_config), {}, list(range(depth.remove)))
@@ -265,8 +327,9 @@ def make_job(cfg: RunConfig, adapter: ArchAdapter, src_config: dict) -> Job:
             raise ConfigError("prune: depth by sublayer and structured stages cannot share a run yet")
         if depth.remove > 2 * adapter.num_layers - 1:
             raise ConfigError(f"depth.remove = {depth.remove}: the model has only {2 * adapter.num_layers} sublayers")
-    if job.structured is not None:
-        job.plan = st_mod.plan_uniform(adapter, job.structured)
+    job.allocation = alloc_mod.make_allocation(cfg, adapter)
+    if job.structured is not None and not (job.allocation and job.allocation.coordinated):
+        job.plan = st_mod.plan_uniform(adapter, job.allocation.effective_stage() if job.allocation else job.structured)
         job.layer_adapter = ArchAdapter(adapter.spec, st_mod.shrunk_config(adapter.config, job.plan.overrides))
     return job
 
@@ -300,6 +363,7 @@ def _depth_scoring_pass(reader: CheckpointReader, adapter: ArchAdapter, cache: A
                     y_wo = _without(adapter, block, part, x, ctx)
                     sums[part] += float((y_wo.double() - y.double()).square().sum())
             cache.put(b, y)
+        sums = dict(zip(sums, dist.all_reduce_floats(list(sums.values()), rt.dist)))
         scores = {"block": sums["block"] / sums["tokens"]}
         if by == "sublayer":
             scores.update({p: sums[p] / max(sums["ref"], 1e-30) for p in ("attention", "mlp")})
@@ -344,9 +408,10 @@ def _plan_depth(depth: DepthStage, job: Job, scores: list[dict[str, float]]) -> 
 
 def _layer_entries(job: Job, num_layers: int) -> list[dict]:
     """The `blockprune.layers` entries of the output layers (kept sublayers; widths are the stock fields)."""
-    return [{"attention": job.sublayers.get(i, {}).get("attention", True),
-             "mlp": job.sublayers.get(i, {}).get("mlp", True), "config": {}}
-            for i in kept_layers(num_layers, job.removed)]
+    kept = kept_layers(num_layers, job.removed)
+    entries = [{"attention": job.sublayers.get(i, {}).get("attention", True),
+                "mlp": job.sublayers.get(i, {}).get("mlp", True), "config": {}} for i in kept]
+    return job.allocation.layer_entries(entries, kept) if job.allocation else entries  # per-layer widths
 
 
 def _build(adapter: ArchAdapter, i: int, disk: dict[str, torch.Tensor], job: Job, rt: Runtime):
@@ -378,9 +443,9 @@ def _renumber(tensors: dict[str, torch.Tensor], old_prefix: str, new_prefix: str
     return {new_prefix + n[len(old_prefix):]: t for n, t in tensors.items()}
 
 
-def _copy_non_block(reader: CheckpointReader, adapter: ArchAdapter, writer: CheckpointWriter) -> None:
-    """Embeddings, final norm and lm_head are copied through unpruned (byte-identical)."""
-    if writer.is_committed(NON_BLOCK_UNIT):
+def _copy_non_block(reader: CheckpointReader, adapter: ArchAdapter, writer: RankWriter) -> None:
+    """Embeddings, final norm and lm_head are copied through unpruned (byte-identical), by rank 0."""
+    if writer.is_committed(NON_BLOCK_UNIT) or writer.writer is None:
         return
     names = adapter.non_block_keys(reader.names())
     writer.write_unit(NON_BLOCK_UNIT, reader.read(names))
@@ -399,11 +464,15 @@ def _embed(reader: CheckpointReader, adapter: ArchAdapter, ids: torch.Tensor, ca
 
 
 def _process_block(i: int, cfg: RunConfig, reader: CheckpointReader, adapter: ArchAdapter,
-                   writer: CheckpointWriter, cache: ActivationCache, rt: Runtime, job: Job | None = None) -> dict:
+                   writer: RankWriter, cache: ActivationCache, rt: Runtime, job: Job | None = None) -> dict:
     """Block `i` (source numbering) -> output block `j` (after depth removal); written under unit `block.j`."""
     job = job or Job()
     j = job.out_index(i, adapter.num_layers)
-    out_adapter = job.layer_adapter or adapter  # builds blocks of the written (shrunk) shapes, source numbering
+    # builds blocks of the written (shrunk) shapes, source numbering
+    decision = job.allocation.decide(i) if job.allocation else None  # this layer's share of a global budget
+    out_adapter = job.experts.layer_adapter(i) if job.experts else (
+        (job.allocation and job.allocation.layer_adapter(decision)) or job.layer_adapter or adapter)
+    stages = job.allocation.stages(decision, cfg.prune) if job.allocation else cfg.prune
     unit = block_unit(j)
     t0 = time.perf_counter()
     memory.reset_device_peak(rt.device)
@@ -413,6 +482,8 @@ def _process_block(i: int, cfg: RunConfig, reader: CheckpointReader, adapter: Ar
         _forward_all(adapter, block, cache, rt)
         entry = dict(writer.unit_metadata(unit))
         entry["resumed"] = True
+        if job.allocation is not None and decision is not None:
+            entry["allocation"] = job.allocation.record(i, entry, decision)
         _free(block)
         return entry
 
@@ -423,18 +494,27 @@ def _process_block(i: int, cfg: RunConfig, reader: CheckpointReader, adapter: Ar
     if i in job.sublayers:
         remove_sublayers(block, **job.sublayers[i])
     specs = adapter.linears(block, i) if i not in job.sublayers else []
-    plan = plan_block(adapter, specs, cfg.prune)
+    plan = plan_block(adapter, specs, stages)
     if job.structured is not None:
         _plan_structured_inputs(adapter, block, i, job.structured, plan)
 
     t_stats = time.perf_counter()
-    stats = _collect_stats(adapter, block, specs, plan, cache, rt)  # dense forward; dense outputs -> cache
+    with es.routing_stats(job.experts, block) as routing:  # MoE routing sums for the experts stage
+        stats = _collect_stats(adapter, block, specs, plan, cache, rt)  # dense forward; dense outputs -> cache
+    if routing:  # plain sums: every rank gets the routing counts of all calibration tokens
+        dist.all_reduce_sum([routing[k] for k in sorted(routing)], rt.dist)
     t_solve = time.perf_counter()
-    linears = _solve_block(adapter, block, specs, plan, stats)
+    moe = {}
+    if job.experts is not None:  # remove experts, then the unstructured stages act on the survivors
+        block, stats, moe = es.prune_experts(job.experts, adapter, block, i, stats, routing)
+        specs = out_adapter.linears(block, i)
+        plan = plan_block(out_adapter, specs, stages)
+    linears = _solve_block(adapter, block, specs, plan, stats, rt.dist)
     records = None
     if job.structured is not None:
         old = block
-        block, records = st_mod.prune_block(adapter, old, i, job.structured, job.plan, stats, out_adapter)
+        block, records = st_mod.prune_block(adapter, old, i, job.structured, decision or job.plan, stats, out_adapter,
+                                             run_all=lambda t, c, f: run_sharded(t, c, f, rt.dist))
         del old
     del stats
     t_fwd = time.perf_counter()
@@ -447,7 +527,7 @@ def _process_block(i: int, cfg: RunConfig, reader: CheckpointReader, adapter: Ar
         _free(block)
         block = _build(out_adapter, i, writer_tensors, job, rt)
     out_err = None
-    if cfg.sequential and (plan.stages or records):
+    if cfg.sequential and (plan.stages or records or moe):
         out_err = _forward_all(adapter, block, cache, rt, compare=True)
     writer_tensors = _renumber(writer_tensors, adapter.block_prefix(i), adapter.block_prefix(j))
     t_write = time.perf_counter()
@@ -455,6 +535,7 @@ def _process_block(i: int, cfg: RunConfig, reader: CheckpointReader, adapter: Ar
         "block": i,
         **({"output_block": j, "structured": records} if job.structured or job.removed else {}),
         **({"sublayers": job.sublayers[i]} if i in job.sublayers else {}),
+        **({"experts": moe} if moe else {}),
         "linears": linears,
         "output_error": out_err,
         "time_s": {
@@ -469,6 +550,8 @@ def _process_block(i: int, cfg: RunConfig, reader: CheckpointReader, adapter: Ar
         "params": sum(int(t.numel()) for t in writer_tensors.values()),
         "nonzero": sum(int(torch.count_nonzero(t)) for t in writer_tensors.values()),
     }
+    if job.allocation is not None and decision is not None:
+        entry["allocation"] = job.allocation.record(i, entry, decision)
     writer.write_unit(unit, writer_tensors, metadata=entry)
     entry["time_s"]["write"] = round(time.perf_counter() - t_write, 4)
     entry["time_s"]["total"] = round(time.perf_counter() - t0, 4)
@@ -523,13 +606,14 @@ def _collect_stats(adapter: ArchAdapter, block, specs: list[LinearSpec], plan: B
     hooks = adapter.input_hooks(block, on_input) if wanted else contextlib.nullcontext()
     with hooks:
         _forward_all(adapter, block, cache, rt)
-    return stats
+    return reduce_stats(stats, rt.dist, rt.device)
 
 
 def _solve_block(adapter: ArchAdapter, block, specs: list[LinearSpec], plan: BlockPlan,
-                 stats: dict[str, InputStats]) -> dict[str, dict]:
+                 stats: dict[str, InputStats], info: DistInfo | None = None) -> dict[str, dict]:
     """Prune every planned linear. Linears that read the same input under the same SparseGPT stages (q/k/v,
-    gate/up) are solved together: one factorisation of H and one column loop, same result as one by one."""
+    gate/up) are solved together: one factorisation of H and one column loop, same result as one by one.
+    With several ranks each group is solved by one owner rank (by estimated cost) and broadcast."""
     out: dict[str, dict] = {}
     groups: dict[tuple, list[LinearSpec]] = {}
     for spec in specs:
@@ -538,17 +622,36 @@ def _solve_block(adapter: ArchAdapter, block, specs: list[LinearSpec], plan: Blo
             shared = all(s.method == "sparsegpt" for s in stages) and spec.input_id in stats
             key = (spec.input_id, tuple(id(s) for s in stages)) if shared else (spec.name,)
             groups.setdefault(key, []).append(spec)
-    for group in groups.values():
+
+    def solve(group: list[LinearSpec]) -> list[tuple[torch.Tensor, dict]]:
         stages = plan.stages[group[0].name]
         st = stats.get(group[0].input_id)
         W0s = [adapter.get_weight(block, spec) for spec in group]
         Ws = [W0.float() for W0 in W0s]
         for stage in stages:
             Ws = _apply_stage(stage, Ws, st, group)
-        for spec, W0, W in zip(group, W0s, Ws):
-            out[spec.name] = _linear_record(W0, W, st, stages)
-            adapter.set_weight(block, spec, W.to(W0.dtype))
+        return [(W.to(W0.dtype), _linear_record(W0, W, st, stages)) for W0, W in zip(W0s, Ws)]
+
+    tasks = list(groups.values())
+    results = run_sharded(tasks, [_solve_cost(g, plan) for g in tasks], solve, info or DistInfo())
+    for group, result in zip(tasks, results):
+        for spec, (W, rec) in zip(group, result):
+            out[spec.name] = rec
+            adapter.set_weight(block, spec, W.to(adapter.get_weight(block, spec).device))
     return out
+
+
+def _solve_cost(group: list[LinearSpec], plan: BlockPlan) -> float:
+    """Estimated flops of solving `group`: SparseGPT ~ d_in³ (factorisation) + d_out·d_in² (column loop) per
+    stage; Wanda / magnitude ~ d_out·d_in."""
+    cost = 0.0
+    for stage in plan.stages[group[0].name]:
+        d_in = group[0].d_in
+        if stage.method == "sparsegpt":
+            cost += d_in**3 + sum(s.d_out for s in group) * d_in**2
+        else:
+            cost += sum(s.d_out for s in group) * d_in
+    return cost
 
 
 def _apply_stage(stage, Ws: list[torch.Tensor], st: InputStats | None, group: list[LinearSpec]) -> list[torch.Tensor]:
@@ -564,6 +667,7 @@ def _apply_stage(stage, Ws: list[torch.Tensor], st: InputStats | None, group: li
 def _linear_record(W0: torch.Tensor, W: torch.Tensor, st: InputStats | None, stages: list) -> dict:
     rec = {
         "sparsity": round(float((W == 0).float().mean()), 6),
+        "zeros": int((W == 0).sum()),
         "shape": list(W.shape),
         "planned": max(s.effective_sparsity for s in stages),
     }
@@ -597,6 +701,8 @@ def _forward_all(adapter: ArchAdapter, block, cache: ActivationCache, rt: Runtim
             num += float((y.float() - ref).pow(2).sum())
             den += float(ref.pow(2).sum())
         cache.put(b, y)
+    if compare:
+        num, den = dist.all_reduce_floats([num, den], rt.dist)
     return num / den if compare and den > 0 else None
 
 

@@ -9,6 +9,7 @@ import torch
 
 from engine.arch import adapter_for
 from engine.config import RunConfig, UnstructuredStage, name_selected
+from engine.experts_stage import make_experts_job, plan_summary
 from sharding.reader import CheckpointReader
 from solvers.registry import needs_gram
 
@@ -23,10 +24,15 @@ class Plan:
     activations_bytes: int = 0
     peak_bytes: int = 0
     bytes_read: int = 0
+    allocation: str | None = None  # the global allocation's scoring pass, in words (None without one)
+    experts: str | None = None  # the experts stage's counts, in words (None without one)
 
 
 def make_plan(cfg: RunConfig) -> Plan:
+    from engine.pipeline import check_input
+
     reader = CheckpointReader(cfg.model)
+    check_input(reader.config)
     adapter = adapter_for(reader.config)
     dtype = torch.float32 if cfg.runtime.dtype == "auto" else getattr(torch, cfg.runtime.dtype)
     item = torch.empty((), dtype=dtype).element_size()
@@ -68,7 +74,30 @@ def make_plan(cfg: RunConfig) -> Plan:
     embed = _numel(reader.info(adapter.embed_key).shape) * item
     plan.peak_bytes = int(max(b["peak_mb"] for b in plan.blocks) * 2**20 + plan.activations_bytes + embed)
     plan.bytes_read = reader.bytes_read
+    plan.allocation = _allocation_note(cfg, int(getattr(adapter.config, "num_key_value_heads", 1) or 1))
+    per_block, plan.experts = plan_summary(make_experts_job(cfg, adapter))
+    for b in plan.blocks:
+        if b["block"] in per_block:
+            b["experts"] = per_block[b["block"]]  # routed experts before -> after
     return plan
+
+
+def _allocation_note(cfg: RunConfig, n_kv: int) -> str | None:
+    """What a global allocation adds to the run (engine/coordinator.py, engine/scoring.py): a scoring pass over every
+    block before the main pass (same peak: one block, its statistics, the activation cache), cached in the output."""
+    from engine.scoring import ERROR_GRID, SCORES_FILE
+
+    for k, st in enumerate(cfg.prune):
+        alloc = getattr(st, "allocation", None) or {}
+        if alloc.get("rule", "uniform") == "uniform":
+            continue
+        masked = len(ERROR_GRID) + 1 if alloc["rule"] == "softmax" and alloc["energy"] == "error" else 0
+        if st.method == "structured" and "heads" in st.units:
+            masked += n_kv - 1  # the KV-group error curve
+        return (f"prune[{k}] allocation {alloc['rule']}: a scoring pass first (1 dense + up to {masked} masked "
+                f"forwards per block, no solve; reused from {SCORES_FILE} in the output when present); per-layer "
+                "budgets are decided during the run")
+    return None
 
 
 def format_plan(plan: Plan) -> str:
@@ -78,12 +107,17 @@ def format_plan(plan: Plan) -> str:
         lin = ", ".join(f"{k.split('.')[-1]}{v[0]}x{v[1]}" for k, v in list(b["linears"].items())[:8])
         more = len(b["linears"]) - 8
         lin += f", +{more} more" if more > 0 else ""
+        lin = f"experts {b['experts']}; {lin}" if "experts" in b else lin
         lines.append(f"{b['block']:>5} {b['params']:>12,} {b['weights_mb']:>11.1f} {b['gram_mb']:>9.1f} "
                      f"{b['peak_mb']:>9.1f}  {lin}")
     total = sum(b["params"] for b in plan.blocks)
     lines.append(f"block params {total:,}; non-block params {plan.non_block_params:,}")
     lines.append(f"activation cache {plan.activations_bytes / 2**20:.1f} MB; "
                  f"estimated peak memory {plan.peak_bytes / 2**20:.1f} MB; tensor bytes read: {plan.bytes_read}")
+    if plan.allocation:
+        lines.append(plan.allocation)
+    if plan.experts:
+        lines.append(plan.experts)
     return "\n".join(lines)
 
 

@@ -13,7 +13,11 @@ Number rule of `report.md` (the test reads it back): integers in full; every oth
 Plots (matplotlib, Agg canvas, default style, PNG without the Software/time metadata):
 `plots/sparsity.png` (planned vs achieved per block), `plots/error.png` (output and mean linear error per block),
 `plots/time_memory.png` (stacked load/stats/solve/forward/write seconds per block; peak and current RSS per block,
-and the device's peak memory per block when the run recorded it).
+and the device's peak memory per block when the run recorded it); with a global allocation (the report's
+`allocation` section, docs/allocation.md) also `plots/allocation.png`: per layer the rule's plan, the plan on the
+exact budget, the plan when the layer was visited (after re-balancing) and what it achieved, and a `## Allocation`
+table in report.md. A block without pruned linears but with an `allocation` record (structured stages) shows that
+record's planned and achieved fractions of its parameters in the per-block table and `sparsity.png`.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ REPORT_MD = "report.md"
 SPARSITY_PNG = "plots/sparsity.png"
 ERROR_PNG = "plots/error.png"
 TIME_MEMORY_PNG = "plots/time_memory.png"
+ALLOCATION_PNG = "plots/allocation.png"
 TIME_PHASES = ("load", "stats", "solve", "forward", "write")
 
 # (column header, key of the per-block row) of the per-block table, in order
@@ -85,12 +90,15 @@ def block_row(block: dict[str, Any]) -> dict[str, Any]:
     planned = block.get("planned_sparsity")
     if planned is None and linears and all("planned" in rec for rec in linears):
         planned = _weighted_mean((rec["planned"], n) for rec, n in sizes)
+    alloc = block.get("allocation") or {}
+    if planned is None and not linears:
+        planned = alloc.get("planned")
     errors = [rec["error"] for rec in linears if rec.get("error") is not None]
     times = block.get("time_s", {})
     return {
         "block": block.get("block"),
         "planned": planned,
-        "achieved": _weighted_mean((rec["sparsity"], n) for rec, n in sizes),
+        "achieved": _weighted_mean((rec["sparsity"], n) for rec, n in sizes) if linears else alloc.get("achieved"),
         "params": block.get("params"),
         "nonzero": block.get("nonzero"),
         "output_error": block.get("output_error"),
@@ -179,7 +187,35 @@ def render_markdown(report: dict[str, Any], rows: list[dict[str, Any]] | None = 
     resumed = [str(r["block"]) for r in rows if r["resumed"]]
     if resumed:
         lines += ["", f"Blocks {', '.join(resumed)} were written by an earlier, interrupted run (times of that run)."]
+    lines += allocation_markdown(report.get("allocation") or {})
     return "\n".join(lines) + "\n"
+
+
+# (column header, key of an `allocation.layers` row) of the allocation table, in order
+ALLOCATION_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("layer", "layer"), ("params", "params"), ("energy", "energy"), ("outlier ratio", "outlier_ratio"),
+    ("influence", "influence"), ("rule", "rule"), ("planned", "planned"), ("at visit", "planned"),
+    ("achieved", "achieved"), ("removed", "removed"),
+)
+
+
+def allocation_markdown(alloc: dict[str, Any]) -> list[str]:
+    """The `## Allocation` section of report.md (nothing without per-layer rows)."""
+    rows = alloc.get("layers") or []
+    if not rows:
+        return []
+    head = (f"Rule `{alloc.get('rule')}` (energy `{alloc.get('energy')}`, T = {fmt_number(alloc.get('temperature'))}, "
+            f"bounds [{fmt_number(alloc.get('min'))}, {fmt_number(alloc.get('max'))}]) over "
+            f"{fmt_number(alloc.get('planned_params'))} parameters: target {fmt_number(alloc.get('S'))}, achieved "
+            f"{fmt_number(alloc.get('achieved'))} (error {fmt_number(alloc.get('error'))} parameters, within "
+            f"tolerance: {fmt_number(alloc.get('within_tolerance'))}). Fractions of each layer's prunable parameters: "
+            "*rule* the rule's plan, *planned* on the exact budget, *at visit* after re-balancing, *achieved* after "
+            "rounding.")
+    keys = [k if h != "at visit" else "_visit" for h, k in ALLOCATION_COLUMNS]
+    body = [[r.get("planned") if k == "_visit" else (r.get("planned_start") if k == "planned" else r.get(k))
+             for k in keys] for r in rows]
+    return ["", "## Allocation", "", head, "", f"![per-layer allocation]({ALLOCATION_PNG})", "",
+            *_table([h for h, _ in ALLOCATION_COLUMNS], body)]
 
 
 # --------------------------------------------------------------------------------------------- plots
@@ -282,6 +318,27 @@ def plot_time_memory(rows: list[dict[str, Any]], title: str) -> bytes:
     return _png(fig)
 
 
+def plot_allocation(alloc: dict[str, Any], title: str) -> bytes:
+    """Per layer: the rule's plan, the plan on the exact budget, the plan at the layer's visit and what it achieved;
+    the global target as a line."""
+    fig, (ax,) = _figure(3.6)
+    rows = alloc.get("layers") or []
+    x = [r["layer"] for r in rows]
+    for key, label, style in (("rule", "rule", ":"), ("planned_start", "planned (exact budget)", "--"),
+                              ("planned", "at visit", "-")):
+        ys = [math.nan if r.get(key) is None else float(r[key]) for r in rows]
+        ax.plot(x, ys, linestyle=style, marker=".", label=_label(label, ys))
+    ach = [math.nan if r.get("achieved") is None else float(r["achieved"]) for r in rows]
+    ax.bar(x, ach, width=0.6, alpha=0.5, color="#3182bd", label=_label("achieved", ach))
+    if alloc.get("S") is not None:
+        ax.axhline(float(alloc["S"]), color="grey", linewidth=0.8, label="global target")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("fraction of the layer removed")
+    ax.set_title(f"{title}: {alloc.get('rule')} allocation, planned and achieved per layer")
+    _legend(ax)
+    return _png(fig)
+
+
 # --------------------------------------------------------------------------------------------- entry points
 
 
@@ -297,6 +354,8 @@ def render_report(report: dict[str, Any]) -> dict[str, bytes]:
             ERROR_PNG: plot_error(rows, title),
             TIME_MEMORY_PNG: plot_time_memory(rows, title),
         }
+        if (report.get("allocation") or {}).get("layers"):
+            files[ALLOCATION_PNG] = plot_allocation(report["allocation"], title)
     return {REPORT_MD: render_markdown(report, rows).encode(), **files}
 
 

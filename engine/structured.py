@@ -4,7 +4,8 @@ Units (from `ArchAdapter.units`): "heads" = whole KV groups (a KV head with its 
 o_proj columns of the group); "channels" = MLP intermediate channels (gate/up rows and the down_proj column), in
 MoE blocks the intermediate channels of every routed expert and of the shared expert.
 
-Uniform allocation (the only rule so far; the global rules arrive with the global budget): every layer removes the
+Uniform allocation (`plan_uniform`; the global rules give each layer its own budget and apply the same split to it
+per layer, `split_units`, see engine/coordinator.py and docs/allocation.md): every layer removes the
 same number of KV groups and, in every MLP / expert, the same number of channels, so the output is the stock
 architecture with smaller `num_attention_heads`, `num_key_value_heads`, `intermediate_size`
 (`moe_intermediate_size`, `shared_expert_intermediate_size`). With `P` the prunable (non-embedding, all block)
@@ -29,6 +30,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -82,23 +84,76 @@ def _member_params(specs: dict[str, LinearSpec], name: str, axis: int, width: in
     return width * other + (width if axis == 0 and s.bias else 0)
 
 
+def layer_inventory(adapter: ArchAdapter, i: int, config: PretrainedConfig | None = None) -> dict[str, dict]:
+    """{kind: {"count": units per group, "groups": groups in layer `i`, "params": parameters of one unit}} of the
+    KV-group and channel kinds of layer `i` of `config` (default the adapter's), from a meta block."""
+    meta = build_meta_block(adapter.spec, config or adapter.config, i)
+    specs = {s.name: s for s in adapter.linears(meta, i)}
+    inv: dict[str, dict] = {}
+    for g in adapter.units(meta, i):
+        if g.kind not in UNIT_KINDS["heads"] + _CHANNEL_KINDS:
+            continue
+        p = sum(_member_params(specs, *m) for m in g.members)
+        cur = inv.setdefault(g.kind, {"count": g.count, "groups": 0, "params": p})
+        if (cur["count"], cur["params"]) != (g.count, p):
+            raise ConfigError(f"structured: layer {i} has {g.kind} groups of different sizes")
+        cur["groups"] += 1
+    return inv
+
+
 def unit_inventory(adapter: ArchAdapter) -> dict[str, dict]:
     """{kind: {"count": units per group, "groups": groups over all layers, "params": parameters of one unit}}
     from meta blocks (no weight read). Raises ConfigError when layers disagree on a kind's unit size."""
     inv: dict[str, dict] = {}
     for i in range(adapter.num_layers):
-        meta = build_meta_block(adapter.spec, adapter.config, i)
-        specs = {s.name: s for s in adapter.linears(meta, i)}
-        for g in adapter.units(meta, i):
-            if g.kind not in UNIT_KINDS["heads"] + _CHANNEL_KINDS:
-                continue
-            p = sum(_member_params(specs, *m) for m in g.members)
-            cur = inv.setdefault(g.kind, {"count": g.count, "groups": 0, "params": p})
-            if (cur["count"], cur["params"]) != (g.count, p):
-                raise ConfigError(f"structured: layer {i} has {g.count} {g.kind} units of {p} parameters, other "
-                                  f"layers {cur['count']} of {cur['params']}; uniform allocation needs equal layers")
-            cur["groups"] += 1
+        for kind, lay in layer_inventory(adapter, i).items():
+            cur = inv.setdefault(kind, {"count": lay["count"], "groups": 0, "params": lay["params"]})
+            if (cur["count"], cur["params"]) != (lay["count"], lay["params"]):
+                raise ConfigError(f"structured: layer {i} has {lay['count']} {kind} units of {lay['params']} "
+                                  f"parameters, other layers {cur['count']} of {cur['params']}; uniform allocation "
+                                  "needs equal layers")
+            cur["groups"] += lay["groups"]
     return inv
+
+
+def layer_params(adapter: ArchAdapter, config: PretrainedConfig, i: int) -> int:
+    """Parameters of decoder block `i` of `config` (a meta build)."""
+    return sum(p.numel() for p in build_meta_block(adapter.spec, config, i).parameters())
+
+
+def selected_kinds(inv: dict[str, dict], units: list[str]) -> list[str]:
+    """The unit kinds of `inv` that the stage's `units` select (KV groups first, then channel kinds)."""
+    return [k for u in units for k in UNIT_KINDS[u] if k in inv]
+
+
+def split_units(inv: dict[str, dict], kinds: list[str], goal: float, align: int,
+                heads: int | None = None) -> dict[str, int]:
+    """Units removed per group of each kind so that about `goal` parameters go (the split of the module docstring).
+
+    `inv` is per layer or summed over layers (`unit_inventory`). KV groups first: `heads` when given, else the same
+    share of their parameters as the whole goal (rounded, at most n_kv − 1); then the channel kinds, coarsest
+    (routed experts) first, each absorbing the rounding of the ones before; kept channel counts are multiples of
+    `align` (routed experts: of lcm(align, 8)). ConfigError when the goal needs more than all channels."""
+    held = {k: inv[k]["groups"] * inv[k]["count"] * inv[k]["params"] for k in kinds}
+    per_unit = {k: inv[k]["groups"] * inv[k]["params"] for k in kinds}  # removing one unit from every group
+    remove: dict[str, int] = {}
+    if "kv_group" in kinds:
+        n = inv["kv_group"]["count"]
+        if heads is None:
+            share = goal / sum(held.values()) if len(kinds) > 1 else goal / held["kv_group"]
+            heads = round(share * n)
+        remove["kv_group"] = int(min(max(heads, 0), n - 1))
+        goal -= remove["kv_group"] * per_unit["kv_group"]
+    ch = sorted((k for k in kinds if k in _CHANNEL_KINDS), key=lambda k: k != "expert_channel")  # coarsest first
+    for idx, k in enumerate(ch):
+        frac = max(goal, 0.0) / sum(held[x] for x in ch[idx:])  # later kinds absorb earlier rounding
+        if frac >= 1.0:
+            raise ConfigError(f"structured: removing {goal:.0f} more parameters needs more than all MLP channels")
+        n = inv[k]["count"]
+        a = math.lcm(align, EXPERT_ALIGN) if k == "expert_channel" else align
+        remove[k] = n - _round_keep(n, frac, a)
+        goal -= remove[k] * per_unit[k]
+    return remove
 
 
 def block_params(adapter: ArchAdapter, config: PretrainedConfig) -> int:
@@ -115,28 +170,14 @@ def _round_keep(n: int, frac_remove: float, align: int) -> int:
 def plan_uniform(adapter: ArchAdapter, stage) -> StructuredPlan:
     """The uniform plan of a `StructuredStage` (formulas in the module docstring)."""
     inv = unit_inventory(adapter)
-    kinds = [k for u in stage.units for k in UNIT_KINDS[u] if k in inv]
+    kinds = selected_kinds(inv, stage.units)
     if not kinds:
         raise ConfigError(f"structured.units = {stage.units}: the {adapter.model_type} blocks have no such units")
     P = block_params(adapter, adapter.config)
-    goal = stage.target * P
-    held = {k: inv[k]["groups"] * inv[k]["count"] * inv[k]["params"] for k in kinds}
-    per_unit = {k: inv[k]["groups"] * inv[k]["params"] for k in kinds}  # removing one unit from every group
-    remove: dict[str, int] = {}
-    if "kv_group" in kinds:
-        n = inv["kv_group"]["count"]
-        share = goal / sum(held.values()) if len(kinds) > 1 else goal / held["kv_group"]
-        remove["kv_group"] = int(min(round(share * n), n - 1))
-        goal -= remove["kv_group"] * per_unit["kv_group"]
-    ch = sorted((k for k in kinds if k in _CHANNEL_KINDS), key=lambda k: k != "expert_channel")  # coarsest first
-    for idx, k in enumerate(ch):
-        frac = max(goal, 0.0) / sum(held[x] for x in ch[idx:])  # later kinds absorb earlier rounding
-        if frac >= 1.0:
-            raise ConfigError(f"structured.target = {stage.target}: needs more than all MLP channels")
-        n = inv[k]["count"]
-        align = math.lcm(stage.align, EXPERT_ALIGN) if k == "expert_channel" else stage.align
-        remove[k] = n - _round_keep(n, frac, align)
-        goal -= remove[k] * per_unit[k]
+    try:
+        remove = split_units(inv, kinds, stage.target * P, stage.align)
+    except ConfigError:
+        raise ConfigError(f"structured.target = {stage.target}: needs more than all MLP channels") from None
     overrides = config_overrides(adapter.config, inv, remove, stage.bias_compensation)
     out_cfg = shrunk_config(adapter.config, overrides)
     plan = StructuredPlan(remove=remove, overrides=overrides, params_before=P,
@@ -234,25 +275,34 @@ def _consumer(g: UnitGroup) -> str:
 
 
 def prune_block(adapter: ArchAdapter, block: nn.Module, i: int, stage, plan: StructuredPlan,
-                stats: dict[str, InputStats], out_adapter: ArchAdapter) -> tuple[nn.Module, dict[str, dict]]:
+                stats: dict[str, InputStats], out_adapter: ArchAdapter,
+                run_all: Callable[[list, list[float], Callable], list] | None = None) -> tuple[nn.Module, dict[str, dict]]:
     """Remove `plan.remove` units from every unit group of block `i` and return (the rebuilt stock block of
-    `out_adapter.config`, per-consumer records). The old block's tensors are not modified."""
+    `out_adapter.config`, per-consumer records). The old block's tensors are not modified.
+
+    `run_all(tasks, costs, fn)` computes `[fn(t) for t in tasks]` (the consumers' solves, independent of one
+    another); the engine passes one that shards them across ranks (engine.distributed.run_sharded)."""
     specs = {s.name: s for s in adapter.linears(block, i)}
     state = {n: t.detach() for n, t in block.state_dict().items()}
     experts: dict[int, dict[str, Tensor]] = {}
     records: dict[str, dict] = {}
-    for g in adapter.units(block, i):
-        k = plan.remove.get(g.kind, 0)
-        if k == 0:
-            continue
+    tasks = [(g, plan.remove.get(g.kind, 0)) for g in adapter.units(block, i) if plan.remove.get(g.kind, 0) > 0]
+
+    def solve(task: tuple[UnitGroup, int]):
+        g, k = task
         cons = specs[_consumer(g)]
-        res = _solve(adapter, block, cons, g, k, stage, stats.get(cons.input_id))
+        return _solve(adapter, block, cons, g, k, stage, stats.get(cons.input_id))
+
+    costs = [float(specs[_consumer(g)].d_out * specs[_consumer(g)].d_in ** 2) for g, _ in tasks]
+    results = run_all(tasks, costs, solve) if run_all is not None else [solve(t) for t in tasks]
+    for (g, k), res in zip(tasks, results):
+        cons = specs[_consumer(g)]
         records[cons.name] = {**res.info, "shape": list(res.weight.shape), "kept_units": g.count - k}
         for name, axis, width in g.members:
             spec = specs[name]
             W = adapter.get_weight(block, spec)
             if axis == 1:
-                new = res.weight.to(W.dtype)
+                new = res.weight.to(device=W.device, dtype=W.dtype)
             else:
                 rows = groups_contiguous(g.count * width, width)
                 new = W[torch.cat([rows[j] for j in res.keep_groups.tolist()]).to(W.device)]
@@ -266,7 +316,7 @@ def prune_block(adapter: ArchAdapter, block: nn.Module, i: int, stage, plan: Str
             if axis == 1 and res.bias is not None:
                 old = state.get(f"{name}.bias")
                 base = torch.zeros(W.shape[0], dtype=W.dtype, device=W.device) if old is None else old
-                state[f"{name}.bias"] = base + res.bias.to(W.dtype)
+                state[f"{name}.bias"] = base + res.bias.to(device=W.device, dtype=W.dtype)
     if experts:
         _fuse_into(state, experts, block)
     return _rebuild(out_adapter, block, i, state), records

@@ -1,4 +1,4 @@
-"""`blockprune` command line: run, plan, inspect, eval, demo.
+"""`blockprune` command line: run, submit, plan, inspect, eval, demo, distill.
 
 Thin by design: parse arguments, call the engine, turn known errors into one line on stderr and exit code 2.
 """
@@ -25,20 +25,53 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, CheckpointError, CalibrationError, WriterError, FileNotFoundError, ValueError)
 
 
+def _spawn_torchrun(nproc: int, argv: list[str]) -> int:
+    """Re-run this command as `torchrun --standalone --nproc_per_node N -m launch ...` (one machine)."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "launch",
+           *argv]
+    log.info("spawning %d ranks: %s", nproc, " ".join(cmd))
+    return subprocess.call(cmd)
+
+
 def _cmd_run(args) -> int:
     from engine.config import load_recipe
     from engine.pipeline import run
+    from sharding import dist
 
-    cfg = load_recipe(args.recipe, args.overrides)
+    cfg = load_recipe(args.recipe, args.overrides)  # fail here, before any process is spawned
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _spawn_torchrun(args.nproc, [*(["-v"] if args.verbose else []), "run", args.recipe, *args.overrides,
+                                            *(["--resume"] if args.resume else []),
+                                            *(["--overwrite"] if args.overwrite else [])])
     if args.resume:
         cfg.resume = True
     if args.overwrite:
         cfg.overwrite = True
     report = run(cfg)
-    print(
-        f"pruned {report['model']} -> {cfg.output}: linear sparsity {report['pruned_linear_sparsity']:.4f}, "
-        f"{report['wall_time_s']:.1f} s, peak RSS {report['peak_rss_mb']:.0f} MB"
-    )
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(
+            f"pruned {report['model']} -> {cfg.output}: linear sparsity {report['pruned_linear_sparsity']:.4f}, "
+            f"{report['wall_time_s']:.1f} s, peak RSS {report['peak_rss_mb']:.0f} MB"
+            + (f", {report['world_size']} ranks" if report.get("world_size", 1) > 1 else "")
+        )
+    dist.shutdown(dist.DistInfo(world_size=dist.env_world_size()))
+    return 0
+
+
+def _cmd_submit(args) -> int:
+    from launch.submit import SubmitOptions, submit
+
+    opts = SubmitOptions(nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks=args.tasks,
+                         partition=args.partition, time_min=args.time, account=args.account,
+                         cpus_per_task=args.cpus_per_task, mem_gb=args.mem, local=args.local, logs=args.logs)
+    job = submit(args.recipe, args.overrides, opts)
+    print(f"submitted job {job.job_id}; logs: {job.paths.stdout} (stderr: {job.paths.stderr})", flush=True)
+    if not (opts.local or args.wait):
+        return 0
+    result = job.results()[0]  # rank 0's; raises submitit's FailedJobException (with the task's traceback)
+    print(f"job {job.job_id} done: {json.dumps(result)}")
     return 0
 
 
@@ -75,6 +108,32 @@ def _cmd_demo(args) -> int:
     return demo(out_dir=args.output, samples=args.samples, seq_len=args.seq_len)
 
 
+def _cmd_distill(args) -> int:
+    """`--nproc N > 1` outside torchrun: respawn as `torchrun --standalone --nproc_per_node N -m launch distill ...`;
+    under torchrun/deepspeed (WORLD_SIZE set) or with one process: run this rank's worker."""
+    import subprocess
+
+    from engine.distill import distill, load_distill_recipe
+
+    cfg = load_distill_recipe(args.recipe, args.overrides)  # fail here, before any process is spawned
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+               "-m", "launch", *(["-v"] if args.verbose else []), "distill", args.recipe, *args.overrides,
+               *(["--overwrite"] if args.overwrite else [])]
+        log.info("spawning %d ranks: %s", args.nproc, " ".join(cmd))
+        return subprocess.call(cmd)
+    if int(os.environ.get("RANK", "0")) != 0:
+        logging.getLogger().setLevel(logging.WARNING)
+    if args.overwrite:
+        cfg.overwrite = True
+    s = distill(cfg)
+    if s["rank"] == 0:
+        print(f"distilled {cfg.student} -> {cfg.output}: {s['steps']} steps on {s['world_size']} rank(s), loss "
+              f"{s['loss_first']:.4f} -> {s['loss_last']:.4f}, {s['tokens_per_s']:.0f} tokens/s, "
+              f"{s['wall_time_s']:.1f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="blockprune", description="Memory-bounded block-by-block LLM pruning.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -85,7 +144,25 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("overrides", nargs="*", help="key=value overrides, e.g. prune.0.sparsity=0.6 calibration.samples=32")
     r.add_argument("--resume", action="store_true", help="continue an interrupted run in the same output")
     r.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    r.add_argument("--nproc", type=int, default=1,
+                   help="ranks on this machine (spawns torchrun --standalone); under torchrun, WORLD_SIZE decides")
     r.set_defaults(func=_cmd_run)
+
+    sb = sub.add_parser("submit", help="run a recipe as a Slurm job (or --local) through submitit")
+    sb.add_argument("recipe")
+    sb.add_argument("overrides", nargs="*")
+    sb.add_argument("--nodes", type=int, default=1)
+    sb.add_argument("--gpus-per-node", type=int, default=0, help="one task per GPU")
+    sb.add_argument("--tasks", type=int, default=1, help="tasks per node without GPUs (and with --local)")
+    sb.add_argument("--partition", default=None)
+    sb.add_argument("--time", type=int, default=240, help="minutes per attempt (requeued on timeout)")
+    sb.add_argument("--account", default=None)
+    sb.add_argument("--cpus-per-task", type=int, default=None)
+    sb.add_argument("--mem", type=int, default=None, help="GB per node")
+    sb.add_argument("--local", action="store_true", help="run on this machine with submitit's LocalExecutor")
+    sb.add_argument("--logs", default=None, help="submitit folder (default: OUTPUT.submitit)")
+    sb.add_argument("--wait", action="store_true", help="wait for a Slurm job to finish (--local always waits)")
+    sb.set_defaults(func=_cmd_submit)
 
     pl = sub.add_parser("plan", help="print per-block shapes, parameter counts and peak memory; reads no weights")
     pl.add_argument("recipe")
@@ -119,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--samples", type=int, default=64)
     d.add_argument("--seq-len", type=int, default=512)
     d.set_defaults(func=_cmd_demo)
+
+    di = sub.add_parser("distill", help="recovery distillation of a pruned checkpoint on DeepSpeed ZeRO-3")
+    di.add_argument("recipe")
+    di.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=50 lr=5e-5")
+    di.add_argument("--nproc", type=int, default=1, help="local ranks (spawns torchrun when > 1)")
+    di.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    di.set_defaults(func=_cmd_distill)
     return p
 
 
@@ -128,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("transformers", "urllib3", "filelock", "DeepSpeed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if int(os.environ.get("RANK", "0")) != 0 and not args.verbose:
+        logging.getLogger().setLevel(logging.WARNING)  # rank 0 narrates a multi-rank run
     try:
         return args.func(args)
     except _known_errors() as e:

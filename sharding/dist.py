@@ -101,11 +101,18 @@ def partition(costs: Sequence[float], world_size: int) -> list[int]:
 
 
 def all_reduce_sum(tensors: Iterable[torch.Tensor], info: DistInfo) -> None:
-    """In-place sum over ranks of every tensor (one collective per tensor, in the given order)."""
+    """In-place sum over ranks of every tensor (one collective per tensor, in the given order). A tensor on
+    another device than the backend's (CPU sums in an NCCL job) travels through a copy."""
     if not info.enabled:
         return
+    wire = _wire_device(info)
     for t in tensors:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        if t.device == wire:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        else:
+            tmp = t.to(wire)
+            dist.all_reduce(tmp, op=dist.ReduceOp.SUM)
+            t.copy_(tmp)
 
 
 def all_reduce_floats(values: Sequence[float], info: DistInfo) -> list[float]:

@@ -1,7 +1,8 @@
 """Scale-out and fault tolerance (issue 7), on CPU with gloo:
 
 - 2 ranks (torchrun, through `blockprune run --nproc 2`) vs 1 rank: same tensor names and shapes, weights within
-  1e-4 relative, for SparseGPT and structured on a tiny llama and SparseGPT on a tiny Mixtral;
+  1e-4 relative, for SparseGPT and structured on a tiny llama, and SparseGPT and experts (coactivation statistics
+  summed over ranks) + SparseGPT on a tiny Mixtral;
 - `kill -9` of a subprocess run at three points (early, middle, inside finalize), then the same command again:
   byte-identical to an uninterrupted run;
 - submitit LocalExecutor with 2 tasks: completes; a simulated preemption (USR2 to the tasks, as Slurm sends it)
@@ -101,6 +102,8 @@ CASES = {
     "llama-sparsegpt": ("llama", [{"method": "sparsegpt", "sparsity": 0.5}]),
     "llama-structured": ("llama", [{"method": "structured", "target": 0.3, "score": "obs", "solver": "closed_form"}]),
     "mixtral-sparsegpt": ("mixtral", [{"method": "sparsegpt", "sparsity": 0.5}]),
+    "mixtral-experts": ("mixtral", [{"method": "experts", "target": 0.5, "similarity": "both"},
+                                    {"method": "sparsegpt", "sparsity": 0.5}]),
 }
 
 

@@ -279,3 +279,14 @@ def test_plan_with_structured_and_depth_stages(tiny_ckpt, calib_file, tmp_path):
     assert plan.bytes_read == 0 and len(plan.blocks) == 3
     assert all(b["gram_mb"] > 0 for b in plan.blocks)  # the o_proj / down_proj input Grams for reconstruction
     assert "estimated peak memory" in format_plan(plan)
+
+
+def test_nonuniform_blockprune_output_is_refused_as_input(tiny_ckpt, calib_file, tmp_path):
+    from engine.config import ConfigError
+
+    first = tmp_path / "first"
+    run(config_from_dict(recipe(tiny_ckpt("llama"), first, calib_file, [{"method": "depth", "remove": 1,
+                                                                         "by": "sublayer"}])))
+    again = recipe(first, tmp_path / "again", calib_file, [{"method": "magnitude", "sparsity": 0.5}])
+    with pytest.raises(ConfigError, match="non-uniform blockprune checkpoint"):
+        run(config_from_dict(again))

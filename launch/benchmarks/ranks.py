@@ -108,13 +108,18 @@ def main(argv: list[str] | None = None) -> int:
         f"1 rank, {info['usable_cores']} threads": run_one("one", recipe("one", None), work, []),
         "2 ranks (1 thread each)": run_one("two", recipe("two", None), work, ["--nproc", "2"]),
     }
-    two = runs["2 ranks (1 thread each)"]
-    diff = max_rel_diff(two["output"], runs["1 rank, 1 thread"]["output"])
+    two, one_1t, one = runs["2 ranks (1 thread each)"], runs["1 rank, 1 thread"], runs[f"1 rank, {info['usable_cores']} threads"]
+    diff = max_rel_diff(two["output"], one_1t["output"])
+    diff_threads = max_rel_diff(one["output"], one_1t["output"])
     rows = [[name, r["world"], f"{r['run_s']:.1f}", f"{r['wall_s']:.1f}", f"{two['run_s'] / r['run_s']:.3f}",
              f"{two['wall_s'] / r['wall_s']:.3f}", f"{r['rss']:.0f}"] for name, r in runs.items()]
     body = common.markdown_table(["run", "ranks", "run s", "process wall s", "2 ranks / this (run)",
                                   "2 ranks / this (wall)", "peak RSS MiB (rank 0)"], rows)
-    body += f"\n\nLargest relative difference of any tensor, 2 ranks vs 1 rank: {diff:.2e}."
+    body += (f"\n\nLargest relative difference of any tensor: 2 ranks vs 1 rank (1 thread) {diff:.2e}; 1 rank with "
+             f"{info['usable_cores']} threads vs 1 thread {diff_threads:.2e}. Any change of float summation order "
+             "(ranks or threads) moves SparseGPT's near-tie mask decisions, and sequential propagation through a deep "
+             "random model amplifies that; the two differences are of the same size (on the tiny test models, 2 vs 1 "
+             "ranks agree within 1e-4, tests/test_distributed.py).")
     print(body)
     if args.write_results:
         extra = {"model": f"random llama, {args.layers} layers, hidden {args.hidden} (float32)",
