@@ -12,8 +12,8 @@ different text (Hamlet by default) with ``engine.evaluate.evaluate_one``. Report
 achieved share of block parameters and the output widths, the run's ``wall_time_s`` and the part of it spent in
 the per-block solves, the process wall time and the peak RSS (VmHWM).
 
-``--reuse`` keeps an earlier run whose recipe is identical (``<work-dir>/<run>.result.json``), so an interrupted grid
-resumes where it stopped.
+``--reuse`` keeps an earlier run whose recipe is identical (``<work-dir>/<run>.result.json``) and an earlier evaluation
+of an unchanged checkpoint (``<work-dir>/<run>.eval.json``), so an interrupted grid resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -61,6 +61,30 @@ def prune_one(name: str, args: argparse.Namespace) -> dict:
            "threads": report["machine"].get("cpus"), "achieved": plan["achieved"], "config": plan["config"]}
     saved.write_text(json.dumps(res, indent=1, default=str))
     return {**res, "output": dest}
+
+
+def evaluate_cached(paths: dict[str, Path], args: argparse.Namespace) -> dict[str, dict]:
+    """`common.evaluate_all` of the checkpoints, reusing (with ``--reuse``) ``<work-dir>/<name>.eval.json`` when the
+    checkpoint's config and report are unchanged and the evaluation settings are the same."""
+    def key(path: Path) -> dict:
+        stamps = {f.name: f.stat().st_mtime_ns for f in (path / "config.json", path / "blockprune_report.json")
+                  if f.exists()}
+        return {"model": str(path), "stamps": stamps, "text": str(args.eval_path), "windows": args.eval_windows,
+                "seq_len": args.eval_seq_len}
+
+    out, todo = {}, {}
+    for name, path in paths.items():
+        f = args.work_dir / f"{name}.eval.json"
+        old = json.loads(f.read_text()) if args.reuse and f.exists() else None
+        if old is not None and old["key"] == key(path):
+            log.info("reusing the evaluation of %s", name)
+            out[name] = old["result"]
+        else:
+            todo[name] = path
+    for name, res in common.evaluate_all(todo, args).items():
+        (args.work_dir / f"{name}.eval.json").write_text(json.dumps({"key": key(paths[name]), "result": res}))
+        out[name] = res
+    return {name: out[name] for name in paths}
 
 
 def widths(config: dict) -> str:
@@ -118,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", default=",".join(RUNS), help="comma-separated <score>-<solver>: " + ", ".join(RUNS))
     p.add_argument("--target", type=float, default=0.2, help="fraction of the decoder-block parameters removed")
     p.add_argument("--threads", type=int, default=None, help="torch threads of each pruning run (default: torch's)")
-    p.add_argument("--reuse", action="store_true", help="keep earlier runs whose recipe is identical")
+    p.add_argument("--reuse", action="store_true", help="keep earlier runs whose recipe is identical and their evaluations")
     common.add_common_args(p, "structured_table")
     args = p.parse_args(argv)
     names = [n.strip() for n in args.runs.split(",") if n.strip()]
@@ -128,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = common.load_average()
     common.resolve_inputs(args)
     runs = {name: prune_one(name, args) for name in names}
-    evals = common.evaluate_all({"dense": args.model} | {n: r["output"] for n, r in runs.items()}, args)
+    evals = evaluate_cached({"dense": Path(args.model)} | {n: r["output"] for n, r in runs.items()}, args)
     dense_cfg = json.loads((Path(args.model) / "config.json").read_text())
     body = table(runs, evals, dense_cfg) + "\n\n" + best_line(runs, evals)
     print(body)
