@@ -341,12 +341,10 @@ class AllocationJob:
         from engine import scoring
 
         need = self.S if self._needs_errors() else None
-        probe = self.scoring_settings(removed, ())
         info = getattr(rt, "dist", None)
-        key = scoring.cache_key(reader.fingerprint(), ids, rt.dtype, info.world_size if info else 1, probe)
-        entry = self._cached.get(key)
-        self.score_info = {"file": self._scores_path.name, "key": key, "reused": scoring.covers(entry, need)}
-        if not self.score_info["reused"]:
+        key, entry = self._cached_entry(reader, rt, ids, removed, need)
+        self.score_info = {"file": self._scores_path.name, "key": key, "reused": entry is not None}
+        if entry is None:
             grid = tuple(sorted(set(scoring.ERROR_GRID) | {round(self.S, 6)})) if need is not None else ()
             settings = self.scoring_settings(removed, grid)
             if embed is not None:
@@ -359,14 +357,27 @@ class AllocationJob:
             layers = scoring.scoring_pass(reader, self.adapter, cache, rt, settings,
                                           {i: m.params for i, m in self.models.items()}, plan_fn)
             entry = {"settings": settings.identity(), "grid": list(grid), "layers": layers}
-            self._cached[key] = json_roundtrip(entry)
-            if info is None or info.is_main:
-                scoring.write_scores(self._scores_path, self._cached)
         else:
             log.info("allocation: reusing the scores in %s (key %s)", self._scores_path, key)
-            if info is None or info.is_main:  # the writer may have cleared the output directory
-                scoring.write_scores(self._scores_path, self._cached)
-        return json_roundtrip(self._cached[key])["layers"]
+        self._cached[key] = json_roundtrip(entry)
+        if info is None or info.is_main:  # (again when reused: the writer may have cleared the output directory)
+            scoring.write_scores(self._scores_path, self._cached)
+        return json_roundtrip(entry)["layers"]
+
+    def _cached_entry(self, reader, rt, ids: torch.Tensor, removed: list[int], need: float | None):
+        """(cache key, the cached entry when it answers this run, else None): the same on every rank (the key hashes
+        every rank's slice of the calibration; rank 0's file decides), so all ranks score together or none does."""
+        from engine import scoring
+        from sharding.dist import all_gather_object, broadcast_object
+
+        info = getattr(rt, "dist", None)
+        multi = info is not None and info.enabled
+        digests = all_gather_object(scoring.ids_digest(ids), info) if multi else None
+        key = scoring.cache_key(reader.fingerprint(), ids, rt.dtype, info.world_size if info else 1,
+                                self.scoring_settings(removed, ()), rank_digests=digests)
+        entry = self._cached.get(key)
+        entry = entry if scoring.covers(entry, need) else None
+        return key, (broadcast_object(entry, info) if multi else entry)
 
     def _make_coordinator(self, scores: list[dict]) -> Coordinator:
         from engine.scoring import layer_energies

@@ -18,9 +18,12 @@ anything, it records (`docs/allocation.md` has the formulas):
   exact ``Σ_t ‖W_{:,R} x_{t,R}‖² = tr(W_R H_RR W_Rᵀ)`` of the down_proj input Gram (removing MLP channels changes
   the block output by exactly that; for routed experts the Gram of the routed tokens, routing weights ignored);
 - `errors[S]`, for each global target ``S`` of the grid: the relative block output error
-  ``Σ‖y_pruned − y‖² / Σ‖y‖²`` when this block alone is pruned at ``S`` (its dense input, the stage's score,
+  ``Σ_t ‖y'_t − y_t‖² / Σ_t ‖y_t‖²`` when this block alone is pruned at ``S`` (its dense input, the stage's score,
   no reconstruction: removed units' consumer columns, or the masked weights, set to zero; structured: KV groups
-  and channels divided by the run's `split`, with this layer's curves), one masked forward each.
+  and channels divided by the run's `split`, with this layer's curves), one masked forward each; also
+  `errors_token[S]` = ``mean_t ‖y'_t − y_t‖² / ‖y_t‖²`` from the same forwards (recorded, not used by default: the
+  pooled ratio is dominated by tokens with massive activations, e.g. SmolLM2-135M's BOS token from block 11 on, yet
+  it gave better allocations than the per-token one; docs/allocation.md has the measurements).
 
 Results are cached in ``<output>/blockprune_scores.json`` under a key hashing the input checkpoint's fingerprint,
 the calibration token ids, the compute dtype, the world size and the scoring settings (not the target, the rule or
@@ -56,7 +59,7 @@ log = logging.getLogger(__name__)
 
 SCORES_FILE = "blockprune_scores.json"
 SCORES_FORMAT = "blockprune-scores"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 3  # 3: `errors` pooled over tokens, `errors_token` per token (2 used per-token `errors`)
 ERROR_GRID: tuple[float, ...] = (0.1, 0.3, 0.5)  # global targets at which block errors are measured (plus the run's)
 CHANNEL_GRID: tuple[float, ...] = tuple(k / 32 for k in range(33))  # channel fractions of `channel_error`
 ERROR_FLOOR = 1e-12  # errors below this count as this (log of zero)
@@ -98,13 +101,24 @@ class ScoringSettings:
 # --------------------------------------------------------------------------------------------- cache file
 
 
-def cache_key(fingerprint: str, ids: Tensor, dtype: torch.dtype, world_size: int, settings: ScoringSettings) -> str:
-    """sha256 (hex, 24 digits) of everything the scores depend on (see the module docstring)."""
+def ids_digest(ids: Tensor) -> str:
+    """sha256 (hex) of calibration token ids and their shape."""
+    return hashlib.sha256(_ids_bytes(ids)).hexdigest()
+
+
+def _ids_bytes(ids: Tensor) -> bytes:
+    return ids.detach().to(torch.int64).cpu().contiguous().numpy().tobytes() + str(tuple(ids.shape)).encode()
+
+
+def cache_key(fingerprint: str, ids: Tensor, dtype: torch.dtype, world_size: int, settings: ScoringSettings,
+              rank_digests: list[str] | None = None) -> str:
+    """sha256 (hex, 24 digits) of everything the scores depend on (see the module docstring). With several ranks
+    pass every rank's `ids_digest` in rank order (each rank holds a slice of the calibration), so that all ranks
+    compute the same key."""
     h = hashlib.sha256()
     h.update(json.dumps({"version": FORMAT_VERSION, "model": fingerprint, "dtype": str(dtype),
                          "world_size": world_size, "settings": settings.identity()}, sort_keys=True).encode())
-    h.update(ids.detach().to(torch.int64).cpu().contiguous().numpy().tobytes())
-    h.update(str(tuple(ids.shape)).encode())
+    h.update(_ids_bytes(ids) if rank_digests is None else "|".join(rank_digests).encode())
     return h.hexdigest()[:24]
 
 
@@ -148,8 +162,8 @@ def covers(entry: dict | None, target: float | None) -> bool:
 
 
 def error_at(layer: dict, target: float) -> float:
-    """The layer's relative block output error at global target `target`: measured when `target` is in its grid,
-    else log-interpolated between the two nearest grid targets."""
+    """The layer's relative block output error at global target `target`: measured when `target` is in its grid, else
+    log-interpolated between the two nearest grid targets."""
     grid = sorted((float(k), float(v)) for k, v in layer["errors"].items())
     if not grid:
         raise ValueError(f"layer {layer['layer']}: no block errors were measured (scores without a grid)")
@@ -230,15 +244,17 @@ def _score_block(i: int, block: nn.Module, adapter: ArchAdapter, cache, rt, sett
     if settings.kind == "structured":
         orders, rec["score_stats"], curves = _structured_scores(adapter, block, i, stats, settings, norm)
         heads = next((o for o in orders if o.kind == "kv_group"), None)
-        if heads is not None:  # measured: removing r groups, r = 0 .. n_kv − 1
+        if heads is not None:  # measured: removing r groups, r = 0 .. n_kv − 1 (pooled, like channel_error)
             curves["head_error"] = [0.0] + [_masked_error(adapter, block, cache, rt, _unit_masks(
-                adapter, block, i, [heads], {"kv_group": r})) / norm for r in range(1, heads.order.numel())]
+                adapter, block, i, [heads], {"kv_group": r}))[0] / norm for r in range(1, heads.order.numel())]
         rec.update(curves)
         masks = lambda S: _unit_masks(adapter, block, i, orders, plan_fn(i, S * P, rec) if plan_fn else {})
     else:
         rec["score_stats"] = _weight_score_stats(adapter, block, specs, stats, settings.score)
         masks = lambda S: _weight_masks(adapter, block, specs, stats, settings.score, S)
-    rec["errors"] = {_grid_key(S): _masked_error(adapter, block, cache, rt, masks(S)) / norm for S in settings.grid}
+    measured = {_grid_key(S): _masked_error(adapter, block, cache, rt, masks(S)) for S in settings.grid}
+    rec["errors"] = {k: pooled / norm for k, (pooled, _) in measured.items()}
+    rec["errors_token"] = {k: per_token / tokens for k, (_, per_token) in measured.items()}
     return rec
 
 
@@ -479,13 +495,17 @@ def _zeroed(pairs: list[tuple[Tensor, Tensor]]) -> Iterator[None]:
                 W[:, sel] = old
 
 
-def _masked_error(adapter: ArchAdapter, block: nn.Module, cache, rt, pairs: list[tuple[Tensor, Tensor]]) -> float:
-    """``Σ_t ‖y_masked − y‖²`` over every micro-batch (the dense outputs are the cache's outputs), all ranks."""
+def _masked_error(adapter: ArchAdapter, block: nn.Module, cache, rt,
+                  pairs: list[tuple[Tensor, Tensor]]) -> tuple[float, float]:
+    """``(Σ_t ‖y'_t − y_t‖², Σ_t ‖y'_t − y_t‖² / ‖y_t‖²)`` over every micro-batch and rank, ``y'`` the block with
+    `pairs` zeroed, ``y`` the dense outputs (the cache's outputs)."""
     if not pairs:
-        return 0.0
-    num = 0.0
+        return 0.0, 0.0
+    pooled = per_token = 0.0
     with _zeroed(pairs):
         for b, x, ctx in _batches(adapter, cache, rt):
-            y = adapter.block_forward(block, x, ctx)
-            num += float((y.double() - cache.get_output(b).double()).square().sum())
-    return _reduce_float(num, rt)
+            ref = cache.get_output(b).double()
+            d = (adapter.block_forward(block, x, ctx).double() - ref).square().sum(-1)
+            pooled += float(d.sum())
+            per_token += float((d / ref.square().sum(-1).clamp_min(1e-30)).sum())
+    return _reduce_float(pooled, rt), _reduce_float(per_token, rt)

@@ -397,3 +397,28 @@ def test_plan_mentions_the_scoring_pass(tiny_ckpt, tmp_path):
     assert "allocation softmax: a scoring pass first (1 dense + up to 5 masked forwards" in text  # 4 + (2 − 1)
     uniform = config_from_dict(recipe(tiny_ckpt("llama"), tmp_path / "o", tmp_path / "c", [STRUCT]))
     assert make_plan(uniform).allocation is None
+
+
+@pytest.mark.slow
+def test_two_ranks_plan_like_one_and_share_the_scores(tiny_ckpt, calib_file, tmp_path):
+    """`--nproc 2`: the scoring pass reduces over ranks, so the per-layer widths equal one rank's; a re-tempered rerun
+    into the same directory reuses the scores on both ranks (one key for all ranks: no rank scores alone)."""
+    import yaml
+
+    src = _layers4(tiny_ckpt, "llama")
+    stage = {**STRUCT, "allocation": {"rule": "softmax", "temperature": 0.5}}
+    one = run(config_from_dict(recipe(src, tmp_path / "one", calib_file, [stage])))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for k, t in enumerate((0.5, 0.7)):
+        r = recipe(src, tmp_path / "two", calib_file, [{**stage, "allocation": {"rule": "softmax", "temperature": t}}],
+                   overwrite=k > 0)
+        (tmp_path / "two.yaml").write_text(yaml.safe_dump(r))
+        p = subprocess.run([sys.executable, "-m", "launch", "run", str(tmp_path / "two.yaml"), "--nproc", "2"],
+                           capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], env=env, timeout=600)
+        assert p.returncode == 0, p.stderr[-4000:]
+        two = json.loads((tmp_path / "two" / "blockprune_report.json").read_text())
+        assert two["world_size"] == 2 and two["allocation"]["scores"]["reused"] is (k > 0)
+        if k == 0:
+            assert [r["remove"] for r in two["allocation"]["layers"]] == [r["remove"] for r in one["allocation"]["layers"]]
+            assert json.loads((tmp_path / "two" / "config.json").read_text())["blockprune"] == json.loads(
+                (tmp_path / "one" / "config.json").read_text())["blockprune"]

@@ -1,18 +1,20 @@
 """Global allocation on SmolLM2-135M: structured pruning with uniform, OWL and softmax per-layer budgets.
 
-    nice -n 10 python -m launch.benchmarks.allocation_table [--budgets 0.2,0.35] [--temperatures 0.5,1,2]
+    nice -n 10 python -m launch.benchmarks.allocation_table [--budgets 0.2,0.35] [--temperatures 1,0.5,2]
+        [--energies error,influence,score]
         [--score wanda --solver closed_form] [--samples 32 --seq-len 512] [--write-results]
 
 Per budget (fraction of the non-embedding parameters removed) one structured run per rule, each in its own
-``python -m launch run`` child, one after the other: ``uniform`` (stock output), ``softmax`` at every temperature
-(energy `error` by default), ``equal-budgets`` (softmax at T = inf: every layer the same budget, but KV groups and
-channels divided per layer by the run's `split`, as the softmax runs do), ``owl``, ``uniform`` (stock output: the
-same units in every layer) and, at the `--compare-split` budgets, softmax at the first temperature with the uniform rule's split of KV groups and channels (``-proportional``). The first softmax run of a
-budget does the scoring pass; the later runs of the same budget start from a copy of its ``blockprune_scores.json``
-(what a re-tempered run does), so the score pass is paid once per budget and split (block errors are measured with
-the run's split). Every output is then evaluated on Hamlet with the package's own loader
-(`engine.load_pruned`: non-uniform checkpoints need it or ``trust_remote_code``). Reported per run: perplexity,
-the achieved fraction of the block parameters removed and the per-layer spread, wall times.
+``python -m launch run`` child, one after the other: ``softmax`` at every temperature for every energy (`error`,
+then `influence` and `score`: rows ``softmax-<energy>-T<t>``), ``equal-budgets`` (softmax at T = inf: every layer
+the same budget, but KV groups and channels divided per layer by the run's `split`, as the softmax runs do),
+``owl``, ``uniform`` (stock output: the same units in every layer) and, at the `--compare-split` budgets, softmax
+at the first temperature with the uniform rule's split of KV groups and channels (``-proportional``). The first
+softmax run of a budget does the scoring pass; the later runs of the same budget start from a copy of its
+``blockprune_scores.json`` (what a re-tempered run does), so the score pass is paid once per budget and split
+(block errors are measured with the run's split). Every output is then evaluated on Hamlet with the package's own
+loader (`engine.load_pruned`: non-uniform checkpoints need it or ``trust_remote_code``). Reported per run:
+perplexity, the achieved fraction of the block parameters removed and the per-layer spread, wall times.
 """
 
 from __future__ import annotations
@@ -40,15 +42,16 @@ def stage(args: argparse.Namespace, budget: float, alloc: dict) -> dict:
 
 def runs_for(budget: float, args: argparse.Namespace) -> list[tuple[str, dict]]:
     """(run name, allocation mapping) of one budget, in execution order (softmax first: it scores)."""
-    out = [(f"softmax-T{t:g}", {"rule": "softmax", "temperature": t, "energy": args.energy, "split": args.split})
-           for t in args.temps]
+    out = [(f"softmax-T{t:g}" if e == args.energy_list[0] else f"softmax-{e}-T{t:g}",
+            {"rule": "softmax", "temperature": t, "energy": e, "split": args.split})
+           for e in args.energy_list for t in args.temps]
     # T = inf: every layer the same budget, through the coordinator with the run's split (isolates the split)
-    out += [("equal-budgets", {"rule": "softmax", "temperature": math.inf, "energy": args.energy,
-                               "split": args.split})]
+    out += [("equal-budgets", {"rule": "softmax", "temperature": math.inf, "split": args.split})]
     out += [("owl", {"rule": "owl", "split": args.split}), ("uniform", {"rule": "uniform"})]
     if args.split != "proportional" and budget in args.split_list:  # the split within layers: its own scores
         out.append((f"softmax-T{args.temps[0]:g}-proportional", {"rule": "softmax", "temperature": args.temps[0],
-                                                                  "energy": args.energy, "split": "proportional"}))
+                                                                  "energy": args.energy_list[0],
+                                                                  "split": "proportional"}))
     return out
 
 
@@ -116,17 +119,23 @@ def table(rows: list[dict], dense: float) -> str:
                                   "per-layer min / max", "scores", "prune s"], body)
 
 
-def best_lines(rows: list[dict]) -> list[str]:
-    """One line per budget: softmax (T=1) and the best softmax vs uniform and OWL."""
+def best_lines(rows: list[dict], energies: list[str]) -> list[str]:
+    """One line per budget: the best softmax run of each energy against uniform, equal budgets and OWL."""
     out = []
     for b in sorted({r["budget"] for r in rows}):
         rs = {r["run"]: r["ppl"] for r in rows if r["budget"] == b}
-        soft = {k: v for k, v in rs.items() if k.startswith("softmax")}
-        if "uniform" in rs and soft:
-            k = min(soft, key=soft.get)
-            verdict = "beats" if soft[k] < rs["uniform"] else "does NOT beat"
-            out.append(f"- target {b:g}: best softmax ({k}) ppl {soft[k]:.3f} {verdict} uniform {rs['uniform']:.3f}"
-                       + (f"; OWL {rs['owl']:.3f}" if "owl" in rs else ""))
+        if "uniform" not in rs:
+            continue
+        parts = []
+        for k, e in enumerate(energies):
+            soft = {n: v for n, v in rs.items() if n.startswith("softmax") and "proportional" not in n and (
+                (k == 0 and not any(n.startswith(f"softmax-{o}-") for o in energies[1:])) or n.startswith(f"softmax-{e}-"))}
+            if soft:
+                n = min(soft, key=soft.get)
+                verdict = "beats" if soft[n] < rs["uniform"] else "does NOT beat"
+                parts.append(f"energy `{e}`: best {n} ppl {soft[n]:.3f} ({verdict} uniform)")
+        others = ", ".join(f"{n} {rs[n]:.3f}" for n in ("uniform", "equal-budgets", "owl") if n in rs)
+        out.append(f"- target {b:g}: " + "; ".join(parts) + f"; {others}")
     return out
 
 
@@ -137,7 +146,7 @@ def section(args: argparse.Namespace, body: str, info: dict, loads: tuple[str, s
                             "smaller than the other tables (64 x 512) because the machine is shared",
              "evaluation": f"{args.eval_windows} x {args.eval_seq_len} tokens of `{args.eval_path.name}`",
              "stage": f"structured, units heads + channels, score `{args.score}`, solver `{args.solver}`; softmax "
-                      f"energy `{args.energy}`, split `{args.split}`, min 0, max 0.8"}  # fmt: skip
+                      f"energies {', '.join(f'`{e}`' for e in args.energy_list)}, split `{args.split}`, min 0, max 0.8"}  # fmt: skip
     return "\n\n".join([
         "## Global allocation: SmolLM2-135M, structured (float32, CPU)",
         f"Command: `nice -n 10 {common.command_line('launch.benchmarks.allocation_table', argv)}`",
@@ -162,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperatures", default="1,0.5,2", help="softmax temperatures (the first also scores)")
     p.add_argument("--score", default="wanda")
     p.add_argument("--solver", default="closed_form")
-    p.add_argument("--energy", default="error", help="softmax energy: error | influence | score")
+    p.add_argument("--energies", default="error,influence,score",
+                   help="softmax energies, the first is the main one (rows softmax-T*; the others softmax-<energy>-T*)")
     p.add_argument("--split", default="error", help="KV groups vs channels within a layer: error | proportional")
     p.add_argument("--compare-split", default="0.2", help="budgets at which softmax also runs with split: "
                    "proportional (a second scoring pass: block errors are measured with the run's split)")
@@ -172,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     args.budget_list = [float(b) for b in args.budgets.split(",") if b.strip()]
     args.temps = [float(t) for t in args.temperatures.split(",") if t.strip()]
     args.split_list = [float(b) for b in args.compare_split.split(",") if b.strip()]
+    args.energy_list = [e.strip() for e in args.energies.split(",") if e.strip()]
     common.setup_logging()
     load_before = common.load_average()
     common.resolve_inputs(args)
@@ -182,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.work_dir / "results.json").write_text(json.dumps(
         [{**{k: v for k, v in r.items() if k not in ("output", "report")}, "achieved": achieved(r["report"])}
          for r in rows] + [{"run": "dense", "ppl": dense}], indent=1))
-    body, lines = table(rows, dense), best_lines(rows)
+    body, lines = table(rows, dense), best_lines(rows, args.energy_list)
     print(body + "\n" + "\n".join(lines))
     if args.write_results:
         text = section(args, body, common.machine_info(), (load_before, common.load_average()), argv, lines)
