@@ -251,6 +251,9 @@ class RunConfig:
     prune: list[Any] = field(default_factory=list)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     sequential: bool = True  # feed the pruned block's outputs to the next block (False: the dense outputs)
+    # within a dense block pruned by unstructured stages: each linear group's statistics come from the groups
+    # before it already pruned, one pass per block (engine.sequential); False: all from the dense block
+    true_sequential: bool = True
     overwrite: bool = False  # replace a non-empty output directory
     resume: bool = False  # continue an interrupted run in `output` (same recipe and input)
     max_shard_size: str = "5GB"

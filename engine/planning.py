@@ -62,13 +62,21 @@ def make_plan(cfg: RunConfig) -> Plan:
         mb = min(cfg.runtime.micro_batch, c.samples)
         transient = mb * c.seq_len * (4 * widest + heads * c.seq_len) * item
         block_bytes = params * item
+        # the one-pass true-sequential path holds o_proj's and then down_proj's inputs of all tokens (engine.sequential;
+        # down_proj's only where it fits the budget, else it is recomputed: counted here as held)
+        one_pass = (cfg.sequential and cfg.true_sequential and cfg.prune
+                    and all(isinstance(st, UnstructuredStage) for st in cfg.prune)
+                    and not any(s.expert is not None for s in specs) and adapter.spec.attention == "gqa")
+        side = c.samples * c.seq_len * max((s.d_in for s in specs if s.input_id in ("attn_out", "mlp_out")),
+                                           default=0) * item if one_pass else 0
         plan.blocks.append({
             "block": i,
             "params": params,
             "linears": {s.name: [s.d_out, s.d_in] for s in specs},
             "gram_mb": gram_bytes / 2**20,
             "weights_mb": block_bytes / 2**20,
-            "peak_mb": (block_bytes * 2 + gram_bytes + transient) / 2**20,
+            "held_mb": side / 2**20,
+            "peak_mb": (block_bytes * 2 + gram_bytes + transient + side) / 2**20,
         })
     plan.non_block_params = sum(_numel(reader.info(n).shape) for n in names if n not in block_names)
     embed = _numel(reader.info(adapter.embed_key).shape) * item

@@ -187,6 +187,10 @@ def render_markdown(report: dict[str, Any], rows: list[dict[str, Any]] | None = 
     resumed = [str(r["block"]) for r in rows if r["resumed"]]
     if resumed:
         lines += ["", f"Blocks {', '.join(resumed)} were written by an earlier, interrupted run (times of that run)."]
+    one_pass = [str(b["block"]) for b in report.get("blocks", []) if b.get("output_error_on") == "first sample"]
+    if one_pass:
+        lines += ["", f"Blocks {', '.join(one_pass)} took the one-pass true-sequential path: their output error is "
+                  "measured on the first calibration sample (of each rank), not on all samples."]
     lines += allocation_markdown(report.get("allocation") or {})
     return "\n".join(lines) + "\n"
 
