@@ -23,9 +23,7 @@ pruned, ``err = 1``, column 1 gets ``−1·U_01 = 0``: result ``[[0, 2]]``, loss
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -63,19 +61,7 @@ def inverse_hessian_cholesky(H: Tensor, percdamp: float, *, retries: int = _MAX_
                        f"damping {applied:.3g}·mean(diag H); check the calibration statistics")
 
 
-@contextlib.contextmanager
-def _few_threads(t: Tensor) -> Iterator[None]:
-    """The column loop is thousands of tiny vector ops: on CPU, intra-op threads only add synchronisation (and
-    under load, spinning workers make it 10x slower), so it runs on one thread; the previous count is restored."""
-    if t.device.type != "cpu" or torch.get_num_threads() == 1:
-        yield
-        return
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
+_SUB = 16  # columns solved one by one between matrix-matrix updates inside a block
 
 
 def _prune_block(
@@ -92,22 +78,37 @@ def _prune_block(
         scores = W1.square() / d.square()
         for r0, r1, k in segments:
             mask1[r0:r1] = prune_lowest(scores[r0:r1].reshape(1, -1), k).reshape(r1 - r0, -1)
-    Err1 = torch.zeros_like(W1)
-    with _few_threads(W1):
-        _column_loop(W1, U1, mask1, d, Err1, nm)
+    Err1 = _column_updates(W1, U1, mask1, d, nm)
     return Err1, Err1.square().sum()
 
 
-def _column_loop(W1: Tensor, U1: Tensor, mask1: Tensor, d: Tensor, Err1: Tensor, nm: tuple[int, int] | None) -> None:
-    for i in range(W1.shape[1]):
-        if nm is not None and i % nm[1] == 0:
-            mask1[:, i:i + nm[1]] = nm_mask(W1[:, i:i + nm[1]].square() / d[i:i + nm[1]].square(), *nm)
-        w = W1[:, i].clone()
-        q = torch.where(mask1[:, i], w, torch.zeros_like(w))
-        err = (w - q) / d[i]
-        W1[:, i + 1:].addr_(err, U1[i, i + 1:], alpha=-1.0)
-        W1[:, i] = q
-        Err1[:, i] = err
+def _column_updates(W1: Tensor, U1: Tensor, mask1: Tensor, d: Tensor, nm: tuple[int, int] | None) -> Tensor:
+    """The column-by-column OBS recurrence of one block, ``err_i = (w_i − q_i)/d_i``, ``W_{:, i+1:} −= err_i ·
+    U_{i, i+1:}``, on the transposed block (each column a contiguous row), in sub-blocks of `_SUB` columns (of ``M``
+    for N:M, whose mask is chosen at the first column of each group from the weights updated so far): inside a
+    sub-block the rank-1 updates touch only its own columns, and the rest of the block gets one matrix-matrix
+    update per sub-block (the same sums, grouped). Fills `mask1` for N:M; writes ``q`` into `W1`; returns Err."""
+    WT = W1.T.contiguous()  # [b, r]
+    ET = torch.empty_like(WT)
+    b = WT.shape[0]
+    step = nm[1] if nm is not None else _SUB
+    pruned = None if nm is not None else (~mask1).T.to(WT.dtype) / d[:, None]  # [b, r]: 1/d_i where pruned
+    for j1 in range(0, b, step):
+        j2 = min(j1 + step, b)
+        if nm is not None:
+            keep = nm_mask((WT[j1:j2].square() / d[j1:j2, None].square()).T, *nm)  # [r, M]
+            mask1[:, j1:j2] = keep
+            part = (~keep).T.to(WT.dtype) / d[j1:j2, None]
+        else:
+            part = pruned[j1:j2]
+        for i in range(j1, j2):
+            torch.mul(WT[i], part[i - j1], out=ET[i])  # err_i (zero where kept)
+            if i + 1 < j2:
+                WT[i + 1:j2].addr_(U1[i, i + 1:j2], ET[i], alpha=-1.0)
+        if j2 < b:
+            WT[j2:].addmm_(U1[j1:j2, j2:].T, ET[j1:j2], alpha=-1.0)
+    W1.copy_(torch.where(mask1, WT.T, torch.zeros((), dtype=WT.dtype, device=WT.device)))
+    return ET.T
 
 
 def _validate(W: Tensor, H: Tensor, sparsity: float, nm: tuple[int, int] | None, blocksize: int) -> None:

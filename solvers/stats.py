@@ -72,12 +72,33 @@ def accumulate(stats: InputStats, X: Tensor) -> None:
     assert ref is not None
     X2 = X.reshape(-1, d).to(device=ref.device, dtype=ref.dtype)
     if stats.H is not None:
-        stats.H.addmm_(X2.T, X2)
+        gram_add_(stats.H, X2)
     if stats.sum is not None:
         stats.sum.add_(X2.sum(dim=0))
     if stats.sumsq is not None:
         stats.sumsq.add_(X2.square().sum(dim=0))
     stats.n += X2.shape[0]
+
+
+_GRAM_SPLIT = 4  # column blocks of `gram_add_`
+_GRAM_MIN_WIDTH = 256  # narrower inputs: one plain matmul
+
+
+def gram_add_(H: Tensor, X: Tensor) -> None:
+    """``H += XᵀX`` in place for ``X [n, d]``, computing only the blocks on and above the diagonal.
+
+    The columns are split in `_GRAM_SPLIT` blocks ``a``: ``H[a, a:] += X[:, a]ᵀ X[:, a:]``, then the block below the
+    diagonal is copied from its transpose: about 30% fewer flops than the full product (the 4-block upper triangle is
+    62.5% of it) and an exactly symmetric ``H``."""
+    d = X.shape[1]
+    if d < _GRAM_MIN_WIDTH:
+        H.addmm_(X.T, X)
+        return
+    edges = [round(k * d / _GRAM_SPLIT) for k in range(_GRAM_SPLIT + 1)]
+    for a, b in zip(edges[:-1], edges[1:]):
+        H[a:b, a:].addmm_(X[:, a:b].T, X[:, a:])
+        if b < d:
+            H[b:, a:b] = H[a:b, b:].T
 
 
 def _add(a: Tensor | None, b: Tensor | None, field: str) -> Tensor | None:

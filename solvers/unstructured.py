@@ -66,12 +66,19 @@ def check_inputs(W: Tensor, sparsity: float, where: str) -> None:
 
 
 def prune_lowest(scores: Tensor, k: int) -> Tensor:
-    """Keep-mask that prunes the ``k`` lowest scores in each row of ``scores [r, c]`` (stable: lower index first)."""
-    keep = torch.ones_like(scores, dtype=torch.bool)
-    if k > 0:
-        idx = torch.sort(scores, dim=1, stable=True).indices[:, :k]
-        keep.scatter_(1, idx, False)
-    return keep
+    """Keep-mask that prunes the ``k`` lowest scores in each row of ``scores [r, c]`` (stable: lower index first).
+
+    Selection, not a sort: the k-th smallest value per row is the threshold; everything below it is pruned, and of
+    the entries equal to it the first ``k − #below`` by index (the same set as a stable sort's first ``k``)."""
+    if k <= 0:
+        return torch.ones_like(scores, dtype=torch.bool)
+    if k >= scores.shape[1]:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    thr = torch.kthvalue(scores, k, dim=1, keepdim=True).values
+    below = scores < thr
+    tie = scores == thr
+    need = k - below.sum(dim=1, keepdim=True)
+    return ~(below | (tie & (tie.cumsum(dim=1) <= need)))
 
 
 def nm_mask(scores: Tensor, n: int, m: int) -> Tensor:

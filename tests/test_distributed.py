@@ -84,14 +84,25 @@ def cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return p
 
 
-def assert_close_checkpoints(a: Path, b: Path, rtol: float = 1e-4) -> None:
+def assert_close_checkpoints(a: Path, b: Path, rtol: float = 1e-4, max_flips: int = 4) -> None:
+    """Same names, shapes, dtypes and config; every tensor within `rtol` relative, except that SparseGPT may decide
+    a near-tie differently: a pruned matrix may differ in at most `max_flips` mask entries (a near-tie moves with
+    the float summation order alone: on the tiny Mixtral, one rank with micro_batch 1 instead of 3 swaps the same
+    2 entries of layer 2's expert 0 w2 that 2 ranks do), and then its rows with identical masks stay within `rtol`
+    (a flip changes the OBS compensation of its own row only)."""
     ta, tb = tensors_of(a), tensors_of(b)
     assert sorted(ta) == sorted(tb)
     for n in ta:
         assert ta[n].shape == tb[n].shape and ta[n].dtype == tb[n].dtype, n
         x, y = ta[n].double(), tb[n].double()
         rel = float((x - y).norm() / y.norm().clamp_min(1e-30))
-        assert rel <= rtol, f"{n}: relative difference {rel:.2e}"
+        if rel <= rtol:
+            continue
+        flips = (x == 0) != (y == 0)
+        assert x.dim() == 2 and 0 < int(flips.sum()) <= max_flips, f"{n}: relative difference {rel:.2e}"
+        same = ~flips.any(dim=1)
+        rel_same = float((x[same] - y[same]).norm() / y[same].norm().clamp_min(1e-30))
+        assert rel_same <= rtol, f"{n}: rows with the same mask differ by {rel_same:.2e}"
     assert json.loads((a / "config.json").read_text()) == json.loads((b / "config.json").read_text())
 
 

@@ -402,3 +402,16 @@ def test_sparsegpt_many_equals_one_by_one(pattern):
         assert torch.equal(one.mask, res.mask)
         torch.testing.assert_close(one.weight, res.weight, rtol=1e-5, atol=1e-6)
         assert one.info["loss"] == pytest.approx(res.info["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("d", [8, 255, 256, 577, 1031])
+def test_gram_add_upper_blocks_equal_the_full_product(d):
+    from solvers.stats import gram_add_
+
+    X = torch.randn(300, d, generator=torch.Generator().manual_seed(d), dtype=torch.float64)
+    H = torch.randn(d, d, dtype=torch.float64)
+    H = H + H.T
+    ref = H + X.T @ X
+    gram_add_(H, X)
+    assert torch.allclose(H, ref, rtol=1e-12, atol=1e-10)
+    assert torch.equal(H, H.T)
