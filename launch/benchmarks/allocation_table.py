@@ -23,6 +23,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -141,6 +142,7 @@ def best_lines(rows: list[dict], energies: list[str]) -> list[str]:
 
 def section(args: argparse.Namespace, body: str, info: dict, loads: tuple[str, str], argv: list[str],
             lines: list[str]) -> str:
+    nice = f"nice -n {os.nice(0)} " if os.nice(0) > 0 else ""
     extra = {"model": f"`{args.model}`",
              "calibration": f"{args.samples} x {args.seq_len} tokens of `{args.calib_path.name}` (seed {args.seed}); "
                             "smaller than the other tables (64 x 512) because the machine is shared",
@@ -148,8 +150,8 @@ def section(args: argparse.Namespace, body: str, info: dict, loads: tuple[str, s
              "stage": f"structured, units heads + channels, score `{args.score}`, solver `{args.solver}`; softmax "
                       f"energies {', '.join(f'`{e}`' for e in args.energy_list)}, split `{args.split}`, min 0, max 0.8"}  # fmt: skip
     return "\n\n".join([
-        "## Global allocation: SmolLM2-135M, structured (float32, CPU)",
-        f"Command: `nice -n 10 {common.command_line('launch.benchmarks.allocation_table', argv)}`",
+        f"## Global allocation: SmolLM2-135M, structured, {args.score} + {args.solver} (float32, CPU)",
+        f"Command: `{nice}{common.command_line('launch.benchmarks.allocation_table', argv)}`",
         common.machine_markdown(info, *loads, extra),
         "*uniform*: every layer removes the same KV groups and channels (stock architecture); *equal-budgets*: every "
         "layer the same budget, divided between KV groups and channels per layer by the split (softmax at T = inf); "
@@ -176,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="error", help="KV groups vs channels within a layer: error | proportional")
     p.add_argument("--compare-split", default="0.2", help="budgets at which softmax also runs with split: "
                    "proportional (a second scoring pass: block errors are measured with the run's split)")
+    p.add_argument("--section", default=SECTION, help="the section of the results file to write")
     common.add_common_args(p, "allocation_table")
     p.set_defaults(samples=32)
     args = p.parse_args(argv)
@@ -197,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     print(body + "\n" + "\n".join(lines))
     if args.write_results:
         text = section(args, body, common.machine_info(), (load_before, common.load_average()), argv, lines)
-        common.write_section(SECTION, text, args.results)
+        common.write_section(args.section, text, args.results)
     return 0
 
 
