@@ -721,13 +721,16 @@ def _solve_block(adapter: ArchAdapter, block, specs: list[LinearSpec], plan: Blo
                  stats: dict[str, InputStats], info: DistInfo | None = None) -> dict[str, dict]:
     """Prune every planned linear. Linears that read the same input under the same SparseGPT stages (q/k/v,
     gate/up) are solved together: one factorisation of H and one column loop, same result as one by one.
-    With several ranks each group is solved by one owner rank (by estimated cost) and broadcast."""
+    With several ranks each matrix is solved by one owner rank (by estimated cost) and broadcast."""
     out: dict[str, dict] = {}
     groups: dict[tuple, list[LinearSpec]] = {}
+    # with several ranks, every matrix is its own task (the same result: each matrix of a group selects among its
+    # own rows), so that a group's matrices (q | k, v; gate | up) are solved on different ranks at once
+    several = info is not None and info.enabled and info.world_size > 1
     for spec in specs:
         stages = plan.stages.get(spec.name)
         if stages:
-            shared = all(s.method == "sparsegpt" for s in stages) and spec.input_id in stats
+            shared = not several and all(s.method == "sparsegpt" for s in stages) and spec.input_id in stats
             key = (spec.input_id, tuple(id(s) for s in stages)) if shared else (spec.name,)
             groups.setdefault(key, []).append(spec)
 
