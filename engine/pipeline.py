@@ -547,17 +547,8 @@ def _process_block(i: int, cfg: RunConfig, reader: CheckpointReader, adapter: Ar
             "solve": round(t_fwd - t_solve, 4),
             "forward": round(t_write - t_fwd, 4),
         },
-        "peak_rss_mb": round(memory.peak_rss_mb(), 1),  # process peak so far (monotone)
-        "rss_mb": round(memory.rss_mb(), 1),
-        "peak_device_mb": memory.device_peak_mb(rt.device),
-        "params": sum(int(t.numel()) for t in writer_tensors.values()),
-        "nonzero": sum(int(torch.count_nonzero(t)) for t in writer_tensors.values()),
     }
-    if job.allocation is not None and decision is not None:
-        entry["allocation"] = job.allocation.record(i, entry, decision)
-    writer.write_unit(unit, writer_tensors, metadata=entry)
-    entry["time_s"]["write"] = round(time.perf_counter() - t_write, 4)
-    entry["time_s"]["total"] = round(time.perf_counter() - t0, 4)
+    entry = _write_block(i, unit, entry, writer_tensors, writer, job, decision, rt, t0, t_write)
     del writer_tensors
     _free(block)
     return entry
@@ -652,19 +643,29 @@ def _finish_true_sequential(i: int, j: int, unit: str, adapter: ArchAdapter, out
         "true_sequential": True,
         "time_s": {"load": round(t_stats - t0, 4), "stats": round(pass_s - solve_s[0], 4),
                    "solve": round(solve_s[0], 4), "forward": 0.0},
-        "peak_rss_mb": round(memory.peak_rss_mb(), 1),
+    }
+    entry = _write_block(i, unit, entry, writer_tensors, writer, job, decision, rt, t0, t_write)
+    del writer_tensors
+    _free(block)
+    return entry
+
+
+def _write_block(i: int, unit: str, entry: dict, writer_tensors: dict[str, torch.Tensor], writer: RankWriter,
+                 job: Job, decision, rt: Runtime, t0: float, t_write: float) -> dict:
+    """Complete block `i`'s report entry (memory, sizes, its allocation record), write the block as `unit` with
+    it, and add the write and total times."""
+    entry.update({
+        "peak_rss_mb": round(memory.peak_rss_mb(), 1),  # process peak so far (monotone)
         "rss_mb": round(memory.rss_mb(), 1),
         "peak_device_mb": memory.device_peak_mb(rt.device),
         "params": sum(int(t.numel()) for t in writer_tensors.values()),
         "nonzero": sum(int(torch.count_nonzero(t)) for t in writer_tensors.values()),
-    }
+    })
     if job.allocation is not None and decision is not None:
         entry["allocation"] = job.allocation.record(i, entry, decision)
     writer.write_unit(unit, writer_tensors, metadata=entry)
     entry["time_s"]["write"] = round(time.perf_counter() - t_write, 4)
     entry["time_s"]["total"] = round(time.perf_counter() - t0, 4)
-    del writer_tensors
-    _free(block)
     return entry
 
 
