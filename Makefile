@@ -23,6 +23,7 @@ $(STAMP): pyproject.toml Makefile
 
 lint: setup
 	$(VENV)/bin/ruff check engine solvers sharding launch tests
+	$(VENV)/bin/ruff format --check engine solvers sharding launch tests
 
 test: lint
 	$(PY) -m pytest -q tests

@@ -196,11 +196,20 @@ class ArchAdapter:
         if self.spec.attention == "gqa":
             names = [("q_proj", "attn_in"), ("k_proj", "attn_in"), ("v_proj", "attn_in"), ("o_proj", "attn_out")]
         elif block.self_attn.q_lora_rank is None:
-            names = [("q_proj", "attn_in"), ("kv_a_proj_with_mqa", "attn_in"), ("kv_b_proj", "kv_b_in"),
-                     ("o_proj", "attn_out")]  # fmt: skip
+            names = [
+                ("q_proj", "attn_in"),
+                ("kv_a_proj_with_mqa", "attn_in"),
+                ("kv_b_proj", "kv_b_in"),
+                ("o_proj", "attn_out"),
+            ]
         else:
-            names = [("q_a_proj", "attn_in"), ("kv_a_proj_with_mqa", "attn_in"), ("q_b_proj", "q_b_in"),
-                     ("kv_b_proj", "kv_b_in"), ("o_proj", "attn_out")]  # fmt: skip
+            names = [
+                ("q_a_proj", "attn_in"),
+                ("kv_a_proj_with_mqa", "attn_in"),
+                ("q_b_proj", "q_b_in"),
+                ("kv_b_proj", "kv_b_in"),
+                ("o_proj", "attn_out"),
+            ]
         return [self._dense(block, f"self_attn.{n}", g) for n, g in names]
 
     def _mlp_linears(self, block: nn.Module) -> list[LinearSpec]:
@@ -280,14 +289,21 @@ class ArchAdapter:
         attn = block.self_attn
         if self.spec.attention == "mla":
             q = "self_attn.q_proj" if attn.q_lora_rank is None else "self_attn.q_b_proj"
-            members = ((q, 0, attn.qk_head_dim), ("self_attn.kv_b_proj", 0, attn.qk_nope_head_dim + attn.v_head_dim),
-                       ("self_attn.o_proj", 1, attn.v_head_dim))  # fmt: skip
+            members = (
+                (q, 0, attn.qk_head_dim),
+                ("self_attn.kv_b_proj", 0, attn.qk_nope_head_dim + attn.v_head_dim),
+                ("self_attn.o_proj", 1, attn.v_head_dim),
+            )
             return UnitGroup("head", attn.o_proj.in_features // attn.v_head_dim, members)
         hd = attn.head_dim
         n_kv = attn.k_proj.out_features // hd
         per_group = attn.q_proj.out_features // n_kv
-        members = (("self_attn.q_proj", 0, per_group), ("self_attn.k_proj", 0, hd), ("self_attn.v_proj", 0, hd),
-                   ("self_attn.o_proj", 1, per_group))  # fmt: skip
+        members = (
+            ("self_attn.q_proj", 0, per_group),
+            ("self_attn.k_proj", 0, hd),
+            ("self_attn.v_proj", 0, hd),
+            ("self_attn.o_proj", 1, per_group),
+        )
         return UnitGroup("kv_group", n_kv, members)
 
     def _expert_units(self, block: nn.Module, num_e: int) -> UnitGroup:

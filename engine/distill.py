@@ -109,8 +109,10 @@ class DistillConfig:
             raise ConfigError("distill.deepspeed: expected a mapping of DeepSpeed config overrides")
         stage = self.deepspeed.get("zero_stage", (self.deepspeed.get("zero_optimization") or {}).get("stage", 3))
         if stage != 3:
-            raise ConfigError(f"distill.deepspeed zero stage = {stage!r}: only 3 is supported (the student and "
-                              "teacher are partitioned at load and the masks address ZeRO-3 partitions)")
+            raise ConfigError(
+                f"distill.deepspeed zero stage = {stage!r}: only 3 is supported (the student and "
+                "teacher are partitioned at load and the masks address ZeRO-3 partitions)"
+            )
         for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
             if key in self.deepspeed:
                 raise ConfigError(f"distill.deepspeed.{key}: set batch_size / micro_batch instead")
@@ -170,8 +172,10 @@ def check_inputs(cfg: DistillConfig, world: int) -> int:
     """Fail before any weight is read: paths, output, vocabularies, batch split. Returns the micro-batch size."""
     student, teacher = _read_config(cfg.student, "student"), _read_config(cfg.teacher, "teacher")
     if student.get("vocab_size") != teacher.get("vocab_size"):
-        raise ConfigError(f"distill: student vocab_size {student.get('vocab_size')} != teacher vocab_size "
-                          f"{teacher.get('vocab_size')} (the KL needs the same vocabulary)")
+        raise ConfigError(
+            f"distill: student vocab_size {student.get('vocab_size')} != teacher vocab_size "
+            f"{teacher.get('vocab_size')} (the KL needs the same vocabulary)"
+        )
     if not Path(cfg.data).expanduser().exists():
         raise ConfigError(f"distill.data = {cfg.data}: not found")
     out = Path(cfg.output)
@@ -183,8 +187,9 @@ def check_inputs(cfg: DistillConfig, world: int) -> int:
         raise ConfigError(f"distill.output {out} is the student or teacher directory")
     micro = cfg.micro_batch or max(1, cfg.batch_size // world)
     if cfg.batch_size % (micro * world):
-        raise ConfigError(f"distill: batch_size {cfg.batch_size} is not a multiple of micro_batch {micro} x "
-                          f"{world} rank(s)")
+        raise ConfigError(
+            f"distill: batch_size {cfg.batch_size} is not a multiple of micro_batch {micro} x {world} rank(s)"
+        )
     return micro
 
 
@@ -236,10 +241,18 @@ def _prepare(cfg: DistillConfig, rank: int, world: int, micro: int) -> _Job:
 
     t0 = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(cfg.student)
-    windows = training_windows(cfg.data, cfg.seq_len, cfg.samples or cfg.steps * cfg.batch_size, cfg.seed, tok,
-                               cfg.text_field)
-    ds_cfg = student_ds_config(batch_size=cfg.batch_size, micro_batch=micro, world=world, lr=cfg.lr,
-                               weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, overrides=cfg.deepspeed)
+    windows = training_windows(
+        cfg.data, cfg.seq_len, cfg.samples or cfg.steps * cfg.batch_size, cfg.seed, tok, cfg.text_field
+    )
+    ds_cfg = student_ds_config(
+        batch_size=cfg.batch_size,
+        micro_batch=micro,
+        world=world,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        grad_clip=cfg.grad_clip,
+        overrides=cfg.deepspeed,
+    )
     with zero3_loading(ds_cfg):
         student = load_partitioned(cfg.student)
         teacher = load_partitioned(cfg.teacher)
@@ -249,15 +262,23 @@ def _prepare(cfg: DistillConfig, rank: int, world: int, micro: int) -> _Job:
     scheduler = None
     if "scheduler" not in ds_cfg:  # a scheduler in the overrides replaces the recipe's lr_schedule
         scheduler = _scheduler_factory(cfg)
-    engine, *_ = deepspeed.initialize(model=student, model_parameters=[p for p in student.parameters()],
-                                      config=ds_cfg, lr_scheduler=scheduler)
+    engine, *_ = deepspeed.initialize(
+        model=student, model_parameters=[p for p in student.parameters()], config=ds_cfg, lr_scheduler=scheduler
+    )
     teacher_engine, *_ = deepspeed.initialize(model=teacher, config=teacher_ds_config(ds_cfg, world))
     teacher_engine.eval()
     log.debug("distill: DeepSpeed engines ready after %.1f s", time.perf_counter() - t0)
     job = _Job(cfg, rank, world, micro, windows, engine, teacher_engine, eos_id=tok.eos_token_id)
     job.masks = record_masks(engine.module, cfg.mask_threshold)
-    log.info("distill: %d rank(s), %d x %d tokens per step (micro-batch %d, %d accumulation step(s)), %d steps",
-             world, cfg.batch_size, cfg.seq_len, micro, ds_cfg["gradient_accumulation_steps"], cfg.steps)
+    log.info(
+        "distill: %d rank(s), %d x %d tokens per step (micro-batch %d, %d accumulation step(s)), %d steps",
+        world,
+        cfg.batch_size,
+        cfg.seq_len,
+        micro,
+        ds_cfg["gradient_accumulation_steps"],
+        cfg.steps,
+    )
     return job
 
 
@@ -277,16 +298,24 @@ def _train(job: _Job) -> None:
     from engine.distill_data import rank_micro_batches, step_indices
 
     cfg = job.cfg
-    bar = tqdm(range(cfg.steps), desc="distill", unit="step", dynamic_ncols=True,
-               disable=not (cfg.progress and job.rank == 0))
+    bar = tqdm(
+        range(cfg.steps), desc="distill", unit="step", dynamic_ncols=True, disable=not (cfg.progress and job.rank == 0)
+    )
     for step in bar:
         idx = step_indices(job.windows.shape[0], cfg.batch_size, step, cfg.seed)
         rec = _step(job, step, rank_micro_batches(idx, job.rank, job.world, job.micro))
         job.records.append(rec)
         bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            log.info("step %d/%d: loss %.4f, kd %.4f, lr %.3g, %.0f tokens/s", step + 1, cfg.steps, rec["loss"],
-                     rec["kd"], rec["lr"], rec["tokens_per_s"])
+            log.info(
+                "step %d/%d: loss %.4f, kd %.4f, lr %.3g, %.0f tokens/s",
+                step + 1,
+                cfg.steps,
+                rec["loss"],
+                rec["kd"],
+                rec["lr"],
+                rec["tokens_per_s"],
+            )
     bar.close()
 
 
@@ -311,22 +340,35 @@ def _step(job: _Job, step: int, micro_batches: list[torch.Tensor]) -> dict:
             teacher_logits = job.teacher(input_ids=ids).logits
         teacher_s += time.perf_counter() - t1
         student_logits = engine(input_ids=ids).logits
-        loss, parts = distill_loss(student_logits, teacher_logits, ids, temperature=cfg.temperature,
-                                   lm_loss_weight=cfg.lm_loss_weight,
-                                   valid=None if valid is None else valid.to(ids.device))
+        loss, parts = distill_loss(
+            student_logits,
+            teacher_logits,
+            ids,
+            temperature=cfg.temperature,
+            lm_loss_weight=cfg.lm_loss_weight,
+            valid=None if valid is None else valid.to(ids.device),
+        )
         engine.backward(loss)
         engine.step()
         n = float(ids[:, 1:].numel() if valid is None else valid.sum())
-        sums += torch.tensor([float(loss.detach()) * n, parts["kd"] * n, parts.get("lm", 0.0) * n, n],
-                             dtype=torch.float64)
+        sums += torch.tensor(
+            [float(loss.detach()) * n, parts["kd"] * n, parts.get("lm", 0.0) * n, n], dtype=torch.float64
+        )
         del teacher_logits, student_logits, loss
     apply_masks(job.masks)
     dist.all_reduce(sums)
     wall = time.perf_counter() - t0
     tokens = float(sums[3])
-    rec = {"step": step + 1, "loss": float(sums[0]) / tokens, "kd": float(sums[1]) / tokens, "lr": lr,
-           "tokens": int(tokens), "step_s": round(wall, 4), "tokens_per_s": round(tokens / wall, 1),
-           "teacher_s": round(teacher_s, 4)}
+    rec = {
+        "step": step + 1,
+        "loss": float(sums[0]) / tokens,
+        "kd": float(sums[1]) / tokens,
+        "lr": lr,
+        "tokens": int(tokens),
+        "step_s": round(wall, 4),
+        "tokens_per_s": round(tokens / wall, 1),
+        "teacher_s": round(teacher_s, 4),
+    }
     if cfg.lm_loss_weight > 0:
         rec["lm"] = float(sums[2]) / tokens
     if cfg.self_data:
@@ -341,8 +383,14 @@ def _batch(job: _Job, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     from engine.distill_data import self_data_batch
 
     t = time.perf_counter()
-    ids, valid = self_data_batch(job.teacher.module, windows.to(job.engine.device), job.cfg.prompt_len,
-                                 job.cfg.gen_temperature, job.eos_id, synced=job.world > 1)
+    ids, valid = self_data_batch(
+        job.teacher.module,
+        windows.to(job.engine.device),
+        job.cfg.prompt_len,
+        job.cfg.gen_temperature,
+        job.eos_id,
+        synced=job.world > 1,
+    )
     return ids, valid, time.perf_counter() - t
 
 
@@ -356,18 +404,26 @@ def _summary(job: _Job, t_load: float, t_train: float) -> dict:
     head = recs[: max(1, len(recs) // 10)]
     tail = recs[-max(1, len(recs) // 10) :]
     return {
-        "student": job.cfg.student, "teacher": job.cfg.teacher, "output": job.cfg.output, "rank": job.rank,
-        "world_size": job.world, "steps": len(recs), "windows": int(job.windows.shape[0]),
+        "student": job.cfg.student,
+        "teacher": job.cfg.teacher,
+        "output": job.cfg.output,
+        "rank": job.rank,
+        "world_size": job.world,
+        "steps": len(recs),
+        "windows": int(job.windows.shape[0]),
         "tokens": sum(r["tokens"] for r in recs),
-        "loss_first": recs[0]["loss"], "loss_last": recs[-1]["loss"],
+        "loss_first": recs[0]["loss"],
+        "loss_last": recs[-1]["loss"],
         "loss_first_10pct": sum(r["loss"] for r in head) / len(head),
         "loss_last_10pct": sum(r["loss"] for r in tail) / len(tail),
         "teacher_share": round(sum(r["teacher_s"] for r in recs) / max(1e-9, sum(r["step_s"] for r in recs)), 4),
-        "masked_tensors": len(job.masks), "masked_zeros": sum(m.zeros for m in job.masks.values()),
-        "load_s": round(t_load, 2), "train_s": round(t_train, 2),
+        "masked_tensors": len(job.masks),
+        "masked_zeros": sum(m.zeros for m in job.masks.values()),
+        "load_s": round(t_load, 2),
+        "train_s": round(t_train, 2),
         "tokens_per_s": round(sum(r["tokens"] for r in recs) / max(1e-9, t_train), 1),
         "peak_rss_mb_rank0": round(memory.peak_rss_mb(), 1),
-    }  # fmt: skip
+    }
 
 
 def _save(job: _Job, summary: dict, t0: float) -> None:
@@ -393,6 +449,11 @@ def _save(job: _Job, summary: dict, t0: float) -> None:
         extra[REPORT_FILE] = json.dumps(summary, indent=2) + "\n"
         config = json.loads((student / "config.json").read_text())
         writer.finalize(config, source_dir=student, extra_files=extra)
-        log.info("distill: wrote %s (loss %.4f -> %.4f, %.1f s)", cfg.output, summary["loss_first"],
-                 summary["loss_last"], summary["wall_time_s"])
+        log.info(
+            "distill: wrote %s (loss %.4f -> %.4f, %.1f s)",
+            cfg.output,
+            summary["loss_first"],
+            summary["loss_last"],
+            summary["wall_time_s"],
+        )
     dist.barrier()

@@ -25,8 +25,9 @@ from engine.calibration import CalibrationConfig, CalibrationError
 log = logging.getLogger(__name__)
 
 
-def training_windows(data: str, seq_len: int, samples: int, seed: int, tokenizer: Any,
-                     text_field: str = "text") -> Tensor:
+def training_windows(
+    data: str, seq_len: int, samples: int, seed: int, tokenizer: Any, text_field: str = "text"
+) -> Tensor:
     """Up to `samples` disjoint windows `[n, seq_len]` int64 from `data` (module docstring); CalibrationError when
     the source holds not even one window."""
     cfg = CalibrationConfig(data=str(data), samples=samples, seq_len=seq_len, seed=seed, text_field=text_field)
@@ -38,8 +39,13 @@ def training_windows(data: str, seq_len: int, samples: int, seed: int, tokenizer
     if n < 1:
         raise CalibrationError(f"{data}: {stream.numel()} tokens found, one window of {window} tokens needed")
     if n < samples:
-        log.warning("distill data: %s holds %d windows of %d tokens, %d asked; the run cycles over them", data, n,
-                    seq_len, samples)
+        log.warning(
+            "distill data: %s holds %d windows of %d tokens, %d asked; the run cycles over them",
+            data,
+            n,
+            seq_len,
+            samples,
+        )
     ids = cal._sample_windows(stream, n, window, seed)
     if bos is not None:
         ids = torch.cat([torch.full((n, 1), bos, dtype=torch.int64), ids], dim=1)
@@ -63,8 +69,9 @@ def rank_micro_batches(indices: Tensor, rank: int, world: int, micro: int) -> li
 
 
 @torch.no_grad()
-def self_data_batch(teacher: torch.nn.Module, windows: Tensor, prompt_len: int, temperature: float,
-                    eos_id: int | None, synced: bool) -> tuple[Tensor, Tensor]:
+def self_data_batch(
+    teacher: torch.nn.Module, windows: Tensor, prompt_len: int, temperature: float, eos_id: int | None, synced: bool
+) -> tuple[Tensor, Tensor]:
     """Self-data: the teacher continues the first `prompt_len` tokens of each window up to the window's length.
 
     Returns `(ids [b, L], valid [b, L-1])`: the prompt followed by the teacher's response, padded with EOS after
@@ -76,9 +83,17 @@ def self_data_batch(teacher: torch.nn.Module, windows: Tensor, prompt_len: int, 
     kwargs: dict[str, Any] = {"do_sample": temperature > 0, "top_k": None, "top_p": None}
     if temperature > 0:
         kwargs["temperature"] = temperature
-    out = teacher.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=L - prompt_len,
-                           min_new_tokens=0, pad_token_id=pad, eos_token_id=eos_id, synced_gpus=synced,
-                           use_cache=True, **kwargs)
+    out = teacher.generate(
+        input_ids=prompts,
+        attention_mask=torch.ones_like(prompts),
+        max_new_tokens=L - prompt_len,
+        min_new_tokens=0,
+        pad_token_id=pad,
+        eos_token_id=eos_id,
+        synced_gpus=synced,
+        use_cache=True,
+        **kwargs,
+    )
     ids = torch.full((b, L), pad, dtype=windows.dtype, device=windows.device)
     ids[:, : out.shape[1]] = out[:, :L]
     valid = torch.zeros(b, L - 1, dtype=torch.bool, device=windows.device)

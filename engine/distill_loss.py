@@ -33,15 +33,18 @@ def _masked_mean(per_token: Tensor, valid: Tensor | None) -> Tensor:
     return (per_token * w).sum() / w.sum().clamp_min(1.0)
 
 
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0,
-            valid: Tensor | None = None) -> Tensor:
+def kd_loss(
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, valid: Tensor | None = None
+) -> Tensor:
     """`T² · mean_valid KL(softmax(z_t/T) || softmax(z_s/T))` over positions `0 .. L-2` (module docstring).
 
     `student_logits`, `teacher_logits`: `[B, L, V]` (the teacher's are not differentiated); `valid`: `[B, L-1]`
     bool or None (all positions)."""
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"kd_loss: student logits {tuple(student_logits.shape)} and teacher logits "
-                         f"{tuple(teacher_logits.shape)} differ (same vocabulary and tokens are needed)")
+        raise ValueError(
+            f"kd_loss: student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} differ (same vocabulary and tokens are needed)"
+        )
     T = float(temperature)
     log_ps = F.log_softmax(_positions(student_logits) / T, dim=-1)
     log_pt = F.log_softmax(_positions(teacher_logits).detach() / T, dim=-1)
@@ -56,8 +59,15 @@ def lm_loss(student_logits: Tensor, ids: Tensor, valid: Tensor | None = None) ->
     return _masked_mean(per_token, valid)
 
 
-def distill_loss(student_logits: Tensor, teacher_logits: Tensor, ids: Tensor, *, temperature: float = 1.0,
-                 lm_loss_weight: float = 0.0, valid: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+def distill_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    ids: Tensor,
+    *,
+    temperature: float = 1.0,
+    lm_loss_weight: float = 0.0,
+    valid: Tensor | None = None,
+) -> tuple[Tensor, dict[str, float]]:
     """`(1 − w)·KD + w·LM` and its parts `{"kd": ..., "lm": ...}` as floats (LM is computed only when w > 0)."""
     kd = kd_loss(student_logits, teacher_logits, temperature, valid)
     parts = {"kd": float(kd.detach())}

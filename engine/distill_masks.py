@@ -66,8 +66,12 @@ def record_masks(module: nn.Module, threshold: float) -> dict[str, ParamMask]:
         local = partition_slice(full, int(p.ds_tensor.ds_numel), rank).to(p.ds_tensor.device)
         keep_full = full.to(p.ds_tensor.device) if getattr(p, "ds_persist", False) else None
         masks[name] = ParamMask(name, p, local, keep_full, zeros, full.numel())
-    log.info("sparsity masks: %d tensor(s) with >= %.0f%% exact zeros (%d zeros in all)", len(masks), 100 * threshold,
-             sum(m.zeros for m in masks.values()))
+    log.info(
+        "sparsity masks: %d tensor(s) with >= %.0f%% exact zeros (%d zeros in all)",
+        len(masks),
+        100 * threshold,
+        sum(m.zeros for m in masks.values()),
+    )
     return masks
 
 
@@ -85,6 +89,8 @@ def apply_masks(masks: dict[str, ParamMask]) -> None:
         p.ds_tensor.data.masked_fill_(~m.local, 0)
         if p.ds_status == ZeroParamStatus.AVAILABLE and p.data.numel() == m.numel:
             if m.full is None:
-                raise RuntimeError(f"sparsity mask of {m.name}: the parameter is gathered after the optimizer step "
-                                   "but is not persistent; its full mask was not kept")
+                raise RuntimeError(
+                    f"sparsity mask of {m.name}: the parameter is gathered after the optimizer step "
+                    "but is not persistent; its full mask was not kept"
+                )
             p.data.masked_fill_(~m.full, 0)

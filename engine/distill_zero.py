@@ -50,8 +50,15 @@ def init_process_group(build_shm_op: bool = False) -> tuple[int, int]:
     `build_shm_op=False` skips DeepSpeed's CPU shared-memory all-reduce op, which only tensor-parallel inference uses
     and whose first build takes ~45 s with ninja."""
     if "WORLD_SIZE" not in os.environ:
-        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                           "MASTER_PORT": str(_free_port())})
+        os.environ.update(
+            {
+                "RANK": "0",
+                "LOCAL_RANK": "0",
+                "WORLD_SIZE": "1",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(_free_port()),
+            }
+        )
     if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
         os.environ["DS_ACCELERATOR"] = "cpu"  # what deepspeed falls back to anyway, without its warning
     if not build_shm_op:
@@ -81,8 +88,9 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
-def student_ds_config(*, batch_size: int, micro_batch: int, world: int, lr: float, weight_decay: float,
-                      grad_clip: float, overrides: dict) -> dict:
+def student_ds_config(
+    *, batch_size: int, micro_batch: int, world: int, lr: float, weight_decay: float, grad_clip: float, overrides: dict
+) -> dict:
     """The generated DeepSpeed config of the student, with the recipe's `deepspeed` overrides merged in.
 
     `train_batch_size = batch_size = micro_batch · world · gradient_accumulation_steps`; ZeRO stage 3; AdamW
@@ -97,8 +105,10 @@ def student_ds_config(*, batch_size: int, micro_batch: int, world: int, lr: floa
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": batch_size // (micro_batch * world),
         "zero_optimization": {"stage": 3},
-        "optimizer": {"type": "AdamW", "params": {"lr": lr, "betas": [0.9, 0.95], "eps": 1e-8,
-                                                  "weight_decay": weight_decay, "torch_adam": True}},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": lr, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": weight_decay, "torch_adam": True},
+        },
         "gradient_clipping": grad_clip,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
@@ -111,8 +121,12 @@ def teacher_ds_config(student_cfg: dict, world: int) -> dict:
     sections, no optimizer."""
     zero = {k: v for k, v in student_cfg["zero_optimization"].items() if k != "offload_optimizer"}
     micro = student_cfg["train_micro_batch_size_per_gpu"]
-    out = {"train_micro_batch_size_per_gpu": micro, "train_batch_size": micro * world, "zero_optimization": zero,
-           "steps_per_print": 2**31 - 1}
+    out = {
+        "train_micro_batch_size_per_gpu": micro,
+        "train_batch_size": micro * world,
+        "zero_optimization": zero,
+        "steps_per_print": 2**31 - 1,
+    }
     for k in ("bf16", "fp16"):
         if k in student_cfg:
             out[k] = student_cfg[k]
@@ -154,8 +168,9 @@ def _gathered(params: list[nn.Parameter]):
 def _non_block_state(model: nn.Module, disk_names: set[str]) -> dict[str, torch.Tensor]:
     """Parameters outside the decoder blocks under their names in `model` (the stock on-disk names), restricted to
     those the student's files hold (a tied lm_head is not on disk)."""
-    return {n: p.data for n, p in model.named_parameters(remove_duplicate=False)
-            if ".layers." not in n and n in disk_names}
+    return {
+        n: p.data for n, p in model.named_parameters(remove_duplicate=False) if ".layers." not in n and n in disk_names
+    }
 
 
 def write_gathered(model: nn.Module, student_dir: str | Path, writer: Any | None, rank: int) -> list[str]:
@@ -189,6 +204,8 @@ def write_gathered(model: nn.Module, student_dir: str | Path, writer: Any | None
     if rank == 0:
         missing = sorted(disk - set(written))
         if missing:
-            raise ValueError(f"distill output: the student's tensors {missing[:5]} ({len(missing)} in all) were not "
-                             "produced by the model")
+            raise ValueError(
+                f"distill output: the student's tensors {missing[:5]} ({len(missing)} in all) were not "
+                "produced by the model"
+            )
     return written

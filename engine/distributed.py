@@ -44,8 +44,9 @@ def reduce_stats(stats: dict[str, InputStats], info: DistInfo, device: torch.dev
     for k in sorted(layouts):
         if k not in stats:
             d, gram, moments, dtype = layouts[k]
-            stats[k] = init_stats(d, device=device, dtype=getattr(torch, dtype.replace("torch.", "")),
-                                  gram=gram, track_moments=moments)
+            stats[k] = init_stats(
+                d, device=device, dtype=getattr(torch, dtype.replace("torch.", "")), gram=gram, track_moments=moments
+            )
     keys = sorted(stats)
     all_reduce_sum([t for k in keys for t in (stats[k].H, stats[k].sum, stats[k].sumsq) if t is not None], info)
     counts = all_reduce_floats([stats[k].n for k in keys], info)

@@ -75,15 +75,19 @@ def _rows(ids: torch.Tensor, n: int, length: int, bos: int | None) -> torch.Tens
     return rows
 
 
-def windows_from_ids(ids: torch.Tensor, bos: int | None, windows: int, seq_len: int, source: str = "text") -> torch.Tensor:
+def windows_from_ids(
+    ids: torch.Tensor, bos: int | None, windows: int, seq_len: int, source: str = "text"
+) -> torch.Tensor:
     """[n, seq_len] non-overlapping windows (BOS + seq_len-1 tokens), n = min(windows, what the text holds)."""
     if seq_len < 2 or windows < 1:
         raise ValueError(f"need seq_len >= 2 and windows >= 1, got seq_len={seq_len}, windows={windows}")
     body = seq_len - 1 if bos is not None else seq_len
     n = min(windows, ids.numel() // body)
     if n < 1:
-        raise ValueError(f"{source}: {ids.numel()} tokens, fewer than one evaluation window of {seq_len} "
-                         f"({body} text tokens); use a longer text or a smaller --seq-len")
+        raise ValueError(
+            f"{source}: {ids.numel()} tokens, fewer than one evaluation window of {seq_len} "
+            f"({body} text tokens); use a longer text or a smaller --seq-len"
+        )
     if n < windows:
         log.warning("%s holds only %d of the %d requested windows of %d tokens", source, n, windows, seq_len)
     return _rows(ids, n, seq_len, bos)
@@ -116,8 +120,11 @@ def perplexity(model, ids: torch.Tensor, batch_size: int = 4) -> float:
         for s in range(0, ids.shape[0], batch_size):
             batch = ids[s : s + batch_size].to(model.device)
             logits = model(batch, use_cache=False).logits.float()
-            nll += float(torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"))
+            nll += float(
+                torch.nn.functional.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+                )
+            )
             count += batch[:, 1:].numel()
     return math.exp(nll / count)
 
@@ -164,14 +171,25 @@ def time_decode(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, float
     pad = model.generation_config.pad_token_id
     if pad is None:
         pad = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
-    cfg = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, num_beams=1,
-                           use_cache=True, eos_token_id=eos, pad_token_id=pad)
+    cfg = GenerationConfig(
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        num_beams=1,
+        use_cache=True,
+        eos_token_id=eos,
+        pad_token_id=pad,
+    )
     clock = _StepClock(ids.device)
     with torch.inference_mode():
         _sync(ids.device)
         t0 = time.perf_counter()
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=cfg,
-                             logits_processor=LogitsProcessorList([clock]))
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            generation_config=cfg,
+            logits_processor=LogitsProcessorList([clock]),
+        )
         _sync(ids.device)
         total = time.perf_counter() - t0
     made = out.shape[1] - ids.shape[1]
@@ -252,9 +270,18 @@ def model_sizes(model) -> dict:
 # --------------------------------------------------------------------------------------------------- evaluate
 
 
-def evaluate_one(path: str | Path, text: str, windows: int = 16, seq_len: int = 512, *,
-                 speed: SpeedConfig | None = DEFAULT_SPEED, device: str | torch.device = "auto",
-                 dtype: torch.dtype | str = torch.float32, source: str = "text", batch_size: int = 4) -> dict:
+def evaluate_one(
+    path: str | Path,
+    text: str,
+    windows: int = 16,
+    seq_len: int = 512,
+    *,
+    speed: SpeedConfig | None = DEFAULT_SPEED,
+    device: str | torch.device = "auto",
+    dtype: torch.dtype | str = torch.float32,
+    source: str = "text",
+    batch_size: int = 4,
+) -> dict:
     """Evaluate one checkpoint on `text`: perplexity, sizes, memory and (unless `speed` is None) speed.
     Returns a JSON-serialisable dict (fields in the module docstring)."""
     from transformers import AutoTokenizer
@@ -268,10 +295,17 @@ def evaluate_one(path: str | Path, text: str, windows: int = 16, seq_len: int = 
     model = load_model(path, dtype=dtype, device=dev)
     t0 = time.perf_counter()
     ppl = perplexity(model, win, batch_size=batch_size)
-    res = {"model": str(path), "ppl": ppl, "windows": int(win.shape[0]), "seq_len": int(win.shape[1]),
-           "tokens": int(win[:, 1:].numel()), "eval_s": round(time.perf_counter() - t0, 3),
-           "device": str(dev), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-           **model_sizes(model)}
+    res = {
+        "model": str(path),
+        "ppl": ppl,
+        "windows": int(win.shape[0]),
+        "seq_len": int(win.shape[1]),
+        "tokens": int(win[:, 1:].numel()),
+        "eval_s": round(time.perf_counter() - t0, 3),
+        "device": str(dev),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        **model_sizes(model),
+    }
     if speed is not None:
         res.update(measure_speed(model, prompt_ids(ids, tok.bos_token_id, speed.batch, speed.prompt_len), speed))
     res["peak_rss_mb"] = round(memory.peak_rss_mb(), 1)
@@ -282,10 +316,21 @@ def evaluate_one(path: str | Path, text: str, windows: int = 16, seq_len: int = 
     return res
 
 
-def evaluate(path: str | Path, data: str | Path, windows: int = 16, seq_len: int = 512,
-             compare: str | Path | None = None, *, batch: int = 1, prompt_len: int = 128, new_tokens: int = 32,
-             repeats: int = 3, speed: bool = True, device: str | torch.device = "auto",
-             dtype: torch.dtype | str = torch.float32) -> dict:
+def evaluate(
+    path: str | Path,
+    data: str | Path,
+    windows: int = 16,
+    seq_len: int = 512,
+    compare: str | Path | None = None,
+    *,
+    batch: int = 1,
+    prompt_len: int = 128,
+    new_tokens: int = 32,
+    repeats: int = 3,
+    speed: bool = True,
+    device: str | torch.device = "auto",
+    dtype: torch.dtype | str = torch.float32,
+) -> dict:
     """`blockprune eval`: `evaluate_one` of `path` on the text file `data`; with `compare`, the second
     checkpoint's result under the key "compare" (same windows and prompts)."""
     for p in (path, compare) if compare else (path,):
@@ -322,7 +367,7 @@ _COLUMNS = [  # (header, key, format)
 
 def _short(path: str | Path, keep: int = 40) -> str:
     s = str(path)
-    return s if len(s) <= keep else "..." + s[-(keep - 3):]
+    return s if len(s) <= keep else "..." + s[-(keep - 3) :]
 
 
 def format_eval(res: dict) -> str:
@@ -335,14 +380,23 @@ def format_eval(res: dict) -> str:
     width = max(12, *(len(n) for n in names))
     cells = [[n] + [fmt.format(r[key]) for _, key, fmt in cols] for n, r in zip(names, rows)]
     if len(rows) == 2:
-        cells.append(["ratio"] + [f"{rows[0][k] / rows[1][k]:.3f}" if rows[1][k] and k != "sparsity" else "-"
-                                  for _, k, _ in cols])
+        cells.append(
+            ["ratio"]
+            + [f"{rows[0][k] / rows[1][k]:.3f}" if rows[1][k] and k != "sparsity" else "-" for _, k, _ in cols]
+        )
     heads = ["model"] + [h for h, _, _ in cols]
     sizes = [width] + [max(len(h), *(len(c[i + 1]) for c in cells)) for i, (h, _, _) in enumerate(cols)]
     lines = ["  ".join(h.ljust(s) if i == 0 else h.rjust(s) for i, (h, s) in enumerate(zip(heads, sizes)))]
-    lines += ["  ".join(c.ljust(s) if i == 0 else c.rjust(s) for i, (c, s) in enumerate(zip(row, sizes)))
-              for row in cells]
-    lines.append(f"perplexity over {res['windows']} x {res['seq_len']} tokens (BOS first)"
-                 + (f"; speed at batch {res['batch']}, prompt {res['prompt_len']}, {res['new_tokens']} new tokens, "
-                    f"median of {res['repeats']} on {res['device']}" if "batch" in res else ""))
+    lines += [
+        "  ".join(c.ljust(s) if i == 0 else c.rjust(s) for i, (c, s) in enumerate(zip(row, sizes))) for row in cells
+    ]
+    lines.append(
+        f"perplexity over {res['windows']} x {res['seq_len']} tokens (BOS first)"
+        + (
+            f"; speed at batch {res['batch']}, prompt {res['prompt_len']}, {res['new_tokens']} new tokens, "
+            f"median of {res['repeats']} on {res['device']}"
+            if "batch" in res
+            else ""
+        )
+    )
     return "\n".join(lines)

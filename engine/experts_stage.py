@@ -113,8 +113,9 @@ def expert_count_field(config: PretrainedConfig) -> str:
 def adapter_with_experts(adapter: ArchAdapter, n: int) -> ArchAdapter:
     """`adapter` for the config with `n` routed experts and `num_experts_per_tok` clipped to `n`."""
     top_k = min(int(getattr(adapter.config, TOP_K_FIELD)), n)
-    return ArchAdapter(adapter.spec, shrunk_config(adapter.config, {expert_count_field(adapter.config): n,
-                                                                    TOP_K_FIELD: top_k}))
+    return ArchAdapter(
+        adapter.spec, shrunk_config(adapter.config, {expert_count_field(adapter.config): n, TOP_K_FIELD: top_k})
+    )
 
 
 # ------------------------------------------------------------------------------------------------ planning
@@ -133,14 +134,23 @@ def make_experts_job(cfg: RunConfig, adapter: ArchAdapter) -> ExpertsJob | None:
     if not moe_layers:
         raise ConfigError(f"experts stage: the {adapter.model_type} model has no MoE block")
     if int(getattr(config, "n_group", None) or 1) > 1:
-        raise ConfigError(f"experts stage: {adapter.model_type} with n_group = {config.n_group} routes by expert "
-                          "groups; removing experts would regroup them (only n_group = 1 is supported)")
+        raise ConfigError(
+            f"experts stage: {adapter.model_type} with n_group = {config.n_group} routes by expert "
+            "groups; removing experts would regroup them (only n_group = 1 is supported)"
+        )
     if stage.similarity == "coactivation" and int(getattr(config, TOP_K_FIELD)) < 2:
-        raise ConfigError("experts stage: similarity coactivation needs num_experts_per_tok >= 2 (with top-1 routing "
-                          "no two experts share a token); use router or both")
-    return ExpertsJob(stage=stage, adapter=adapter, count_field=expert_count_field(config),
-                      num_experts=counts[moe_layers[0]],
-                      top_k=int(getattr(config, TOP_K_FIELD)), moe_layers=moe_layers)
+        raise ConfigError(
+            "experts stage: similarity coactivation needs num_experts_per_tok >= 2 (with top-1 routing "
+            "no two experts share a token); use router or both"
+        )
+    return ExpertsJob(
+        stage=stage,
+        adapter=adapter,
+        count_field=expert_count_field(config),
+        num_experts=counts[moe_layers[0]],
+        top_k=int(getattr(config, TOP_K_FIELD)),
+        moe_layers=moe_layers,
+    )
 
 
 def allocate(job: ExpertsJob | None, reader: CheckpointReader) -> None:
@@ -157,10 +167,19 @@ def allocate(job: ExpertsJob | None, reader: CheckpointReader) -> None:
         job.n_keep = {i: n_uniform for i in job.moe_layers}
     clipped = sorted(i for i, n in job.n_keep.items() if n < job.top_k)
     if clipped:
-        log.warning("experts: layers %s keep fewer experts than num_experts_per_tok = %d; top_k is clipped to the "
-                    "experts kept there", clipped, job.top_k)
-    log.info("experts: %s similarity, %s representative; experts kept per MoE layer %s (of %d)", stage.similarity,
-             stage.representative, [job.n_keep[i] for i in job.moe_layers], E)
+        log.warning(
+            "experts: layers %s keep fewer experts than num_experts_per_tok = %d; top_k is clipped to the "
+            "experts kept there",
+            clipped,
+            job.top_k,
+        )
+    log.info(
+        "experts: %s similarity, %s representative; experts kept per MoE layer %s (of %d)",
+        stage.similarity,
+        stage.representative,
+        [job.n_keep[i] for i in job.moe_layers],
+        E,
+    )
 
 
 def _router_rows(reader: CheckpointReader, adapter: ArchAdapter, i: int) -> Tensor:
@@ -169,7 +188,9 @@ def _router_rows(reader: CheckpointReader, adapter: ArchAdapter, i: int) -> Tens
     for name in (f"{prefix}{adapter.spec.moe_disk_prefix}gate.weight", f"{prefix}{ROUTER_WEIGHT}"):
         if name in names:
             return reader.read([name])[name].float()
-    raise ValueError(f"block {prefix!r}: no router weight ({adapter.spec.moe_disk_prefix}gate.weight) in the checkpoint")
+    raise ValueError(
+        f"block {prefix!r}: no router weight ({adapter.spec.moe_disk_prefix}gate.weight) in the checkpoint"
+    )
 
 
 def allocate_per_layer(distances: dict[int, Tensor], n_remove: int) -> tuple[dict[int, int], dict]:
@@ -190,8 +211,10 @@ def allocate_per_layer(distances: dict[int, Tensor], n_remove: int) -> tuple[dic
         Z = linkage(squareform((D / scale[i]).numpy(), checks=False), method="complete")
         heights += [(float(h), i, s) for s, h in enumerate(Z[:, 2])]
     if not 0 <= n_remove <= len(heights):
-        raise ValueError(f"allocate_per_layer: cannot remove {n_remove} of {sum(sizes.values())} experts "
-                         f"(at most {len(heights)}: every layer keeps one)")
+        raise ValueError(
+            f"allocate_per_layer: cannot remove {n_remove} of {sum(sizes.values())} experts "
+            f"(at most {len(heights)}: every layer keeps one)"
+        )
     chosen = sorted(heights)[:n_remove]
     removed = Counter(i for _, i, _ in chosen)
     threshold = chosen[-1][0] if chosen else 0.0
@@ -212,8 +235,11 @@ def routing_stats(job: ExpertsJob | None, block: nn.Module) -> Iterator[dict[str
     if job is None or not E:
         yield stats
         return
-    stats.update(coactivation=torch.zeros(E, E, dtype=torch.int64), routing_weight=torch.zeros(E, dtype=torch.float64),
-                 tokens=torch.zeros((), dtype=torch.int64))
+    stats.update(
+        coactivation=torch.zeros(E, E, dtype=torch.int64),
+        routing_weight=torch.zeros(E, dtype=torch.float64),
+        tokens=torch.zeros((), dtype=torch.int64),
+    )
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         idx = args[1] if len(args) > 1 else kwargs["top_k_index"]
@@ -265,15 +291,17 @@ def _members(clusters: Tensor, e: int) -> list[int]:
 def cluster_averages(block: nn.Module, clusters: Tensor, keep: list[int], counts: Tensor) -> dict[str, Tensor]:
     """The fused expert tensors and router rows of the kept slots replaced by their clusters' averages, weighted
     by `counts [E]` (tokens per expert; plain mean where a cluster got none): `{state name: [n_keep, ...]}`."""
-    tensors = {FUSED_GATE_UP: block.mlp.experts.gate_up_proj, FUSED_DOWN: block.mlp.experts.down_proj,
-               ROUTER_WEIGHT: block.mlp.gate.weight}
+    tensors = {
+        FUSED_GATE_UP: block.mlp.experts.gate_up_proj,
+        FUSED_DOWN: block.mlp.experts.down_proj,
+        ROUTER_WEIGHT: block.mlp.gate.weight,
+    }
     out = {}
     for name, T in tensors.items():
         rows = []
         for e in keep:
             m = torch.tensor(_members(clusters, e))
-            rows.append(merge_average(T.detach()[m.to(T.device)], torch.zeros(len(m), dtype=torch.int64),
-                                      counts[m])[0])
+            rows.append(merge_average(T.detach()[m.to(T.device)], torch.zeros(len(m), dtype=torch.int64), counts[m])[0])
         out[name] = torch.stack(rows)
     return out
 
@@ -281,8 +309,14 @@ def cluster_averages(block: nn.Module, clusters: Tensor, keep: list[int], counts
 # ------------------------------------------------------------------------------------------------ surgery
 
 
-def select_experts(adapter: ArchAdapter, block: nn.Module, i: int, keep: list[int], out_adapter: ArchAdapter,
-                   replace: dict[str, Tensor] | None = None) -> nn.Module:
+def select_experts(
+    adapter: ArchAdapter,
+    block: nn.Module,
+    i: int,
+    keep: list[int],
+    out_adapter: ArchAdapter,
+    replace: dict[str, Tensor] | None = None,
+) -> nn.Module:
     """Block `i` with only the routed experts `keep` (ascending source indices), as the stock decoder layer of
     `out_adapter.config` (which must have `len(keep)` experts): every tensor of the adapter's "expert" unit group
     (router rows, score-correction bias, fused expert tensors) indexed along its expert axis; `replace`
@@ -292,8 +326,9 @@ def select_experts(adapter: ArchAdapter, block: nn.Module, i: int, keep: list[in
     if group is None:
         raise ValueError(f"select_experts: block {i} has no routed experts")
     if not keep or keep != sorted(set(keep)) or keep[0] < 0 or keep[-1] >= group.count:
-        raise ValueError(f"select_experts: block {i}: keep must be ascending distinct ids in [0, {group.count}), "
-                         f"got {keep}")
+        raise ValueError(
+            f"select_experts: block {i}: keep must be ascending distinct ids in [0, {group.count}), got {keep}"
+        )
     state = {n: t.detach() for n, t in block.state_dict().items()}
     idx = torch.tensor(keep, dtype=torch.int64)
     for name, axis, _ in group.members:
@@ -304,8 +339,9 @@ def select_experts(adapter: ArchAdapter, block: nn.Module, i: int, keep: list[in
     for name, t in want.items():
         if name not in state or tuple(state[name].shape) != tuple(t.shape):
             got = tuple(state[name].shape) if name in state else None
-            raise ValueError(f"select_experts: block {i}: {name} has shape {got}, the output config needs "
-                             f"{tuple(t.shape)}")
+            raise ValueError(
+                f"select_experts: block {i}: {name} has shape {got}, the output config needs {tuple(t.shape)}"
+            )
     new = load_assign(meta, {n: state[n].contiguous() for n in want}, out_adapter.block_prefix(i))
     layout = getattr(block, DISK_LAYOUT_ATTR, None)
     if layout is not None:
@@ -331,8 +367,14 @@ def remap_stats(stats: dict[str, InputStats], clusters: Tensor, keep: list[int])
     return out
 
 
-def prune_experts(job: ExpertsJob, adapter: ArchAdapter, block: nn.Module, i: int, stats: dict[str, InputStats],
-                  routing: dict[str, Tensor]) -> tuple[nn.Module, dict[str, InputStats], dict]:
+def prune_experts(
+    job: ExpertsJob,
+    adapter: ArchAdapter,
+    block: nn.Module,
+    i: int,
+    stats: dict[str, InputStats],
+    routing: dict[str, Tensor],
+) -> tuple[nn.Module, dict[str, InputStats], dict]:
     """Decide and apply the experts of block `i` (formulas in the module docstring): returns (the pruned block of
     `job.layer_adapter(i)`, the renumbered input statistics, the report record). Dense blocks pass through."""
     if i not in job.n_keep:
@@ -347,9 +389,14 @@ def prune_experts(job: ExpertsJob, adapter: ArchAdapter, block: nn.Module, i: in
     replace = cluster_averages(block, clusters, keep, tokens) if stage.representative == "average" else None
     new = select_experts(adapter, block, i, keep, job.layer_adapter(i), replace) if n < E else block
     rec = {
-        "before": E, "after": n, "kept": keep, "clusters": clusters.tolist(), "top_k": min(job.top_k, n),
+        "before": E,
+        "after": n,
+        "kept": keep,
+        "clusters": clusters.tolist(),
+        "top_k": min(job.top_k, n),
         **({"top_k_clipped_from": job.top_k} if n < job.top_k else {}),
-        "tokens": int(routing["tokens"]), "tokens_per_expert": tokens.tolist(),
+        "tokens": int(routing["tokens"]),
+        "tokens_per_expert": tokens.tolist(),
         **_spread(D, clusters),
         "time_s": {"decide": round(t1 - t0, 4), "surgery": round(time.perf_counter() - t1, 4)},
     }
@@ -389,8 +436,10 @@ def layer_entries(job: ExpertsJob | None, entries: list[dict]) -> list[dict]:
     each MoE layer's expert count and top-k in its `config`."""
     if not is_nonuniform(job):
         return entries
-    return [{**e, "config": {**e.get("config", {}), **(job.layer_fields(i) if i in job.n_keep else {})}}
-            for i, e in enumerate(entries)]
+    return [
+        {**e, "config": {**e.get("config", {}), **(job.layer_fields(i) if i in job.n_keep else {})}}
+        for i, e in enumerate(entries)
+    ]
 
 
 def report_section(job: ExpertsJob | None) -> dict:
@@ -401,10 +450,14 @@ def report_section(job: ExpertsJob | None) -> dict:
     total = job.num_experts * len(job.moe_layers)
     clipped = sorted(i for i, n in job.n_keep.items() if n < job.top_k)
     return {
-        "target": job.stage.target, "similarity": job.stage.similarity, "representative": job.stage.representative,
-        "per_layer": job.stage.per_layer, "experts_before": job.num_experts,
+        "target": job.stage.target,
+        "similarity": job.stage.similarity,
+        "representative": job.stage.representative,
+        "per_layer": job.stage.per_layer,
+        "experts_before": job.num_experts,
         "experts_after": {str(i): job.n_keep[i] for i in job.moe_layers},
-        "achieved": round(1 - kept / total, 6), "top_k": job.top_k,
+        "achieved": round(1 - kept / total, 6),
+        "top_k": job.top_k,
         **({"top_k_clipped_layers": clipped} if clipped else {}),
         **({"allocation": {"threshold": job.allocation["threshold"]}} if job.allocation else {}),
     }
@@ -420,7 +473,9 @@ def plan_summary(job: ExpertsJob | None) -> tuple[dict[int, str], str | None]:
     per_block = {i: f"{E}->{'?' if stage.per_layer else n}" for i in job.moe_layers}
     counts = "per-layer counts from the router rows at run time, " if stage.per_layer else ""
     top_k = "clipped per layer to the experts kept" if stage.per_layer else f"-> {min(job.top_k, n)}"
-    line = (f"experts ({stage.similarity} similarity, {stage.representative} representative): {counts}"
-            f"{n * layers} of {E * layers} routed experts kept in {layers} MoE layers; "
-            f"num_experts_per_tok {job.top_k} {top_k}")
+    line = (
+        f"experts ({stage.similarity} similarity, {stage.representative} representative): {counts}"
+        f"{n * layers} of {E * layers} routed experts kept in {layers} MoE layers; "
+        f"num_experts_per_tok {job.top_k} {top_k}"
+    )
     return per_block, line

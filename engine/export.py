@@ -43,8 +43,10 @@ def output_config(src: dict, overrides: dict, removed: list[int]) -> dict:
     if src.get("first_k_dense_replace"):
         out["first_k_dense_replace"] = sum(1 for i in kept if i < int(src["first_k_dense_replace"]))
     if int(src.get("decoder_sparse_step") or 1) > 1:
-        raise ConfigError(f"depth: {src.get('model_type')} with decoder_sparse_step = {src['decoder_sparse_step']} "
-                          "places MoE layers by index; removing blocks would move them")
+        raise ConfigError(
+            f"depth: {src.get('model_type')} with decoder_sparse_step = {src['decoder_sparse_step']} "
+            "places MoE layers by index; removing blocks would move them"
+        )
     if src.get("max_window_layers") is not None and not isinstance(src.get("layer_types"), list):
         out["max_window_layers"] = sum(1 for i in kept if i < int(src["max_window_layers"]))
     return out

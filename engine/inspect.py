@@ -116,8 +116,16 @@ def _inspect_layer(reader: CheckpointReader, name: str, prefix: str, names: list
     tensors = []
     for tname, t in reader.read(names).items():
         nz = count_nonzero(t)
-        tensors.append({"name": tname, "shape": list(t.shape), "dtype": reader.info(tname).dtype,
-                        "params": t.numel(), "nonzero": nz, "sparsity": _sparsity(t.numel(), nz)})
+        tensors.append(
+            {
+                "name": tname,
+                "shape": list(t.shape),
+                "dtype": reader.info(tname).dtype,
+                "params": t.numel(),
+                "nonzero": nz,
+                "sparsity": _sparsity(t.numel(), nz),
+            }
+        )
     linears = [t for t in tensors if len(t["shape"]) == 2]
     params, nonzero = _sum(tensors, "params"), _sum(tensors, "nonzero")
     lin_params, lin_nonzero = _sum(linears, "params"), _sum(linears, "nonzero")
@@ -145,8 +153,13 @@ def _sparsity(params: int, nonzero: int) -> float:
 
 def _totals(layers: list[dict[str, Any]]) -> dict[str, Any]:
     params, nonzero = _sum(layers, "params"), _sum(layers, "nonzero")
-    return {"tensors": sum(len(x["tensors"]) for x in layers), "params": params, "nonzero": nonzero,
-            "bytes": _sum(layers, "bytes"), "sparsity": _sparsity(params, nonzero)}
+    return {
+        "tensors": sum(len(x["tensors"]) for x in layers),
+        "params": params,
+        "nonzero": nonzero,
+        "bytes": _sum(layers, "bytes"),
+        "sparsity": _sparsity(params, nonzero),
+    }
 
 
 # --------------------------------------------------------------------------------------------- verification
@@ -224,7 +237,9 @@ def _check_total_size(reader: CheckpointReader, problems: list[str]) -> None:
     except (OSError, ValueError, AttributeError):
         return  # the reader parsed it already; a metadata field of another shape is not ours to judge
     if isinstance(total, int) and total != reader.total_bytes:
-        problems.append(f"{SAFETENSORS_INDEX}: total_size {total} but the shards hold {reader.total_bytes} tensor bytes")
+        problems.append(
+            f"{SAFETENSORS_INDEX}: total_size {total} but the shards hold {reader.total_bytes} tensor bytes"
+        )
 
 
 # --------------------------------------------------------------------------------------------- formatting
@@ -262,7 +277,7 @@ def compact_linears(layer: dict[str, Any]) -> str:
     for t in layer["tensors"]:
         if len(t["shape"]) != 2:
             continue
-        rel = t["name"][len(layer["prefix"]):].removesuffix(".weight")
+        rel = t["name"][len(layer["prefix"]) :].removesuffix(".weight")
         rel = re.sub(r"(^|\.)\d+(?=\.)", r"\1*", rel)
         parent, _, leaf = rel.rpartition(".")
         key = (parent, leaf, tuple(t["shape"]))
@@ -289,5 +304,7 @@ def _result_lines(v: dict[str, Any]) -> list[str]:
         return [f"verify: FAILED ({len(v['problems'])} problem(s))", *(f"  {p}" for p in v["problems"])]
     if v["manifest"]:
         return [f"verify: OK, {len(v['files'])} shard(s) match the sizes and sha256 in {MANIFEST_NAME}"]
-    return [f"verify: no {MANIFEST_NAME} to compare with; sha256 of each shard:",
-            *(f"  {f['sha256']}  {f['file']}" for f in v["files"])]
+    return [
+        f"verify: no {MANIFEST_NAME} to compare with; sha256 of each shard:",
+        *(f"  {f['sha256']}  {f['file']}" for f in v["files"]),
+    ]

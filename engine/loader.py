@@ -30,6 +30,10 @@ def load_pruned(path: str | Path, **kwargs: Any):
         return AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
     config = AutoConfig.for_model(**{k: v for k, v in raw.items() if k != "auto_map"})
     cls = make_causal_lm(raw["model_type"])
-    log.info("load_pruned: %s is non-uniform (%d layers); loading with %s", path, len(raw[SECTION]["layers"]),
-             cls.__mro__[1].__name__)
+    log.info(
+        "load_pruned: %s is non-uniform (%d layers); loading with %s",
+        path,
+        len(raw[SECTION]["layers"]),
+        cls.__mro__[1].__name__,
+    )
     return cls.from_pretrained(path, config=config, **kwargs).eval()

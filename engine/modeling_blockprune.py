@@ -83,8 +83,9 @@ def _section(config) -> dict:
     if int(sec.get("version", 0)) > FORMAT_VERSION:
         raise ValueError(f"{SECTION} format version {sec.get('version')} is newer than this file's {FORMAT_VERSION}")
     if len(sec["layers"]) != config.num_hidden_layers:
-        raise ValueError(f"{SECTION}.layers has {len(sec['layers'])} entries, num_hidden_layers is "
-                         f"{config.num_hidden_layers}")
+        raise ValueError(
+            f"{SECTION}.layers has {len(sec['layers'])} entries, num_hidden_layers is {config.num_hidden_layers}"
+        )
     return sec
 
 

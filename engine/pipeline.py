@@ -121,8 +121,10 @@ def resolve_runtime(cfg: RunConfig, reader: CheckpointReader) -> Runtime:
             device = torch.device("cuda", info.local_rank % torch.cuda.device_count())
         spill_dir = str(Path(spill_dir) / f".rank{info.rank}")
         if len(range(cfg.calibration.samples)[dist.sample_slice(cfg.calibration.samples, info)]) == 0:
-            raise ConfigError(f"calibration.samples = {cfg.calibration.samples} is fewer than the {info.world_size} "
-                              "ranks: every rank needs at least one sample")
+            raise ConfigError(
+                f"calibration.samples = {cfg.calibration.samples} is fewer than the {info.world_size} "
+                "ranks: every rank needs at least one sample"
+            )
     gb = 2**30
     dev_default, host_default = default_budgets(device)
     return Runtime(
@@ -171,28 +173,35 @@ def validate_against_model(cfg: RunConfig, adapter: ArchAdapter) -> None:
         if isinstance(stage, DepthStage) and stage.by == "block" and stage.remove >= adapter.num_layers:
             raise ConfigError(f"prune[{k}].remove = {stage.remove}: the model has only {adapter.num_layers} blocks")
         if isinstance(stage, StructuredStage) and adapter.spec.attention != "gqa":
-            raise ConfigError(f"prune[{k}]: structured pruning of {adapter.model_type} (MLA attention) is not "
-                              "supported yet")
+            raise ConfigError(
+                f"prune[{k}]: structured pruning of {adapter.model_type} (MLA attention) is not supported yet"
+            )
         if not isinstance(stage, UnstructuredStage):
             continue
         chosen = [s for s in specs if name_selected(s.name, stage.targets, stage.ignore)]
         if not chosen:
             names = ", ".join(sorted({s.name for s in specs})[:12])
-            raise ConfigError(f"prune[{k}]: targets {stage.targets} (ignore {stage.ignore}) select no linear; names: {names}")
+            raise ConfigError(
+                f"prune[{k}]: targets {stage.targets} (ignore {stage.ignore}) select no linear; names: {names}"
+            )
         nm = parse_nm(stage.pattern, f"prune[{k}]")
         if nm is not None:
             bad = [s.name for s in chosen if s.d_in % nm[1]]
             if bad:
-                raise ConfigError(f"prune[{k}]: pattern {stage.pattern} needs input widths divisible by {nm[1]}: {bad[0]}")
+                raise ConfigError(
+                    f"prune[{k}]: pattern {stage.pattern} needs input widths divisible by {nm[1]}: {bad[0]}"
+                )
 
 
 def check_input(config: dict) -> None:
     """ConfigError for an input this pipeline cannot prune: a non-uniform blockprune output (per-layer shapes in a
     `blockprune` section of config.json) is not the stock architecture layer by layer."""
     if config.get("blockprune"):
-        raise ConfigError("model is a non-uniform blockprune checkpoint (config.json has a 'blockprune' section with "
-                          "per-layer shapes); pruning it again is not supported: prune the dense model with all stages "
-                          "in one recipe")
+        raise ConfigError(
+            "model is a non-uniform blockprune checkpoint (config.json has a 'blockprune' section with "
+            "per-layer shapes); pruning it again is not supported: prune the dense model with all stages "
+            "in one recipe"
+        )
 
 
 def check_output(cfg: RunConfig) -> None:
@@ -225,41 +234,74 @@ def run(cfg: RunConfig) -> dict:
     check_output(cfg)
     es.allocate(job.experts, reader)  # expert counts per MoE layer (per_layer: from the router rows)
     rt = resolve_runtime(cfg, reader)
-    log.info("blockprune: %s (%s, %d blocks) -> %s on %s/%s", cfg.model, adapter.model_type, adapter.num_layers,
-             cfg.output, rt.device, str(rt.dtype).replace("torch.", ""))
+    log.info(
+        "blockprune: %s (%s, %d blocks) -> %s on %s/%s",
+        cfg.model,
+        adapter.model_type,
+        adapter.num_layers,
+        cfg.output,
+        rt.device,
+        str(rt.dtype).replace("torch.", ""),
+    )
 
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     ids = load_calibration(cfg.calibration, tokenizer)[dist.sample_slice(cfg.calibration.samples, rt.dist)]
     run_id = output_run_id(cfg, reader, rt.dist)
-    writer = RankWriter(lambda: CheckpointWriter(cfg.output, max_shard_size=parse_size(cfg.max_shard_size),
-                                                 overwrite=cfg.overwrite, resume=cfg.resume, run_id=run_id), rt.dist)
+    writer = RankWriter(
+        lambda: CheckpointWriter(
+            cfg.output,
+            max_shard_size=parse_size(cfg.max_shard_size),
+            overwrite=cfg.overwrite,
+            resume=cfg.resume,
+            run_id=run_id,
+        ),
+        rt.dist,
+    )
     report = RunReport.start(cfg, adapter, rt)
     report.data["run_id"] = run_id
     report.data["world_size"] = rt.dist.world_size
     if job.plan is not None:
-        report.data["structured_plan"] = {"remove_per_layer": job.plan.remove, "config": job.plan.overrides,
-                                          "block_params_before": job.plan.params_before,
-                                          "block_params_after": job.plan.params_after,
-                                          "target": job.plan.target, "achieved": round(job.plan.achieved, 6)}
+        report.data["structured_plan"] = {
+            "remove_per_layer": job.plan.remove,
+            "config": job.plan.overrides,
+            "block_params_before": job.plan.params_before,
+            "block_params_after": job.plan.params_after,
+            "target": job.plan.target,
+            "achieved": round(job.plan.achieved, 6),
+        }
     if job.experts is not None:
         report.data["experts"] = es.report_section(job.experts)
 
     _copy_non_block(reader, adapter, writer)
     hidden = adapter.config.hidden_size
-    with ActivationCache(ids.shape[0], ids.shape[1], hidden, dtype=rt.dtype, device=rt.device,
-                         micro_batch=rt.micro_batch, device_budget_bytes=rt.device_budget,
-                         host_budget_bytes=rt.host_budget, spill_dir=rt.spill_dir) as cache:
+    with ActivationCache(
+        ids.shape[0],
+        ids.shape[1],
+        hidden,
+        dtype=rt.dtype,
+        device=rt.device,
+        micro_batch=rt.micro_batch,
+        device_budget_bytes=rt.device_budget,
+        host_budget_bytes=rt.host_budget,
+        spill_dir=rt.spill_dir,
+    ) as cache:
         report.cache_tier = cache.tier
         depth = _stage_of(cfg, DepthStage)
         if depth is not None:
             _embed(reader, adapter, ids, cache, rt)
             report.data["depth"] = _plan_depth(depth, job, _depth_scoring_pass(reader, adapter, cache, rt, depth.by))
         if job.allocation is not None:  # the scoring pass (or its cached result) and the per-layer plan
-            job.allocation.prepare(reader, cache, rt, ids, removed=job.removed,
-                                   embed=lambda: _embed(reader, adapter, ids, cache, rt),
-                                   layer_adapter=job.experts.layer_adapter if job.experts else None)
+            job.allocation.prepare(
+                reader,
+                cache,
+                rt,
+                ids,
+                removed=job.removed,
+                embed=lambda: _embed(reader, adapter, ids, cache, rt),
+                layer_adapter=job.experts.layer_adapter if job.experts else None,
+            )
         _embed(reader, adapter, ids, cache, rt)
         bar = tqdm(range(adapter.num_layers), desc="blocks", unit="block", disable=not rt.progress, dynamic_ncols=True)
         for i in bar:
@@ -335,8 +377,9 @@ def make_job(cfg: RunConfig, adapter: ArchAdapter, src_config: dict) -> Job:
 
 
 @torch.no_grad()
-def _depth_scoring_pass(reader: CheckpointReader, adapter: ArchAdapter, cache: ActivationCache, rt: Runtime,
-                        by: str) -> list[dict[str, float]]:
+def _depth_scoring_pass(
+    reader: CheckpointReader, adapter: ArchAdapter, cache: ActivationCache, rt: Runtime, by: str
+) -> list[dict[str, float]]:
     """Dense propagation through every block, one in memory at a time. Per block: "block" = block influence
     `1 - mean_t cos(x_in_t, x_out_t)` over all calibration tokens (ShortGPT); with `by: sublayer` also "attention" /
     "mlp" = `Σ‖y − y_ref‖² / Σ‖y_ref‖²`, the change of the block's output when that sublayer is an identity."""
@@ -351,8 +394,9 @@ def _depth_scoring_pass(reader: CheckpointReader, adapter: ArchAdapter, cache: A
             x = cache.get(b)
             ctx = ctxs.get(x.shape[0])
             if ctx is None:
-                ctx = ctxs[x.shape[0]] = adapter.forward_context(x.shape[0], x.shape[1], device=rt.device,
-                                                                 dtype=rt.dtype)
+                ctx = ctxs[x.shape[0]] = adapter.forward_context(
+                    x.shape[0], x.shape[1], device=rt.device, dtype=rt.dtype
+                )
             y = adapter.block_forward(block, x, ctx)
             n = x.shape[0] * x.shape[1]
             sums["block"] += block_influence(x, y) * n
@@ -380,8 +424,9 @@ def _without(adapter: ArchAdapter, block, part: str, x: torch.Tensor, ctx: dict)
     try:
         remove_sublayers(block, attention=part != "attention", mlp=part != "mlp")
         mask = ctx["attention_masks"][adapter.layer_type(layer_idx)]
-        return block(x, attention_mask=mask, position_ids=ctx["position_ids"],
-                     position_embeddings=ctx["position_embeddings"])
+        return block(
+            x, attention_mask=mask, position_ids=ctx["position_ids"], position_embeddings=ctx["position_embeddings"]
+        )
     finally:
         for n, m in saved.items():
             setattr(block, n, m)
@@ -409,8 +454,14 @@ def _plan_depth(depth: DepthStage, job: Job, scores: list[dict[str, float]]) -> 
 def _layer_entries(job: Job, num_layers: int) -> list[dict]:
     """The `blockprune.layers` entries of the output layers (kept sublayers; widths are the stock fields)."""
     kept = kept_layers(num_layers, job.removed)
-    entries = [{"attention": job.sublayers.get(i, {}).get("attention", True),
-                "mlp": job.sublayers.get(i, {}).get("mlp", True), "config": {}} for i in kept]
+    entries = [
+        {
+            "attention": job.sublayers.get(i, {}).get("attention", True),
+            "mlp": job.sublayers.get(i, {}).get("mlp", True),
+            "config": {},
+        }
+        for i in kept
+    ]
     return job.allocation.layer_entries(entries, kept) if job.allocation else entries  # per-layer widths
 
 
@@ -440,7 +491,7 @@ def _build(adapter: ArchAdapter, i: int, disk: dict[str, torch.Tensor], job: Job
 def _renumber(tensors: dict[str, torch.Tensor], old_prefix: str, new_prefix: str) -> dict[str, torch.Tensor]:
     if old_prefix == new_prefix:
         return tensors
-    return {new_prefix + n[len(old_prefix):]: t for n, t in tensors.items()}
+    return {new_prefix + n[len(old_prefix) :]: t for n, t in tensors.items()}
 
 
 def _copy_non_block(reader: CheckpointReader, adapter: ArchAdapter, writer: RankWriter) -> None:
@@ -463,15 +514,26 @@ def _embed(reader: CheckpointReader, adapter: ArchAdapter, ids: torch.Tensor, ca
 # --------------------------------------------------------------------------------------------- one block
 
 
-def _process_block(i: int, cfg: RunConfig, reader: CheckpointReader, adapter: ArchAdapter,
-                   writer: RankWriter, cache: ActivationCache, rt: Runtime, job: Job | None = None) -> dict:
+def _process_block(
+    i: int,
+    cfg: RunConfig,
+    reader: CheckpointReader,
+    adapter: ArchAdapter,
+    writer: RankWriter,
+    cache: ActivationCache,
+    rt: Runtime,
+    job: Job | None = None,
+) -> dict:
     """Block `i` (source numbering) -> output block `j` (after depth removal); written under unit `block.j`."""
     job = job or Job()
     j = job.out_index(i, adapter.num_layers)
     # builds blocks of the written (shrunk) shapes, source numbering
     decision = job.allocation.decide(i) if job.allocation else None  # this layer's share of a global budget
-    out_adapter = job.experts.layer_adapter(i) if job.experts else (
-        (job.allocation and job.allocation.layer_adapter(decision)) or job.layer_adapter or adapter)
+    out_adapter = (
+        job.experts.layer_adapter(i)
+        if job.experts
+        else ((job.allocation and job.allocation.layer_adapter(decision)) or job.layer_adapter or adapter)
+    )
     stages = job.allocation.stages(decision, cfg.prune) if job.allocation else cfg.prune
     unit = block_unit(j)
     t0 = time.perf_counter()
@@ -500,8 +562,24 @@ def _process_block(i: int, cfg: RunConfig, reader: CheckpointReader, adapter: Ar
 
     t_stats = time.perf_counter()
     if _true_sequential_ok(cfg, job, adapter, block, i, plan, cache, rt):
-        return _finish_true_sequential(i, j, unit, adapter, out_adapter, block, specs, plan, cache, rt, writer, job,
-                                       decision, src_dtypes, t0, t_stats)
+        return _finish_true_sequential(
+            i,
+            j,
+            unit,
+            adapter,
+            out_adapter,
+            block,
+            specs,
+            plan,
+            cache,
+            rt,
+            writer,
+            job,
+            decision,
+            src_dtypes,
+            t0,
+            t_stats,
+        )
     with es.routing_stats(job.experts, block) as routing:  # MoE routing sums for the experts stage
         stats = _collect_stats(adapter, block, specs, plan, cache, rt)  # dense forward; dense outputs -> cache
     if routing:  # plain sums: every rank gets the routing counts of all calibration tokens
@@ -516,8 +594,16 @@ def _process_block(i: int, cfg: RunConfig, reader: CheckpointReader, adapter: Ar
     records = None
     if job.structured is not None:
         old = block
-        block, records = st_mod.prune_block(adapter, old, i, job.structured, decision or job.plan, stats, out_adapter,
-                                             run_all=lambda t, c, f: run_sharded(t, c, f, rt.dist))
+        block, records = st_mod.prune_block(
+            adapter,
+            old,
+            i,
+            job.structured,
+            decision or job.plan,
+            stats,
+            out_adapter,
+            run_all=lambda t, c, f: run_sharded(t, c, f, rt.dist),
+        )
         del old
     del stats
     t_fwd = time.perf_counter()
@@ -557,13 +643,19 @@ def _process_block(i: int, cfg: RunConfig, reader: CheckpointReader, adapter: Ar
 _DECOMPOSITION_OK: dict[type, bool] = {}  # block class -> its pieces compose to its forward (checked once per process)
 
 
-def _true_sequential_ok(cfg: RunConfig, job: Job, adapter: ArchAdapter, block, i: int, plan: BlockPlan,
-                        cache: ActivationCache, rt: Runtime) -> bool:
+def _true_sequential_ok(
+    cfg: RunConfig, job: Job, adapter: ArchAdapter, block, i: int, plan: BlockPlan, cache: ActivationCache, rt: Runtime
+) -> bool:
     """Whether block `i` takes the one-pass true-sequential path (`engine.sequential`): `true_sequential` and
     `sequential` on, only unstructured stages (no structured, experts or sublayer removal), a dense GQA block whose
     pieces compose to its forward, and the held intermediates fit beside the activation cache."""
-    if not (cfg.true_sequential and cfg.sequential and plan.stages) or job.structured is not None \
-            or job.experts is not None or i in job.sublayers or seq_mod.parts_of(adapter, block) is None:
+    if (
+        not (cfg.true_sequential and cfg.sequential and plan.stages)
+        or job.structured is not None
+        or job.experts is not None
+        or i in job.sublayers
+        or seq_mod.parts_of(adapter, block) is None
+    ):
         return False
     tokens = cache.shape[0] * cache.shape[1]
     core, _ = seq_mod.side_bytes(adapter, block, tokens, rt.dtype)
@@ -579,8 +671,12 @@ def _true_sequential_ok(cfg: RunConfig, job: Job, adapter: ArchAdapter, block, i
     if rt.dist.enabled:
         fits = dist.all_reduce_floats([float(fits)], rt.dist)[0] == rt.dist.world_size
     if ok and not fits:
-        log.info("block %d: the true-sequential intermediates (%.0f MiB) do not fit beside the activation cache; "
-                 "two forwards instead", i, core / 2**20)
+        log.info(
+            "block %d: the true-sequential intermediates (%.0f MiB) do not fit beside the activation cache; "
+            "two forwards instead",
+            i,
+            core / 2**20,
+        )
     return ok and fits
 
 
@@ -590,10 +686,24 @@ def _side_budget(cache: ActivationCache, rt: Runtime) -> int:
     return (2**62 if budget is None else budget) - cache.nbytes()
 
 
-def _finish_true_sequential(i: int, j: int, unit: str, adapter: ArchAdapter, out_adapter: ArchAdapter, block,
-                            specs: list[LinearSpec], plan: BlockPlan, cache: ActivationCache, rt: Runtime,
-                            writer: RankWriter, job: Job, decision, src_dtypes: dict[str, torch.dtype],
-                            t0: float, t_stats: float) -> dict:
+def _finish_true_sequential(
+    i: int,
+    j: int,
+    unit: str,
+    adapter: ArchAdapter,
+    out_adapter: ArchAdapter,
+    block,
+    specs: list[LinearSpec],
+    plan: BlockPlan,
+    cache: ActivationCache,
+    rt: Runtime,
+    writer: RankWriter,
+    job: Job,
+    decision,
+    src_dtypes: dict[str, torch.dtype],
+    t0: float,
+    t_stats: float,
+) -> dict:
     """Block `i` through `engine.sequential.run`, then written like `_process_block` does."""
     widths = {s.input_id: s.d_in for s in specs}
     wanted = plan.gram_inputs | plan.moment_inputs
@@ -610,8 +720,13 @@ def _finish_true_sequential(i: int, j: int, unit: str, adapter: ArchAdapter, out
         if input_id not in wanted:
             feed(None)
             return {}
-        st = init_stats(widths[input_id], device=rt.device, dtype=torch.float32,
-                        gram=input_id in plan.gram_inputs, track_moments=input_id in plan.track_inputs)
+        st = init_stats(
+            widths[input_id],
+            device=rt.device,
+            dtype=torch.float32,
+            gram=input_id in plan.gram_inputs,
+            track_moments=input_id in plan.track_inputs,
+        )
         feed(lambda X: accumulate(st, X))
         return reduce_stats({input_id: st}, rt.dist, rt.device)
 
@@ -629,8 +744,17 @@ def _finish_true_sequential(i: int, j: int, unit: str, adapter: ArchAdapter, out
     tokens = cache.shape[0] * cache.shape[1]
     _, mlp_hidden = seq_mod.side_bytes(adapter, block, tokens, rt.dtype)
     side_device = cache.device if cache.tier == "device" else torch.device("cpu")
-    linears, (num, den) = seq_mod.run(adapter, block, specs, cache, ctx_for, gather, solve,
-                                      keep_mlp_hidden=mlp_hidden <= _side_budget(cache, rt), side_device=side_device)
+    linears, (num, den) = seq_mod.run(
+        adapter,
+        block,
+        specs,
+        cache,
+        ctx_for,
+        gather,
+        solve,
+        keep_mlp_hidden=mlp_hidden <= _side_budget(cache, rt),
+        side_device=side_device,
+    )
     num, den = dist.all_reduce_floats([num, den], rt.dist)
     writer_tensors = _renumber(out_adapter.block_to_disk(i, block, src_dtypes), prefix, adapter.block_prefix(j))
     t_write = time.perf_counter()
@@ -641,8 +765,12 @@ def _finish_true_sequential(i: int, j: int, unit: str, adapter: ArchAdapter, out
         "output_error": num / den if den > 0 else None,
         "output_error_on": "first sample",  # the one-pass path never computes the dense outputs of all samples
         "true_sequential": True,
-        "time_s": {"load": round(t_stats - t0, 4), "stats": round(pass_s - solve_s[0], 4),
-                   "solve": round(solve_s[0], 4), "forward": 0.0},
+        "time_s": {
+            "load": round(t_stats - t0, 4),
+            "stats": round(pass_s - solve_s[0], 4),
+            "solve": round(solve_s[0], 4),
+            "forward": 0.0,
+        },
     }
     entry = _write_block(i, unit, entry, writer_tensors, writer, job, decision, rt, t0, t_write)
     del writer_tensors
@@ -650,17 +778,29 @@ def _finish_true_sequential(i: int, j: int, unit: str, adapter: ArchAdapter, out
     return entry
 
 
-def _write_block(i: int, unit: str, entry: dict, writer_tensors: dict[str, torch.Tensor], writer: RankWriter,
-                 job: Job, decision, rt: Runtime, t0: float, t_write: float) -> dict:
+def _write_block(
+    i: int,
+    unit: str,
+    entry: dict,
+    writer_tensors: dict[str, torch.Tensor],
+    writer: RankWriter,
+    job: Job,
+    decision,
+    rt: Runtime,
+    t0: float,
+    t_write: float,
+) -> dict:
     """Complete block `i`'s report entry (memory, sizes, its allocation record), write the block as `unit` with
     it, and add the write and total times."""
-    entry.update({
-        "peak_rss_mb": round(memory.peak_rss_mb(), 1),  # process peak so far (monotone)
-        "rss_mb": round(memory.rss_mb(), 1),
-        "peak_device_mb": memory.device_peak_mb(rt.device),
-        "params": sum(int(t.numel()) for t in writer_tensors.values()),
-        "nonzero": sum(int(torch.count_nonzero(t)) for t in writer_tensors.values()),
-    })
+    entry.update(
+        {
+            "peak_rss_mb": round(memory.peak_rss_mb(), 1),  # process peak so far (monotone)
+            "rss_mb": round(memory.rss_mb(), 1),
+            "peak_device_mb": memory.device_peak_mb(rt.device),
+            "params": sum(int(t.numel()) for t in writer_tensors.values()),
+            "nonzero": sum(int(torch.count_nonzero(t)) for t in writer_tensors.values()),
+        }
+    )
     if job.allocation is not None and decision is not None:
         entry["allocation"] = job.allocation.record(i, entry, decision)
     writer.write_unit(unit, writer_tensors, metadata=entry)
@@ -694,8 +834,9 @@ def _dtypes_for(block, out_adapter: ArchAdapter, i: int, src: dict[str, torch.dt
     return out
 
 
-def _collect_stats(adapter: ArchAdapter, block, specs: list[LinearSpec], plan: BlockPlan,
-                   cache: ActivationCache, rt: Runtime) -> dict[str, InputStats]:
+def _collect_stats(
+    adapter: ArchAdapter, block, specs: list[LinearSpec], plan: BlockPlan, cache: ActivationCache, rt: Runtime
+) -> dict[str, InputStats]:
     """One dense forward over all micro-batches: accumulate the statistics each input needs, and write the dense
     block outputs into the cache (the next block's inputs when `sequential: false`, the reference otherwise)."""
     widths = {s.input_id: s.d_in for s in specs}
@@ -707,9 +848,13 @@ def _collect_stats(adapter: ArchAdapter, block, specs: list[LinearSpec], plan: B
             return
         st = stats.get(input_id)
         if st is None:
-            st = stats[input_id] = init_stats(widths[input_id], device=X.device, dtype=torch.float32,
-                                              gram=input_id in plan.gram_inputs,
-                                              track_moments=input_id in plan.track_inputs)
+            st = stats[input_id] = init_stats(
+                widths[input_id],
+                device=X.device,
+                dtype=torch.float32,
+                gram=input_id in plan.gram_inputs,
+                track_moments=input_id in plan.track_inputs,
+            )
         accumulate(st, X)
 
     hooks = adapter.input_hooks(block, on_input) if wanted else contextlib.nullcontext()
@@ -718,8 +863,14 @@ def _collect_stats(adapter: ArchAdapter, block, specs: list[LinearSpec], plan: B
     return reduce_stats(stats, rt.dist, rt.device)
 
 
-def _solve_block(adapter: ArchAdapter, block, specs: list[LinearSpec], plan: BlockPlan,
-                 stats: dict[str, InputStats], info: DistInfo | None = None) -> dict[str, dict]:
+def _solve_block(
+    adapter: ArchAdapter,
+    block,
+    specs: list[LinearSpec],
+    plan: BlockPlan,
+    stats: dict[str, InputStats],
+    info: DistInfo | None = None,
+) -> dict[str, dict]:
     """Prune every planned linear. Linears that read the same input under the same SparseGPT stages (q/k/v,
     gate/up) are solved together: one factorisation of H and one column loop, same result as one by one.
     With several ranks each matrix is solved by one owner rank (by estimated cost) and broadcast."""

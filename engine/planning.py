@@ -64,20 +64,33 @@ def make_plan(cfg: RunConfig) -> Plan:
         block_bytes = params * item
         # the one-pass true-sequential path holds o_proj's and then down_proj's inputs of all tokens (engine.sequential;
         # down_proj's only where it fits the budget, else it is recomputed: counted here as held)
-        one_pass = (cfg.sequential and cfg.true_sequential and cfg.prune
-                    and all(isinstance(st, UnstructuredStage) for st in cfg.prune)
-                    and not any(s.expert is not None for s in specs) and adapter.spec.attention == "gqa")
-        side = c.samples * c.seq_len * max((s.d_in for s in specs if s.input_id in ("attn_out", "mlp_out")),
-                                           default=0) * item if one_pass else 0
-        plan.blocks.append({
-            "block": i,
-            "params": params,
-            "linears": {s.name: [s.d_out, s.d_in] for s in specs},
-            "gram_mb": gram_bytes / 2**20,
-            "weights_mb": block_bytes / 2**20,
-            "held_mb": side / 2**20,
-            "peak_mb": (block_bytes * 2 + gram_bytes + transient + side) / 2**20,
-        })
+        one_pass = (
+            cfg.sequential
+            and cfg.true_sequential
+            and cfg.prune
+            and all(isinstance(st, UnstructuredStage) for st in cfg.prune)
+            and not any(s.expert is not None for s in specs)
+            and adapter.spec.attention == "gqa"
+        )
+        side = (
+            c.samples
+            * c.seq_len
+            * max((s.d_in for s in specs if s.input_id in ("attn_out", "mlp_out")), default=0)
+            * item
+            if one_pass
+            else 0
+        )
+        plan.blocks.append(
+            {
+                "block": i,
+                "params": params,
+                "linears": {s.name: [s.d_out, s.d_in] for s in specs},
+                "gram_mb": gram_bytes / 2**20,
+                "weights_mb": block_bytes / 2**20,
+                "held_mb": side / 2**20,
+                "peak_mb": (block_bytes * 2 + gram_bytes + transient + side) / 2**20,
+            }
+        )
     plan.non_block_params = sum(_numel(reader.info(n).shape) for n in names if n not in block_names)
     embed = _numel(reader.info(adapter.embed_key).shape) * item
     plan.peak_bytes = int(max(b["peak_mb"] for b in plan.blocks) * 2**20 + plan.activations_bytes + embed)
@@ -102,26 +115,34 @@ def _allocation_note(cfg: RunConfig, n_kv: int) -> str | None:
         masked = len(ERROR_GRID) + 1 if alloc["rule"] == "softmax" and alloc["energy"] == "error" else 0
         if st.method == "structured" and "heads" in st.units:
             masked += n_kv - 1  # the KV-group error curve
-        return (f"prune[{k}] allocation {alloc['rule']}: a scoring pass first (1 dense + up to {masked} masked "
-                f"forwards per block, no solve; reused from {SCORES_FILE} in the output when present); per-layer "
-                "budgets are decided during the run")
+        return (
+            f"prune[{k}] allocation {alloc['rule']}: a scoring pass first (1 dense + up to {masked} masked "
+            f"forwards per block, no solve; reused from {SCORES_FILE} in the output when present); per-layer "
+            "budgets are decided during the run"
+        )
     return None
 
 
 def format_plan(plan: Plan) -> str:
-    lines = [f"model {plan.model} ({plan.model_type}), compute dtype {plan.dtype}",
-             f"{'block':>5} {'params':>12} {'weights MB':>11} {'Gram MB':>9} {'peak MB':>9}  linears"]
+    lines = [
+        f"model {plan.model} ({plan.model_type}), compute dtype {plan.dtype}",
+        f"{'block':>5} {'params':>12} {'weights MB':>11} {'Gram MB':>9} {'peak MB':>9}  linears",
+    ]
     for b in plan.blocks:
         lin = ", ".join(f"{k.split('.')[-1]}{v[0]}x{v[1]}" for k, v in list(b["linears"].items())[:8])
         more = len(b["linears"]) - 8
         lin += f", +{more} more" if more > 0 else ""
         lin = f"experts {b['experts']}; {lin}" if "experts" in b else lin
-        lines.append(f"{b['block']:>5} {b['params']:>12,} {b['weights_mb']:>11.1f} {b['gram_mb']:>9.1f} "
-                     f"{b['peak_mb']:>9.1f}  {lin}")
+        lines.append(
+            f"{b['block']:>5} {b['params']:>12,} {b['weights_mb']:>11.1f} {b['gram_mb']:>9.1f} "
+            f"{b['peak_mb']:>9.1f}  {lin}"
+        )
     total = sum(b["params"] for b in plan.blocks)
     lines.append(f"block params {total:,}; non-block params {plan.non_block_params:,}")
-    lines.append(f"activation cache {plan.activations_bytes / 2**20:.1f} MB; "
-                 f"estimated peak memory {plan.peak_bytes / 2**20:.1f} MB; tensor bytes read: {plan.bytes_read}")
+    lines.append(
+        f"activation cache {plan.activations_bytes / 2**20:.1f} MB; "
+        f"estimated peak memory {plan.peak_bytes / 2**20:.1f} MB; tensor bytes read: {plan.bytes_read}"
+    )
     if plan.allocation:
         lines.append(plan.allocation)
     if plan.experts:

@@ -32,8 +32,12 @@ class RunReport:
                 "calibration": {"samples": cfg.calibration.samples, "seq_len": cfg.calibration.seq_len},
                 "stages": [s.method for s in cfg.prune],
                 "sequential": cfg.sequential,
-                "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                            "cpus": torch.get_num_threads(), "platform": platform.platform()},
+                "machine": {
+                    "python": platform.python_version(),
+                    "torch": torch.__version__,
+                    "cpus": torch.get_num_threads(),
+                    "platform": platform.platform(),
+                },
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "blocks": [],
             }

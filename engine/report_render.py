@@ -164,7 +164,7 @@ def render_markdown(report: dict[str, Any], rows: list[dict[str, Any]] | None = 
     lines = [
         "# blockprune run report",
         "",
-        "Numbers are those of `blockprune_report.json`: integers in full, other numbers as `format(x, \".6g\")`, "
+        'Numbers are those of `blockprune_report.json`: integers in full, other numbers as `format(x, ".6g")`, '
         "`-` where absent. Block sparsities are parameter-weighted means over the block's pruned linears; the mean "
         "linear error is the mean of their relative layer errors.",
         "",
@@ -189,17 +189,27 @@ def render_markdown(report: dict[str, Any], rows: list[dict[str, Any]] | None = 
         lines += ["", f"Blocks {', '.join(resumed)} were written by an earlier, interrupted run (times of that run)."]
     one_pass = [str(b["block"]) for b in report.get("blocks", []) if b.get("output_error_on") == "first sample"]
     if one_pass:
-        lines += ["", f"Blocks {', '.join(one_pass)} took the one-pass true-sequential path: their output error is "
-                  "measured on the first calibration sample (of each rank), not on all samples."]
+        lines += [
+            "",
+            f"Blocks {', '.join(one_pass)} took the one-pass true-sequential path: their output error is "
+            "measured on the first calibration sample (of each rank), not on all samples.",
+        ]
     lines += allocation_markdown(report.get("allocation") or {})
     return "\n".join(lines) + "\n"
 
 
 # (column header, key of an `allocation.layers` row) of the allocation table, in order
 ALLOCATION_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("layer", "layer"), ("params", "params"), ("energy", "energy"), ("outlier ratio", "outlier_ratio"),
-    ("influence", "influence"), ("rule", "rule"), ("planned", "planned"), ("at visit", "planned"),
-    ("achieved", "achieved"), ("removed", "removed"),
+    ("layer", "layer"),
+    ("params", "params"),
+    ("energy", "energy"),
+    ("outlier ratio", "outlier_ratio"),
+    ("influence", "influence"),
+    ("rule", "rule"),
+    ("planned", "planned"),
+    ("at visit", "planned"),
+    ("achieved", "achieved"),
+    ("removed", "removed"),
 )
 
 
@@ -208,18 +218,30 @@ def allocation_markdown(alloc: dict[str, Any]) -> list[str]:
     rows = alloc.get("layers") or []
     if not rows:
         return []
-    head = (f"Rule `{alloc.get('rule')}` (energy `{alloc.get('energy')}`, T = {fmt_number(alloc.get('temperature'))}, "
-            f"bounds [{fmt_number(alloc.get('min'))}, {fmt_number(alloc.get('max'))}]) over "
-            f"{fmt_number(alloc.get('planned_params'))} parameters: target {fmt_number(alloc.get('S'))}, achieved "
-            f"{fmt_number(alloc.get('achieved'))} (error {fmt_number(alloc.get('error'))} parameters, within "
-            f"tolerance: {fmt_number(alloc.get('within_tolerance'))}). Fractions of each layer's prunable parameters: "
-            "*rule* the rule's plan, *planned* on the exact budget, *at visit* after re-balancing, *achieved* after "
-            "rounding.")
+    head = (
+        f"Rule `{alloc.get('rule')}` (energy `{alloc.get('energy')}`, T = {fmt_number(alloc.get('temperature'))}, "
+        f"bounds [{fmt_number(alloc.get('min'))}, {fmt_number(alloc.get('max'))}]) over "
+        f"{fmt_number(alloc.get('planned_params'))} parameters: target {fmt_number(alloc.get('S'))}, achieved "
+        f"{fmt_number(alloc.get('achieved'))} (error {fmt_number(alloc.get('error'))} parameters, within "
+        f"tolerance: {fmt_number(alloc.get('within_tolerance'))}). Fractions of each layer's prunable parameters: "
+        "*rule* the rule's plan, *planned* on the exact budget, *at visit* after re-balancing, *achieved* after "
+        "rounding."
+    )
     keys = [k if h != "at visit" else "_visit" for h, k in ALLOCATION_COLUMNS]
-    body = [[r.get("planned") if k == "_visit" else (r.get("planned_start") if k == "planned" else r.get(k))
-             for k in keys] for r in rows]
-    return ["", "## Allocation", "", head, "", f"![per-layer allocation]({ALLOCATION_PNG})", "",
-            *_table([h for h, _ in ALLOCATION_COLUMNS], body)]
+    body = [
+        [r.get("planned") if k == "_visit" else (r.get("planned_start") if k == "planned" else r.get(k)) for k in keys]
+        for r in rows
+    ]
+    return [
+        "",
+        "## Allocation",
+        "",
+        head,
+        "",
+        f"![per-layer allocation]({ALLOCATION_PNG})",
+        "",
+        *_table([h for h, _ in ALLOCATION_COLUMNS], body),
+    ]
 
 
 # --------------------------------------------------------------------------------------------- plots
@@ -282,8 +304,10 @@ def plot_sparsity(rows: list[dict[str, Any]], title: str) -> bytes:
 def plot_error(rows: list[dict[str, Any]], title: str) -> bytes:
     fig, (ax,) = _figure(3.6)
     x = [r["block"] for r in rows]
-    series = {"block output error": _values(rows, "output_error"),
-              "mean linear error": _values(rows, "mean_linear_error")}
+    series = {
+        "block output error": _values(rows, "output_error"),
+        "mean linear error": _values(rows, "mean_linear_error"),
+    }
     finite = [v for ys in series.values() for v in ys if not math.isnan(v)]
     for (label, ys), marker in zip(series.items(), ("o", "s")):
         ax.plot(x, ys, marker=marker, label=_label(label, ys))
@@ -328,8 +352,11 @@ def plot_allocation(alloc: dict[str, Any], title: str) -> bytes:
     fig, (ax,) = _figure(3.6)
     rows = alloc.get("layers") or []
     x = [r["layer"] for r in rows]
-    for key, label, style in (("rule", "rule", ":"), ("planned_start", "planned (exact budget)", "--"),
-                              ("planned", "at visit", "-")):
+    for key, label, style in (
+        ("rule", "rule", ":"),
+        ("planned_start", "planned (exact budget)", "--"),
+        ("planned", "at visit", "-"),
+    ):
         ys = [math.nan if r.get(key) is None else float(r[key]) for r in rows]
         ax.plot(x, ys, linestyle=style, marker=".", label=_label(label, ys))
     ach = [math.nan if r.get("achieved") is None else float(r["achieved"]) for r in rows]

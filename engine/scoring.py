@@ -110,14 +110,30 @@ def _ids_bytes(ids: Tensor) -> bytes:
     return ids.detach().to(torch.int64).cpu().contiguous().numpy().tobytes() + str(tuple(ids.shape)).encode()
 
 
-def cache_key(fingerprint: str, ids: Tensor, dtype: torch.dtype, world_size: int, settings: ScoringSettings,
-              rank_digests: list[str] | None = None) -> str:
+def cache_key(
+    fingerprint: str,
+    ids: Tensor,
+    dtype: torch.dtype,
+    world_size: int,
+    settings: ScoringSettings,
+    rank_digests: list[str] | None = None,
+) -> str:
     """sha256 (hex, 24 digits) of everything the scores depend on (see the module docstring). With several ranks
     pass every rank's `ids_digest` in rank order (each rank holds a slice of the calibration), so that all ranks
     compute the same key."""
     h = hashlib.sha256()
-    h.update(json.dumps({"version": FORMAT_VERSION, "model": fingerprint, "dtype": str(dtype),
-                         "world_size": world_size, "settings": settings.identity()}, sort_keys=True).encode())
+    h.update(
+        json.dumps(
+            {
+                "version": FORMAT_VERSION,
+                "model": fingerprint,
+                "dtype": str(dtype),
+                "world_size": world_size,
+                "settings": settings.identity(),
+            },
+            sort_keys=True,
+        ).encode()
+    )
     h.update(_ids_bytes(ids) if rank_digests is None else "|".join(rank_digests).encode())
     return h.hexdigest()[:24]
 
@@ -210,8 +226,15 @@ def _mean_standardised_scores(layers: list[dict]) -> list[float]:
 
 
 @torch.no_grad()
-def scoring_pass(reader, adapter: ArchAdapter, cache, rt, settings: ScoringSettings, params: dict[int, int],
-                 plan_fn: PlanFn | None = None) -> list[dict]:
+def scoring_pass(
+    reader,
+    adapter: ArchAdapter,
+    cache,
+    rt,
+    settings: ScoringSettings,
+    params: dict[int, int],
+    plan_fn: PlanFn | None = None,
+) -> list[dict]:
     """Dense sweep over every block not in `settings.skip` (the cache holds the embedded calibration on entry);
     returns one record per visited layer (module docstring). `params[i]`: the layer's prunable parameters (the
     budget of a grid target ``S`` is ``S · params[i]``); `plan_fn` turns it into units (structured)."""
@@ -223,30 +246,43 @@ def scoring_pass(reader, adapter: ArchAdapter, cache, rt, settings: ScoringSetti
         block = adapter.build_block(i, disk, device=rt.device, dtype=rt.dtype)
         del disk
         out.append(_score_block(i, block, adapter, cache, rt, settings, params.get(i, 0), plan_fn))
-        log.info("scored block %d: influence %.4g, outlier ratio %.4g, errors %s", i, out[-1]["influence"],
-                 out[-1]["outlier_ratio"], {k: f"{v:.3g}" for k, v in out[-1]["errors"].items()})
+        log.info(
+            "scored block %d: influence %.4g, outlier ratio %.4g, errors %s",
+            i,
+            out[-1]["influence"],
+            out[-1]["outlier_ratio"],
+            {k: f"{v:.3g}" for k, v in out[-1]["errors"].items()},
+        )
         cache.swap()
         del block
         gc.collect()
     return out
 
 
-def _score_block(i: int, block: nn.Module, adapter: ArchAdapter, cache, rt, settings: ScoringSettings, P: int,
-                 plan_fn: PlanFn | None) -> dict:
+def _score_block(
+    i: int, block: nn.Module, adapter: ArchAdapter, cache, rt, settings: ScoringSettings, P: int, plan_fn: PlanFn | None
+) -> dict:
     specs = _prunable(adapter, block, i, settings)
     grams = _consumer_inputs(adapter, block, i, settings) if settings.kind == "structured" else set()
     stats, sums = _dense_forward(adapter, block, specs, grams, cache, rt, settings.score == "fluctuation")
     norm = max(sums["norm"], 1e-30)
     tokens = max(sums["tokens"], 1)
-    rec: dict[str, Any] = {"layer": i, "tokens": int(sums["tokens"]), "output_norm": sums["norm"] / tokens,
-                           "influence": sums["influence"] / tokens,
-                           "outlier_ratio": _outlier_ratio(adapter, block, specs, stats, settings.owl_m)}
+    rec: dict[str, Any] = {
+        "layer": i,
+        "tokens": int(sums["tokens"]),
+        "output_norm": sums["norm"] / tokens,
+        "influence": sums["influence"] / tokens,
+        "outlier_ratio": _outlier_ratio(adapter, block, specs, stats, settings.owl_m),
+    }
     if settings.kind == "structured":
         orders, rec["score_stats"], curves = _structured_scores(adapter, block, i, stats, settings, norm)
         heads = next((o for o in orders if o.kind == "kv_group"), None)
         if heads is not None:  # measured: removing r groups, r = 0 .. n_kv − 1 (pooled, like channel_error)
-            curves["head_error"] = [0.0] + [_masked_error(adapter, block, cache, rt, _unit_masks(
-                adapter, block, i, [heads], {"kv_group": r}))[0] / norm for r in range(1, heads.order.numel())]
+            curves["head_error"] = [0.0] + [
+                _masked_error(adapter, block, cache, rt, _unit_masks(adapter, block, i, [heads], {"kv_group": r}))[0]
+                / norm
+                for r in range(1, heads.order.numel())
+            ]
         rec.update(curves)
         masks = lambda S: _unit_masks(adapter, block, i, orders, plan_fn(i, S * P, rec) if plan_fn else {})
     else:
@@ -275,8 +311,9 @@ def _consumer_inputs(adapter: ArchAdapter, block: nn.Module, i: int, settings: S
     return consumer_inputs(adapter, block, i, list(settings.units))
 
 
-def _dense_forward(adapter: ArchAdapter, block: nn.Module, specs: list[LinearSpec], grams: set[str], cache, rt,
-                   moments: bool) -> tuple[dict[str, InputStats], dict[str, float]]:
+def _dense_forward(
+    adapter: ArchAdapter, block: nn.Module, specs: list[LinearSpec], grams: set[str], cache, rt, moments: bool
+) -> tuple[dict[str, InputStats], dict[str, float]]:
     """One forward over every micro-batch: input statistics (Grams for `grams`, column norms for the rest), the
     dense outputs into the cache, and the sums of block influence, output norm and tokens (over all ranks)."""
     widths = {s.input_id: s.d_in for s in specs}
@@ -287,8 +324,9 @@ def _dense_forward(adapter: ArchAdapter, block: nn.Module, specs: list[LinearSpe
             return
         st = stats.get(input_id)
         if st is None:
-            st = stats[input_id] = init_stats(widths[input_id], device=X.device, gram=input_id in grams,
-                                              track_moments=moments and input_id in grams)
+            st = stats[input_id] = init_stats(
+                widths[input_id], device=X.device, gram=input_id in grams, track_moments=moments and input_id in grams
+            )
         accumulate(st, X)
 
     sums = {"influence": 0.0, "norm": 0.0, "tokens": 0.0}
@@ -346,8 +384,9 @@ def _norms(stats: dict[str, InputStats], spec: LinearSpec) -> Tensor | None:
     return None if st is None or st.n == 0 else col_norm_sq(st)
 
 
-def _outlier_ratio(adapter: ArchAdapter, block: nn.Module, specs: list[LinearSpec], stats: dict[str, InputStats],
-                   M: float) -> float:
+def _outlier_ratio(
+    adapter: ArchAdapter, block: nn.Module, specs: list[LinearSpec], stats: dict[str, InputStats], M: float
+) -> float:
     """OWL's D over the Wanda scores of every linear that saw tokens (two passes: the mean, then the count above
     M·mean; equal to `solvers.allocation.outlier_ratio` of the concatenated scores without concatenating them)."""
     parts = [(s, n) for s in specs if (n := _norms(stats, s)) is not None]
@@ -367,8 +406,9 @@ def _role(name: str) -> str:
     return _EXPERT_INDEX.sub("experts.*.", name)
 
 
-def _weight_score_stats(adapter: ArchAdapter, block: nn.Module, specs: list[LinearSpec],
-                        stats: dict[str, InputStats], score: str) -> dict[str, list[float]]:
+def _weight_score_stats(
+    adapter: ArchAdapter, block: nn.Module, specs: list[LinearSpec], stats: dict[str, InputStats], score: str
+) -> dict[str, list[float]]:
     """Per linear role: [count, Σ s, Σ s²] of the weight scores (|W| for magnitude, else Wanda)."""
     out: dict[str, list[float]] = {}
     for s in specs:
@@ -395,8 +435,9 @@ class _Order:
     order: Tensor
 
 
-def _structured_scores(adapter: ArchAdapter, block: nn.Module, i: int, stats: dict[str, InputStats],
-                       settings: ScoringSettings, norm: float) -> tuple[list[_Order], dict, dict]:
+def _structured_scores(
+    adapter: ArchAdapter, block: nn.Module, i: int, stats: dict[str, InputStats], settings: ScoringSettings, norm: float
+) -> tuple[list[_Order], dict, dict]:
     """Per selected unit group: the removal order by the stage's score, the score sums per kind, and the layer's
     channel error curve `channel_error` (normalised by Σ‖y‖²; `head_error` is measured by the caller)."""
     from engine.structured import UNIT_KINDS
@@ -415,8 +456,9 @@ def _structured_scores(adapter: ArchAdapter, block: nn.Module, i: int, stats: di
         st = stats.get(cons.input_id)
         groups = groups_contiguous(W.shape[1], width)
         usable = st is not None and st.n > 0
-        s = group_scores(settings.score if usable else "magnitude", W, st if usable else None, groups,
-                         percdamp=settings.percdamp)
+        s = group_scores(
+            settings.score if usable else "magnitude", W, st if usable else None, groups, percdamp=settings.percdamp
+        )
         order = torch.sort(s.cpu(), stable=True).indices
         orders.append(_Order(g.kind, cons, width, order))
         acc = score_stats.setdefault(g.kind, [0.0, 0.0, 0.0])
@@ -443,8 +485,9 @@ def _cumulative_error(W: Tensor, H: Tensor | None, width: int, order: Tensor) ->
     return torch.cat([torch.zeros(1, dtype=torch.float64), C])
 
 
-def _unit_masks(adapter: ArchAdapter, block: nn.Module, i: int, orders: list[_Order],
-                remove: dict[str, int]) -> list[tuple[Tensor, Tensor]]:
+def _unit_masks(
+    adapter: ArchAdapter, block: nn.Module, i: int, orders: list[_Order], remove: dict[str, int]
+) -> list[tuple[Tensor, Tensor]]:
     """(weight view, zeroed column index) pairs removing `remove[kind]` units from every group in score order."""
     out = []
     for o in orders:
@@ -459,8 +502,9 @@ def _unit_masks(adapter: ArchAdapter, block: nn.Module, i: int, orders: list[_Or
 # --------------------------------------------------------------------------------------------- masked forwards
 
 
-def _weight_masks(adapter: ArchAdapter, block: nn.Module, specs: list[LinearSpec], stats: dict[str, InputStats],
-                  score: str, S: float) -> list[tuple[Tensor, Tensor]]:
+def _weight_masks(
+    adapter: ArchAdapter, block: nn.Module, specs: list[LinearSpec], stats: dict[str, InputStats], score: str, S: float
+) -> list[tuple[Tensor, Tensor]]:
     """(weight view, boolean prune mask) pairs: every selected linear at sparsity `S` (magnitude: one threshold per
     matrix; Wanda: per row; a linear that saw no token: magnitude)."""
     out = []
@@ -495,8 +539,9 @@ def _zeroed(pairs: list[tuple[Tensor, Tensor]]) -> Iterator[None]:
                 W[:, sel] = old
 
 
-def _masked_error(adapter: ArchAdapter, block: nn.Module, cache, rt,
-                  pairs: list[tuple[Tensor, Tensor]]) -> tuple[float, float]:
+def _masked_error(
+    adapter: ArchAdapter, block: nn.Module, cache, rt, pairs: list[tuple[Tensor, Tensor]]
+) -> tuple[float, float]:
     """``(Σ_t ‖y'_t − y_t‖², Σ_t ‖y'_t − y_t‖² / ‖y_t‖²)`` over every micro-batch and rank, ``y'`` the block with
     `pairs` zeroed, ``y`` the dense outputs (the cache's outputs)."""
     if not pairs:

@@ -72,8 +72,9 @@ def parts_of(adapter: ArchAdapter, block: nn.Module) -> Parts | None:
         parts = Parts(block.input_layernorm, block.self_attn, block.post_attention_layernorm, block.mlp)
     except AttributeError:
         return None
-    ok = (isinstance(getattr(parts.attn, "o_proj", None), nn.Linear)
-          and isinstance(getattr(parts.mlp, "down_proj", None), nn.Linear))
+    ok = isinstance(getattr(parts.attn, "o_proj", None), nn.Linear) and isinstance(
+        getattr(parts.mlp, "down_proj", None), nn.Linear
+    )
     return parts if ok else None
 
 
@@ -105,8 +106,12 @@ def _attention_core(adapter: ArchAdapter, block: nn.Module, parts: Parts, a: Ten
     """o_proj's input for the attention input ``a`` (= input_layernorm(x)), called as the block's forward calls it."""
     mask = ctx["attention_masks"][adapter.layer_type(block.self_attn.layer_idx)]
     with _capturing(parts.attn, "o_proj") as cap:
-        parts.attn(hidden_states=a, attention_mask=mask, position_ids=ctx["position_ids"],
-                   position_embeddings=ctx["position_embeddings"])
+        parts.attn(
+            hidden_states=a,
+            attention_mask=mask,
+            position_ids=ctx["position_ids"],
+            position_embeddings=ctx["position_embeddings"],
+        )
     assert cap.x is not None
     return cap.x
 
@@ -135,8 +140,12 @@ def decomposition_matches(adapter: ArchAdapter, block: nn.Module, x: Tensor, ctx
     got = composed_forward(adapter, block, parts, x, ctx).float()
     err = float((got - ref).norm() / ref.norm().clamp_min(1e-30))
     if err > 1e-6:
-        log.warning("true-sequential: block %s computed from its pieces differs from its forward (relative %.3g); "
-                    "using the two-forward path", type(block).__name__, err)
+        log.warning(
+            "true-sequential: block %s computed from its pieces differs from its forward (relative %.3g); "
+            "using the two-forward path",
+            type(block).__name__,
+            err,
+        )
     return err <= 1e-6
 
 

@@ -109,9 +109,11 @@ def unit_inventory(adapter: ArchAdapter) -> dict[str, dict]:
         for kind, lay in layer_inventory(adapter, i).items():
             cur = inv.setdefault(kind, {"count": lay["count"], "groups": 0, "params": lay["params"]})
             if (cur["count"], cur["params"]) != (lay["count"], lay["params"]):
-                raise ConfigError(f"structured: layer {i} has {lay['count']} {kind} units of {lay['params']} "
-                                  f"parameters, other layers {cur['count']} of {cur['params']}; uniform allocation "
-                                  "needs equal layers")
+                raise ConfigError(
+                    f"structured: layer {i} has {lay['count']} {kind} units of {lay['params']} "
+                    f"parameters, other layers {cur['count']} of {cur['params']}; uniform allocation "
+                    "needs equal layers"
+                )
             cur["groups"] += lay["groups"]
     return inv
 
@@ -126,8 +128,9 @@ def selected_kinds(inv: dict[str, dict], units: list[str]) -> list[str]:
     return [k for u in units for k in UNIT_KINDS[u] if k in inv]
 
 
-def split_units(inv: dict[str, dict], kinds: list[str], goal: float, align: int,
-                heads: int | None = None) -> dict[str, int]:
+def split_units(
+    inv: dict[str, dict], kinds: list[str], goal: float, align: int, heads: int | None = None
+) -> dict[str, int]:
     """Units removed per group of each kind so that about `goal` parameters go (the split of the module docstring).
 
     `inv` is per layer or summed over layers (`unit_inventory`). KV groups first: `heads` when given, else the same
@@ -158,8 +161,10 @@ def split_units(inv: dict[str, dict], kinds: list[str], goal: float, align: int,
 
 def block_params(adapter: ArchAdapter, config: PretrainedConfig) -> int:
     """Parameters of all decoder blocks of `config` (meta builds)."""
-    return sum(sum(p.numel() for p in build_meta_block(adapter.spec, config, i).parameters())
-               for i in range(adapter.num_layers))
+    return sum(
+        sum(p.numel() for p in build_meta_block(adapter.spec, config, i).parameters())
+        for i in range(adapter.num_layers)
+    )
 
 
 def _round_keep(n: int, frac_remove: float, align: int) -> int:
@@ -180,13 +185,28 @@ def plan_uniform(adapter: ArchAdapter, stage) -> StructuredPlan:
         raise ConfigError(f"structured.target = {stage.target}: needs more than all MLP channels") from None
     overrides = config_overrides(adapter.config, inv, remove, stage.bias_compensation)
     out_cfg = shrunk_config(adapter.config, overrides)
-    plan = StructuredPlan(remove=remove, overrides=overrides, params_before=P,
-                          params_after=block_params(adapter, out_cfg), target=stage.target)
-    log.info("structured plan: remove %s per layer -> %s (%.4f of block parameters removed, target %.4f)",
-             remove, overrides, plan.achieved, stage.target)
+    plan = StructuredPlan(
+        remove=remove,
+        overrides=overrides,
+        params_before=P,
+        params_after=block_params(adapter, out_cfg),
+        target=stage.target,
+    )
+    log.info(
+        "structured plan: remove %s per layer -> %s (%.4f of block parameters removed, target %.4f)",
+        remove,
+        overrides,
+        plan.achieved,
+        stage.target,
+    )
     if abs(plan.achieved - stage.target) > 0.02:
-        log.warning("structured: whole units give %.4f of the block parameters, not the target %.4f (units %s, "
-                    "align %d)", plan.achieved, stage.target, stage.units, stage.align)
+        log.warning(
+            "structured: whole units give %.4f of the block parameters, not the target %.4f (units %s, align %d)",
+            plan.achieved,
+            stage.target,
+            stage.units,
+            stage.align,
+        )
     return plan
 
 
@@ -199,8 +219,11 @@ def config_overrides(config: PretrainedConfig, inv: dict, remove: dict[str, int]
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         keep = n_kv - remove["kv_group"]
         out.update(num_key_value_heads=keep, num_attention_heads=keep * per, head_dim=int(head_dim))
-    fields = {"channel": "intermediate_size", "expert_channel": _expert_field(config),
-              "shared_channel": "shared_expert_intermediate_size"}
+    fields = {
+        "channel": "intermediate_size",
+        "expert_channel": _expert_field(config),
+        "shared_channel": "shared_expert_intermediate_size",
+    }
     for k in _CHANNEL_KINDS:
         if remove.get(k):
             out[fields[k]] = inv[k]["count"] - remove[k]
@@ -221,8 +244,10 @@ def bias_flags(config: PretrainedConfig, inv: dict, remove: dict[str, int]) -> d
     for flag, needed in wants.items():
         if needed:
             if not _flag_gives_consumer_bias(config, flag):
-                raise ConfigError(f"structured.bias_compensation: {config.model_type} has no `{flag}` config flag "
-                                  f"that gives its {'o_proj' if flag == 'attention_bias' else 'down_proj'} a bias")
+                raise ConfigError(
+                    f"structured.bias_compensation: {config.model_type} has no `{flag}` config flag "
+                    f"that gives its {'o_proj' if flag == 'attention_bias' else 'down_proj'} a bias"
+                )
             out[flag] = True
     return out
 
@@ -274,9 +299,16 @@ def _consumer(g: UnitGroup) -> str:
 # ------------------------------------------------------------------------------------------------ surgery
 
 
-def prune_block(adapter: ArchAdapter, block: nn.Module, i: int, stage, plan: StructuredPlan,
-                stats: dict[str, InputStats], out_adapter: ArchAdapter,
-                run_all: Callable[[list, list[float], Callable], list] | None = None) -> tuple[nn.Module, dict[str, dict]]:
+def prune_block(
+    adapter: ArchAdapter,
+    block: nn.Module,
+    i: int,
+    stage,
+    plan: StructuredPlan,
+    stats: dict[str, InputStats],
+    out_adapter: ArchAdapter,
+    run_all: Callable[[list, list[float], Callable], list] | None = None,
+) -> tuple[nn.Module, dict[str, dict]]:
     """Remove `plan.remove` units from every unit group of block `i` and return (the rebuilt stock block of
     `out_adapter.config`, per-consumer records). The old block's tensors are not modified.
 
@@ -322,21 +354,33 @@ def prune_block(adapter: ArchAdapter, block: nn.Module, i: int, stage, plan: Str
     return _rebuild(out_adapter, block, i, state), records
 
 
-def _solve(adapter: ArchAdapter, block: nn.Module, cons: LinearSpec, g: UnitGroup, k: int, stage,
-           st: InputStats | None):
+def _solve(
+    adapter: ArchAdapter, block: nn.Module, cons: LinearSpec, g: UnitGroup, k: int, stage, st: InputStats | None
+):
     W = adapter.get_weight(block, cons).float()
     width = next(w for _, axis, w in g.members if axis == 1)
     groups = groups_contiguous(W.shape[1], width)
     if st is None or st.n == 0:  # an expert that received no calibration token
-        log.warning("block %d %s: no calibration tokens; magnitude score, no reconstruction", block.self_attn.layer_idx,
-                    cons.name)
+        log.warning(
+            "block %d %s: no calibration tokens; magnitude score, no reconstruction",
+            block.self_attn.layer_idx,
+            cons.name,
+        )
         from solvers.stats import init_stats
 
         st = init_stats(W.shape[1], gram=False, track_moments=True)
         st.n = 1
         return prune_groups(W, st, groups, k, score="magnitude", solver="none", bias_compensation=False)
-    return prune_groups(W, st, groups, k, score=stage.score, solver=stage.solver,
-                        bias_compensation=stage.bias_compensation, percdamp=stage.percdamp)
+    return prune_groups(
+        W,
+        st,
+        groups,
+        k,
+        score=stage.score,
+        solver=stage.solver,
+        bias_compensation=stage.bias_compensation,
+        percdamp=stage.percdamp,
+    )
 
 
 def _fuse_into(state: dict[str, Tensor], experts: dict[int, dict[str, Tensor]], block: nn.Module) -> None:
@@ -366,8 +410,10 @@ def _rebuild(out_adapter: ArchAdapter, old: nn.Module, i: int, state: dict[str, 
                 raise ValueError(f"structured surgery, block {i}: no tensor for {name}")
             state[name] = torch.zeros(t.shape, dtype=ref.dtype, device=ref.device)
         elif tuple(state[name].shape) != tuple(t.shape):
-            raise ValueError(f"structured surgery, block {i}: {name} has shape {tuple(state[name].shape)}, the "
-                             f"shrunk config needs {tuple(t.shape)}")
+            raise ValueError(
+                f"structured surgery, block {i}: {name} has shape {tuple(state[name].shape)}, the "
+                f"shrunk config needs {tuple(t.shape)}"
+            )
     block = load_assign(meta, {n: state[n].contiguous() for n in want}, out_adapter.block_prefix(i))
     layout = getattr(old, DISK_LAYOUT_ATTR, None)
     if layout is not None:

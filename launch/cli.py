@@ -29,8 +29,16 @@ def _spawn_torchrun(nproc: int, argv: list[str]) -> int:
     """Re-run this command as `torchrun --standalone --nproc_per_node N -m launch ...` (one machine)."""
     import subprocess
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "launch",
-           *argv]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "launch",
+        *argv,
+    ]
     log.info("spawning %d ranks: %s", nproc, " ".join(cmd))
     return subprocess.call(cmd)
 
@@ -42,9 +50,17 @@ def _cmd_run(args) -> int:
 
     cfg = load_recipe(args.recipe, args.overrides)  # fail here, before any process is spawned
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        return _spawn_torchrun(args.nproc, [*(["-v"] if args.verbose else []), "run", args.recipe, *args.overrides,
-                                            *(["--resume"] if args.resume else []),
-                                            *(["--overwrite"] if args.overwrite else [])])
+        return _spawn_torchrun(
+            args.nproc,
+            [
+                *(["-v"] if args.verbose else []),
+                "run",
+                args.recipe,
+                *args.overrides,
+                *(["--resume"] if args.resume else []),
+                *(["--overwrite"] if args.overwrite else []),
+            ],
+        )
     if args.resume:
         cfg.resume = True
     if args.overwrite:
@@ -63,9 +79,18 @@ def _cmd_run(args) -> int:
 def _cmd_submit(args) -> int:
     from launch.submit import SubmitOptions, submit
 
-    opts = SubmitOptions(nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks=args.tasks,
-                         partition=args.partition, time_min=args.time, account=args.account,
-                         cpus_per_task=args.cpus_per_task, mem_gb=args.mem, local=args.local, logs=args.logs)
+    opts = SubmitOptions(
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        tasks=args.tasks,
+        partition=args.partition,
+        time_min=args.time,
+        account=args.account,
+        cpus_per_task=args.cpus_per_task,
+        mem_gb=args.mem,
+        local=args.local,
+        logs=args.logs,
+    )
     job = submit(args.recipe, args.overrides, opts)
     print(f"submitted job {job.job_id}; logs: {job.paths.stdout} (stderr: {job.paths.stderr})", flush=True)
     if not (opts.local or args.wait):
@@ -95,9 +120,20 @@ def _cmd_inspect(args) -> int:
 def _cmd_eval(args) -> int:
     from engine.evaluate import evaluate, format_eval
 
-    res = evaluate(args.model, data=args.data, windows=args.windows, seq_len=args.seq_len, compare=args.compare,
-                   batch=args.batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
-                   speed=not args.no_speed, device=args.device, dtype=args.dtype)
+    res = evaluate(
+        args.model,
+        data=args.data,
+        windows=args.windows,
+        seq_len=args.seq_len,
+        compare=args.compare,
+        batch=args.batch,
+        prompt_len=args.prompt_len,
+        new_tokens=args.new_tokens,
+        repeats=args.repeats,
+        speed=not args.no_speed,
+        device=args.device,
+        dtype=args.dtype,
+    )
     print(json.dumps(res, indent=2) if args.json else format_eval(res))
     return 0
 
@@ -117,9 +153,20 @@ def _cmd_distill(args) -> int:
 
     cfg = load_distill_recipe(args.recipe, args.overrides)  # fail here, before any process is spawned
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-               "-m", "launch", *(["-v"] if args.verbose else []), "distill", args.recipe, *args.overrides,
-               *(["--overwrite"] if args.overwrite else [])]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={args.nproc}",
+            "-m",
+            "launch",
+            *(["-v"] if args.verbose else []),
+            "distill",
+            args.recipe,
+            *args.overrides,
+            *(["--overwrite"] if args.overwrite else []),
+        ]
         log.info("spawning %d ranks: %s", args.nproc, " ".join(cmd))
         return subprocess.call(cmd)
     if int(os.environ.get("RANK", "0")) != 0:
@@ -128,9 +175,11 @@ def _cmd_distill(args) -> int:
         cfg.overwrite = True
     s = distill(cfg)
     if s["rank"] == 0:
-        print(f"distilled {cfg.student} -> {cfg.output}: {s['steps']} steps on {s['world_size']} rank(s), loss "
-              f"{s['loss_first']:.4f} -> {s['loss_last']:.4f}, {s['tokens_per_s']:.0f} tokens/s, "
-              f"{s['wall_time_s']:.1f} s")
+        print(
+            f"distilled {cfg.student} -> {cfg.output}: {s['steps']} steps on {s['world_size']} rank(s), loss "
+            f"{s['loss_first']:.4f} -> {s['loss_last']:.4f}, {s['tokens_per_s']:.0f} tokens/s, "
+            f"{s['wall_time_s']:.1f} s"
+        )
     return 0
 
 
@@ -144,8 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("overrides", nargs="*", help="key=value overrides, e.g. prune.0.sparsity=0.6 calibration.samples=32")
     r.add_argument("--resume", action="store_true", help="continue an interrupted run in the same output")
     r.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    r.add_argument("--nproc", type=int, default=1,
-                   help="ranks on this machine (spawns torchrun --standalone); under torchrun, WORLD_SIZE decides")
+    r.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="ranks on this machine (spawns torchrun --standalone); under torchrun, WORLD_SIZE decides",
+    )
     r.set_defaults(func=_cmd_run)
 
     sb = sub.add_parser("submit", help="run a recipe as a Slurm job (or --local) through submitit")
@@ -208,8 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     for noisy in ("transformers", "urllib3", "filelock", "DeepSpeed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if int(os.environ.get("RANK", "0")) != 0 and not args.verbose:

@@ -19,19 +19,23 @@ def demo(out_dir: str | None = None, samples: int = 64, seq_len: int = 512) -> i
 
     model = smollm2_checkpoint()
     reader = CheckpointReader(model)
-    print(f"real model: {model} ({len(reader.files)} shard(s), {len(reader.names())} tensors, "
-          f"{reader.total_bytes / 2**20:.0f} MB, validated)")
+    print(
+        f"real model: {model} ({len(reader.files)} shard(s), {len(reader.names())} tensors, "
+        f"{reader.total_bytes / 2**20:.0f} MB, validated)"
+    )
     calib = real_text(CALIBRATION_TEXT)
     evaltext = real_text(EVAL_TEXT)
     out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="blockprune-demo-")) / "smollm2-sparsegpt50"
-    cfg = config_from_dict({
-        "model": str(model),
-        "output": str(out),
-        "overwrite": True,
-        "calibration": {"data": str(calib), "samples": samples, "seq_len": seq_len, "seed": 0},
-        "runtime": {"device": "auto", "dtype": "float32"},
-        "prune": [{"method": "sparsegpt", "sparsity": 0.5}],
-    })
+    cfg = config_from_dict(
+        {
+            "model": str(model),
+            "output": str(out),
+            "overwrite": True,
+            "calibration": {"data": str(calib), "samples": samples, "seq_len": seq_len, "seed": 0},
+            "runtime": {"device": "auto", "dtype": "float32"},
+            "prune": [{"method": "sparsegpt", "sparsity": 0.5}],
+        }
+    )
     print(f"pruning 50% SparseGPT, calibration {samples} x {seq_len} tokens of {calib.name} ...")
     report = run(cfg)
     print(f"done in {report['wall_time_s']:.1f} s, peak RSS {report['peak_rss_mb']:.0f} MB -> {out}")

@@ -39,23 +39,28 @@ class PruneJob:
         env = submitit.JobEnvironment()
         if env.num_tasks > 1:
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        logging.basicConfig(level=logging.INFO if env.global_rank == 0 else logging.WARNING,
-                            format=f"%(asctime)s rank{env.global_rank} %(name)s: %(message)s")
+        logging.basicConfig(
+            level=logging.INFO if env.global_rank == 0 else logging.WARNING,
+            format=f"%(asctime)s rank{env.global_rank} %(name)s: %(message)s",
+        )
         cfg = load_recipe(self.recipe, self.overrides)
         cfg.resume = True  # a requeued attempt continues from the manifest; a first attempt starts an empty output
         log.info("job %s attempt %d: task %d/%d", env.job_id, self.attempt, env.global_rank, env.num_tasks)
         report = run(cfg)
         dist.shutdown(dist.DistInfo(world_size=env.num_tasks))
-        summary = {k: report.get(k) for k in ("model", "run_id", "world_size", "wall_time_s", "peak_rss_mb",
-                                              "pruned_linear_sparsity")}
+        summary = {
+            k: report.get(k)
+            for k in ("model", "run_id", "world_size", "wall_time_s", "peak_rss_mb", "pruned_linear_sparsity")
+        }
         return {**summary, "output": cfg.output, "attempt": self.attempt}
 
     def checkpoint(self, *args: Any, **kwargs: Any):
         """Called by submitit on USR2 (timeout or preemption): requeue the same job; resume does the rest."""
         import submitit
 
-        log.warning("preempted or timed out: requeueing (attempt %d); the run resumes from its manifest",
-                    self.attempt + 1)
+        log.warning(
+            "preempted or timed out: requeueing (attempt %d); the run resumes from its manifest", self.attempt + 1
+        )
         return submitit.helpers.DelayedSubmission(PruneJob(self.recipe, list(self.overrides), self.attempt + 1))
 
 
@@ -84,8 +89,12 @@ def make_executor(opts: SubmitOptions, folder: Path):
         ex.update_parameters(tasks_per_node=tasks, nodes=1, timeout_min=opts.time_min)
         return ex
     ex = submitit.AutoExecutor(folder=str(folder), max_num_timeout=opts.max_requeues)
-    params: dict[str, Any] = {"nodes": opts.nodes, "tasks_per_node": tasks, "timeout_min": opts.time_min,
-                              "name": "blockprune"}
+    params: dict[str, Any] = {
+        "nodes": opts.nodes,
+        "tasks_per_node": tasks,
+        "timeout_min": opts.time_min,
+        "name": "blockprune",
+    }
     if opts.gpus_per_node:
         params["gpus_per_node"] = opts.gpus_per_node
     if opts.cpus_per_task:

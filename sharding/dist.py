@@ -59,16 +59,21 @@ def init_from_env(device_type: str = "cpu", timeout_s: float = 1800.0) -> DistIn
         return DistInfo()
     missing = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
     if missing:
-        raise RuntimeError(f"WORLD_SIZE={world} but {', '.join(missing)} not set: launch with torchrun or "
-                           "`blockprune submit`")
+        raise RuntimeError(
+            f"WORLD_SIZE={world} but {', '.join(missing)} not set: launch with torchrun or `blockprune submit`"
+        )
     backend = "nccl" if device_type == "cuda" else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
         log.info("rank %d/%d joined the %s process group", dist.get_rank(), world, backend)
-    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(),
-                    local_rank=int(os.environ.get("LOCAL_RANK", "0")), backend=dist.get_backend())
+    return DistInfo(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        backend=dist.get_backend(),
+    )
 
 
 def shutdown(info: DistInfo) -> None:
@@ -141,15 +146,17 @@ def all_gather_object(obj: Any, info: DistInfo) -> list[Any]:
     return out
 
 
-def broadcast_tensors(tensors: dict[str, torch.Tensor] | None, info: DistInfo, src: int = 0,
-                      device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+def broadcast_tensors(
+    tensors: dict[str, torch.Tensor] | None, info: DistInfo, src: int = 0, device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor]:
     """The tensor dict of rank `src` on every rank, on `device` (names, shapes and dtypes travel as one object,
     then one broadcast per tensor in name order). Other ranks pass None."""
     if not info.enabled:
         assert tensors is not None
         return tensors
     spec = broadcast_object(
-        None if info.rank != src else [(n, tuple(t.shape), t.dtype) for n, t in sorted(tensors.items())], info, src)
+        None if info.rank != src else [(n, tuple(t.shape), t.dtype) for n, t in sorted(tensors.items())], info, src
+    )
     wire = _wire_device(info)
     out: dict[str, torch.Tensor] = {}
     for name, shape, dtype in spec:

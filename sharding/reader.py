@@ -48,11 +48,19 @@ _HASH_CHUNK = 1 << 20
 
 def _dtype_table() -> dict[str, torch.dtype]:
     table = {
-        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-        "U8": torch.uint8, "BOOL": torch.bool,
-        "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    }  # fmt: skip
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+        "F8_E4M3": torch.float8_e4m3fn,
+        "F8_E5M2": torch.float8_e5m2,
+    }
     for code, attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
         if hasattr(torch, attr):
             table[code] = getattr(torch, attr)
@@ -319,8 +327,12 @@ def _index_files(weight_map: dict[str, Path], index_path: Path) -> list[Path]:
     files = sorted(set(weight_map.values()))
     unlisted = sorted(set(index_path.parent.glob("*.safetensors")) - set(files))
     if unlisted:
-        logger.warning("%s: ignoring %d *.safetensors file(s) it does not name, e.g. %s", index_path,
-                       len(unlisted), unlisted[0].name)  # fmt: skip
+        logger.warning(
+            "%s: ignoring %d *.safetensors file(s) it does not name, e.g. %s",
+            index_path,
+            len(unlisted),
+            unlisted[0].name,
+        )
     for file in files:
         if not file.is_file():
             example = next(name for name, f in weight_map.items() if f == file)

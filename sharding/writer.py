@@ -55,8 +55,18 @@ SOURCE_FILES = (
     "generation_config.json",
 )
 _HASH_CHUNK = 16 << 20
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 _ERRNO_KIND = {
     errno.ENOSPC: "disk full",
     errno.EDQUOT: "disk quota exceeded",
@@ -171,7 +181,7 @@ def _replace_with(path: Path, data: bytes) -> None:
         try:
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -293,8 +303,9 @@ class CheckpointWriter:
             if isinstance(e, _IO_ERRORS):
                 raise WriterError(_io_message(e, f"while writing unit {unit!r} to {self.out_dir}")) from e
             raise
-        logger.info("committed unit %r: %d tensors, %d shard(s), %d bytes", unit, len(sizes), len(shards),
-                    entry["nbytes"])
+        logger.info(
+            "committed unit %r: %d tensors, %d shard(s), %d bytes", unit, len(sizes), len(shards), entry["nbytes"]
+        )
 
     def finalize(
         self,
@@ -335,10 +346,14 @@ class CheckpointWriter:
         if entries and not overwrite and not (resume and all(_is_temp_name(p.name) for p in entries)):
             what = f"not empty ({len(entries)} entries, e.g. {entries[0].name!r})"
             if resume:
-                raise WriterError(f"cannot resume: output directory {d} is {what} but holds no {MANIFEST_NAME}; "
-                                  "pass overwrite=True to replace it")
-            raise WriterError(f"output directory {d} is {what}; pass overwrite=True to replace it or resume=True to "
-                              "continue the run written there")
+                raise WriterError(
+                    f"cannot resume: output directory {d} is {what} but holds no {MANIFEST_NAME}; "
+                    "pass overwrite=True to replace it"
+                )
+            raise WriterError(
+                f"output directory {d} is {what}; pass overwrite=True to replace it or resume=True to "
+                "continue the run written there"
+            )
         self._clear(entries)
         d.mkdir(parents=True, exist_ok=True)
         self._manifest = _new_manifest(self.run_id, self.max_shard_size)
@@ -372,11 +387,19 @@ class CheckpointWriter:
         self._units = {u["name"]: u for u in manifest["units"]}
         self._owner = {t: u["name"] for u in manifest["units"] for s in u["shards"] for t in s["tensors"]}
         if manifest["max_shard_size"] != self.max_shard_size:
-            logger.warning("resuming %s with max_shard_size %d; it was written with %d", self.out_dir,
-                           self.max_shard_size, manifest["max_shard_size"])
+            logger.warning(
+                "resuming %s with max_shard_size %d; it was written with %d",
+                self.out_dir,
+                self.max_shard_size,
+                manifest["max_shard_size"],
+            )
         self._remove_strays()
-        logger.info("resuming %s: %d unit(s) committed%s", self.out_dir, len(self._units),
-                    ", finalize in progress" if manifest["finalize"] else "")
+        logger.info(
+            "resuming %s: %d unit(s) committed%s",
+            self.out_dir,
+            len(self._units),
+            ", finalize in progress" if manifest["finalize"] else "",
+        )
 
     def _load_manifest(self) -> dict[str, Any]:
         path = self.out_dir / MANIFEST_NAME
@@ -387,11 +410,14 @@ class CheckpointWriter:
         if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
             raise WriterError(f"{path} is not a blockprune writer manifest; use a new output or overwrite")
         if manifest.get("version") != MANIFEST_VERSION:
-            raise WriterError(f"manifest {path} has version {manifest.get('version')!r}; this writer reads "
-                              f"version {MANIFEST_VERSION}")
+            raise WriterError(
+                f"manifest {path} has version {manifest.get('version')!r}; this writer reads version {MANIFEST_VERSION}"
+            )
         if manifest.get("run_id") != self.run_id:
-            raise WriterError(f"output {self.out_dir} was written by a different recipe or input checkpoint (run id "
-                              f"{manifest.get('run_id')!r}, this run {self.run_id!r}); use a new output or overwrite")
+            raise WriterError(
+                f"output {self.out_dir} was written by a different recipe or input checkpoint (run id "
+                f"{manifest.get('run_id')!r}, this run {self.run_id!r}); use a new output or overwrite"
+            )
         return manifest
 
     def _verify_shards(self, manifest: dict[str, Any]) -> None:
@@ -404,11 +430,15 @@ class CheckpointWriter:
                     raise WriterError(f"{where} is missing; use a new output or overwrite")
                 size, digest = _hash_file(path)
                 if size != shard["size"]:
-                    raise WriterError(f"{where} has {size} bytes, the manifest says {shard['size']} (truncated or "
-                                      "replaced); use a new output or overwrite")
+                    raise WriterError(
+                        f"{where} has {size} bytes, the manifest says {shard['size']} (truncated or "
+                        "replaced); use a new output or overwrite"
+                    )
                 if digest != shard["sha256"]:
-                    raise WriterError(f"{where} does not match its sha256 in the manifest (modified after it was "
-                                      "written); use a new output or overwrite")
+                    raise WriterError(
+                        f"{where} does not match its sha256 in the manifest (modified after it was "
+                        "written); use a new output or overwrite"
+                    )
 
     def _remove_strays(self) -> None:
         """Remove temporaries and part files that no committed unit references (a unit killed before commit)."""
@@ -439,8 +469,9 @@ class CheckpointWriter:
             if not isinstance(t, torch.Tensor):
                 raise WriterError(f"unit {unit!r}: tensor {name!r} is a {type(t).__name__}, not a torch.Tensor")
             if t.is_meta or t.layout != torch.strided:
-                raise WriterError(f"unit {unit!r}: tensor {name!r} has no dense data (device {t.device}, "
-                                  f"layout {t.layout})")
+                raise WriterError(
+                    f"unit {unit!r}: tensor {name!r} has no dense data (device {t.device}, layout {t.layout})"
+                )
 
     @staticmethod
     def _check_metadata(unit: str, metadata: dict | None) -> dict:
@@ -469,8 +500,13 @@ class CheckpointWriter:
         _fsync_dir(self.out_dir)
         self.bytes_written += size
         logger.debug("wrote %s: %d tensors, %d bytes", final, len(names), size)
-        return {"file": name, "size": size, "sha256": digest,
-                "tensor_bytes": sum(_tensor_nbytes(tensors[n]) for n in names), "tensors": names}
+        return {
+            "file": name,
+            "size": size,
+            "sha256": digest,
+            "tensor_bytes": sum(_tensor_nbytes(tensors[n]) for n in names),
+            "tensors": names,
+        }
 
     def _commit(self, entry: dict[str, Any]) -> None:
         """Rewrite the manifest with `entry` appended; the rename of the manifest is the unit's commit point."""
@@ -498,11 +534,20 @@ class CheckpointWriter:
             raise WriterError(f"config for {self.out_dir / CONFIG_NAME} is not JSON-serialisable: {e}") from e
         reserved = {MANIFEST_NAME, INDEX_NAME, CONFIG_NAME}
         for name, content in extra.items():
-            bad = (not name or "/" in name or "\\" in name or name.startswith(".") or name in reserved
-                   or name.startswith(PART_PREFIX) or re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors", name))
+            bad = (
+                not name
+                or "/" in name
+                or "\\" in name
+                or name.startswith(".")
+                or name in reserved
+                or name.startswith(PART_PREFIX)
+                or re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors", name)
+            )
             if bad:
-                raise WriterError(f"extra file name {name!r} is not allowed (a plain file name that is not "
-                                  "config.json, the index, the manifest or a shard)")
+                raise WriterError(
+                    f"extra file name {name!r} is not allowed (a plain file name that is not "
+                    "config.json, the index, the manifest or a shard)"
+                )
             if not isinstance(content, (str, bytes, bytearray)):
                 raise WriterError(f"extra file {name!r}: content must be str or bytes, got {type(content).__name__}")
         if source_dir is not None and not Path(source_dir).is_dir():

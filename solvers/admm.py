@@ -93,8 +93,9 @@ class _Schedule:
 
     def __post_init__(self) -> None:
         if self.rho0 <= 0 or self.rho_growth < 1.0 or self.iters < 1 or self.patience < 1 or self.tol < 0:
-            raise ValueError(f"admm_group_prune: need rho0 > 0, rho_growth >= 1, iters >= 1, patience >= 1, tol >= 0; "
-                             f"got {self}")
+            raise ValueError(
+                f"admm_group_prune: need rho0 > 0, rho_growth >= 1, iters >= 1, patience >= 1, tol >= 0; got {self}"
+            )
 
 
 def admm_group_prune(
@@ -138,8 +139,9 @@ def admm_group_prune(
     return keep.cpu(), W_new
 
 
-def _admm_support(W: Tensor, H: Tensor, groups: list[Tensor], k_keep: int, sch: _Schedule, percdamp: float,
-                  init_keep: Tensor | None) -> tuple[Tensor, set[tuple[int, ...]]]:
+def _admm_support(
+    W: Tensor, H: Tensor, groups: list[Tensor], k_keep: int, sch: _Schedule, percdamp: float, init_keep: Tensor | None
+) -> tuple[Tensor, set[tuple[int, ...]]]:
     """The iterations; returns the last support and every support visited (sorted id tuples)."""
     n_groups, d_in = len(groups), W.shape[1]
     Hd, dead = damped_gram(H.to(W.device), percdamp)

@@ -34,8 +34,15 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "BudgetReconciler", "best_head_count", "interpolate_log", "owl_allocation", "outlier_ratio", "scaled_allocation",
-    "softmax_allocation", "standardize_energy", "uniform_allocation",
+    "BudgetReconciler",
+    "best_head_count",
+    "interpolate_log",
+    "owl_allocation",
+    "outlier_ratio",
+    "scaled_allocation",
+    "softmax_allocation",
+    "standardize_energy",
+    "uniform_allocation",
 ]
 
 logger = logging.getLogger(__name__)
@@ -98,8 +105,11 @@ def outlier_ratio(scores: Tensor | Sequence[Tensor], M: float = 5.0) -> float:
 
     ``scores`` is one tensor or the list of the layer's per-linear score tensors (concatenated, as OWL does).
     """
-    flat = torch.cat([t.detach().reshape(-1).double() for t in scores]) if not isinstance(scores, Tensor) else \
-        scores.detach().reshape(-1).double()
+    flat = (
+        torch.cat([t.detach().reshape(-1).double() for t in scores])
+        if not isinstance(scores, Tensor)
+        else scores.detach().reshape(-1).double()
+    )
     if flat.numel() == 0:
         raise ValueError("outlier_ratio: no scores")
     if not bool(torch.isfinite(flat).all()):
@@ -122,8 +132,10 @@ def owl_allocation(D: Vector, S: float, *, lam: float = 0.08) -> Tensor:
     r = torch.zeros_like(D) if spread == 0.0 else 2.0 * lam * (D - D.min()) / spread
     s = S - (r - r.mean())
     if bool((s < 0).any()) or bool((s > 1).any()):
-        raise ValueError(f"owl_allocation: S={S} with lam={lam} gives sparsities in [{float(s.min()):.4f}, "
-                         f"{float(s.max()):.4f}], outside [0, 1]; lower lam")
+        raise ValueError(
+            f"owl_allocation: S={S} with lam={lam} gives sparsities in [{float(s.min()):.4f}, "
+            f"{float(s.max()):.4f}], outside [0, 1]; lower lam"
+        )
     return s
 
 
@@ -162,8 +174,9 @@ def _values_at(u: Tensor, logw: Tensor, a: Tensor, b: Tensor, lo: Tensor, hi: Te
     return torch.where(u >= b, hi, torch.where(u <= a, lo, free))
 
 
-def scaled_allocation(w_log: Vector, P: Vector, S: float, *, s_min: Bound = 0.0, s_max: Bound = 1.0,
-                      tol: float = 1e-10) -> Tensor:
+def scaled_allocation(
+    w_log: Vector, P: Vector, S: float, *, s_min: Bound = 0.0, s_max: Bound = 1.0, tol: float = 1e-10
+) -> Tensor:
     """``s_l = clip(c · exp(w_log_l), s_min, s_max)`` with ``c`` exact such that ``Σ P_l s_l = S Σ P_l``.
 
     ``w_log`` may hold ``-inf`` (a layer that stays at ``s_min``). Raises ``ValueError`` when the target lies
@@ -181,8 +194,10 @@ def scaled_allocation(w_log: Vector, P: Vector, S: float, *, s_min: Bound = 0.0,
     ceil = float((P * torch.where(torch.isneginf(logw), lo, hi)).sum())
     slack = tol * total
     if not floor - slack <= target <= ceil + slack:
-        raise ValueError(f"allocation: target S={S:.6g} is infeasible with bounds: reachable "
-                         f"[{floor / total:.6g}, {ceil / total:.6g}] of the prunable parameters")
+        raise ValueError(
+            f"allocation: target S={S:.6g} is infeasible with bounds: reachable "
+            f"[{floor / total:.6g}, {ceil / total:.6g}] of the prunable parameters"
+        )
     if target <= floor:
         return lo
     if target >= ceil:
@@ -201,7 +216,7 @@ def _solve_segment(logw: Tensor, P: Tensor, target: float, lo: Tensor, hi: Tenso
     F = (_values_at(knots, logw, a, b, lo, hi) * P).sum(1)
     k = int(torch.searchsorted(F, torch.tensor([target], dtype=torch.float64))[0])  # first F[k] >= target
     if k < knots.numel() and float(F[k]) == target:
-        return _values_at(knots[k:k + 1], logw, a, b, lo, hi)[0]
+        return _values_at(knots[k : k + 1], logw, a, b, lo, hi)[0]
     left = knots[k - 1] if k > 0 else torch.tensor(-math.inf, dtype=torch.float64)
     right = knots[k] if k < knots.numel() else torch.tensor(math.inf, dtype=torch.float64)
     at_hi, at_lo = b <= left, a >= right
@@ -214,8 +229,9 @@ def _solve_segment(logw: Tensor, P: Tensor, target: float, lo: Tensor, hi: Tenso
     return s
 
 
-def softmax_allocation(E: Vector, P: Vector, S: float, *, T: float = 1.0, s_min: Bound = 0.0, s_max: Bound = 0.8,
-                       tol: float = 1e-10) -> Tensor:
+def softmax_allocation(
+    E: Vector, P: Vector, S: float, *, T: float = 1.0, s_min: Bound = 0.0, s_max: Bound = 0.8, tol: float = 1e-10
+) -> Tensor:
     """``s_l = clip(c · exp(−E_l / T), s_min, s_max)``, ``c`` exact so that ``Σ P_l s_l = S · Σ P_l``.
 
     ``E`` should be standardised (:func:`standardize_energy`). ``T = inf`` gives ``exp(0) = 1``: uniform.
@@ -253,8 +269,16 @@ def interpolate_log(x: Vector, y: Vector, at: float, *, floor: float = 1e-12) ->
     return math.exp(y0 + t * (y1 - y0))
 
 
-def best_head_count(x: float, head_params: float, channel_params: float, head_error: Vector, channel_grid: Vector,
-                    channel_error: Vector, *, max_channel_fraction: float = 1.0) -> int:
+def best_head_count(
+    x: float,
+    head_params: float,
+    channel_params: float,
+    head_error: Vector,
+    channel_grid: Vector,
+    channel_error: Vector,
+    *,
+    max_channel_fraction: float = 1.0,
+) -> int:
     """KV groups ``r`` to remove from a layer that loses ``x`` parameters: the ``r`` minimising the predicted error
 
         err(r) = head_error[r] + interp(channel_grid, channel_error, (x − r·head_params) / channel_params)
@@ -329,8 +353,16 @@ class BudgetReconciler:
     live plan: achieved for recorded layers), ``achieved`` and ``planned_at_visit`` (``NaN`` until recorded).
     """
 
-    def __init__(self, plan: Vector, P: Vector, S: float | None = None, *, s_min: Bound = 0.0,
-                 s_max: Bound = 1.0, units: Bound | None = None) -> None:
+    def __init__(
+        self,
+        plan: Vector,
+        P: Vector,
+        S: float | None = None,
+        *,
+        s_min: Bound = 0.0,
+        s_max: Bound = 1.0,
+        units: Bound | None = None,
+    ) -> None:
         self.plan = _vec(plan, "plan")
         L = self.plan.numel()
         self.P = _params(P, L)
@@ -343,8 +375,9 @@ class BudgetReconciler:
         self.S = float((self.P * self.plan).sum() / self.P.sum()) if S is None else _target(S)
         reach = float((self.P * self.s_min).sum() / self.P.sum()), float((self.P * self.s_max).sum() / self.P.sum())
         if not reach[0] <= self.S <= reach[1]:
-            raise ValueError(f"BudgetReconciler: target S={self.S:.6g} is outside the bounds' reach "
-                             f"[{reach[0]:.6g}, {reach[1]:.6g}]")
+            raise ValueError(
+                f"BudgetReconciler: target S={self.S:.6g} is outside the bounds' reach [{reach[0]:.6g}, {reach[1]:.6g}]"
+            )
         self.achieved = torch.full_like(self.plan, math.nan)
         self.planned_at_visit = torch.full_like(self.plan, math.nan)
         self.current = self.plan.clone()
@@ -374,8 +407,9 @@ class BudgetReconciler:
         if not torch.isnan(self.achieved[layer]):
             raise ValueError(f"BudgetReconciler: layer {layer} was already recorded")
         if not 0 <= achieved_removed <= float(self.P[layer]):
-            raise ValueError(f"BudgetReconciler: layer {layer} removed {achieved_removed} of {float(self.P[layer])} "
-                             "parameters")
+            raise ValueError(
+                f"BudgetReconciler: layer {layer} removed {achieved_removed} of {float(self.P[layer])} parameters"
+            )
         self.planned_at_visit[layer] = self.current[layer]
         self.achieved[layer] = achieved_removed / float(self.P[layer]) if float(self.P[layer]) > 0 else 0.0
         self.current[layer] = self.achieved[layer]
@@ -396,15 +430,23 @@ class BudgetReconciler:
     def state_dict(self) -> dict:
         """JSON-ready state (for the report and for resuming)."""
         as_list = lambda t: [None if math.isnan(v) else v for v in t.tolist()]
-        return {"S": self.S, "P": self.P.tolist(), "plan": self.plan.tolist(), "s_min": self.s_min.tolist(),
-                "s_max": self.s_max.tolist(), "units": self.units.tolist(), "achieved": as_list(self.achieved),
-                "planned_at_visit": as_list(self.planned_at_visit)}
+        return {
+            "S": self.S,
+            "P": self.P.tolist(),
+            "plan": self.plan.tolist(),
+            "s_min": self.s_min.tolist(),
+            "s_max": self.s_max.tolist(),
+            "units": self.units.tolist(),
+            "achieved": as_list(self.achieved),
+            "planned_at_visit": as_list(self.planned_at_visit),
+        }
 
     @classmethod
     def from_state_dict(cls, state: dict) -> BudgetReconciler:
         """Rebuild from :meth:`state_dict`: the recorded layers are replayed in index order."""
-        rec = cls(state["plan"], state["P"], state["S"], s_min=state["s_min"], s_max=state["s_max"],
-                  units=state["units"])
+        rec = cls(
+            state["plan"], state["P"], state["S"], s_min=state["s_min"], s_max=state["s_max"], units=state["units"]
+        )
         for layer, (s, visit) in enumerate(zip(state["achieved"], state["planned_at_visit"])):
             if s is not None:
                 rec.record(layer, s * float(rec.P[layer]))
@@ -454,8 +496,14 @@ class BudgetReconciler:
         reach = float((P * lo).sum() / P.sum()), float((P * hi).sum() / P.sum())
         if not reach[0] <= want <= reach[1]:
             if warn:
-                logger.warning("BudgetReconciler: remaining target %.6g is outside the bounds' reach [%.6g, %.6g]; "
-                               "clamping the %d remaining layers", want, reach[0], reach[1], idx.numel())
+                logger.warning(
+                    "BudgetReconciler: remaining target %.6g is outside the bounds' reach [%.6g, %.6g]; "
+                    "clamping the %d remaining layers",
+                    want,
+                    reach[0],
+                    reach[1],
+                    idx.numel(),
+                )
             self.current[idx] = lo if want < reach[0] else hi
             return
         logw = self.plan[idx].log()

@@ -27,8 +27,16 @@ from scipy.spatial.distance import squareform
 from torch import Tensor
 
 __all__ = [
-    "Representatives", "choose_representatives", "cluster_experts", "coactivation_counts", "coactivation_distance",
-    "experts_to_keep", "merge_average", "mixed_distance", "n_keep_for_target", "router_distance",
+    "Representatives",
+    "choose_representatives",
+    "cluster_experts",
+    "coactivation_counts",
+    "coactivation_distance",
+    "experts_to_keep",
+    "merge_average",
+    "mixed_distance",
+    "n_keep_for_target",
+    "router_distance",
 ]
 
 logger = logging.getLogger(__name__)
@@ -76,12 +84,15 @@ def coactivation_counts(top_k_index: Tensor, E: int) -> Tensor:
     so summing the result over calibration batches equals one call on all tokens.
     """
     if top_k_index.dim() != 2 or top_k_index.is_floating_point() or top_k_index.dtype == torch.bool:
-        raise ValueError(f"coactivation_counts: top_k_index must be an integer [T, k] tensor, got "
-                         f"{tuple(top_k_index.shape)} {top_k_index.dtype}")
+        raise ValueError(
+            f"coactivation_counts: top_k_index must be an integer [T, k] tensor, got "
+            f"{tuple(top_k_index.shape)} {top_k_index.dtype}"
+        )
     idx = top_k_index.detach().to("cpu", torch.int64)
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= E):
-        raise ValueError(f"coactivation_counts: expert ids must lie in [0, {E}), got [{int(idx.min())}, "
-                         f"{int(idx.max())}]")
+        raise ValueError(
+            f"coactivation_counts: expert ids must lie in [0, {E}), got [{int(idx.min())}, {int(idx.max())}]"
+        )
     srt = idx.sort(dim=1).values
     if bool((srt[:, 1:] == srt[:, :-1]).any()):
         raise ValueError("coactivation_counts: a token lists the same expert twice in its top-k")
@@ -182,8 +193,11 @@ def cluster_experts(D: Tensor, n_keep: int) -> Tensor:
     Z = linkage(squareform(_finish(D).numpy(), checks=False), method="complete")
     labels = fcluster(Z, t=n_keep, criterion="maxclust")
     if len(set(labels.tolist())) != n_keep:
-        logger.debug("cluster_experts: tied merge heights, fcluster gave %d clusters for %d; cutting by merge count",
-                     len(set(labels.tolist())), n_keep)
+        logger.debug(
+            "cluster_experts: tied merge heights, fcluster gave %d clusters for %d; cutting by merge count",
+            len(set(labels.tolist())),
+            n_keep,
+        )
         labels = _cut_by_merges(Z, E, n_keep)
     return _canonical(labels)
 
@@ -227,8 +241,9 @@ def _closest(members: Tensor, features: Tensor | None, D: Tensor | None) -> int:
     return int(members[torch.argmin((D[members][:, members] ** 2).sum(1))])
 
 
-def choose_representatives(clusters: Tensor, features: Tensor | None = None, mode: str = "centroid", *,
-                           D: Tensor | None = None) -> Representatives:
+def choose_representatives(
+    clusters: Tensor, features: Tensor | None = None, mode: str = "centroid", *, D: Tensor | None = None
+) -> Representatives:
     """One expert per cluster: the member closest to the centroid of ``features [E, F]`` (flattened expert weights
     or router rows), or with ``features=None`` the member minimising ``Σ_j D_ij²`` within its cluster.
 
@@ -241,8 +256,7 @@ def choose_representatives(clusters: Tensor, features: Tensor | None = None, mod
     if features is None and (D is None or mode == "average"):
         raise ValueError("choose_representatives: needs features (and, without them, D; 'average' needs features)")
     if features is not None and features.shape[0] != clusters.numel():
-        raise ValueError(f"choose_representatives: features have {features.shape[0]} rows, clusters "
-                         f"{clusters.numel()}")
+        raise ValueError(f"choose_representatives: features have {features.shape[0]} rows, clusters {clusters.numel()}")
     Dm = None if D is None else _check_square(D, "choose_representatives")
     feats = None if features is None else features.detach().cpu()
     reps = [_closest(m, feats, Dm) for m in _members(clusters)]

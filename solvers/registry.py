@@ -24,7 +24,14 @@ from solvers.stats import InputStats, col_norm_sq, layer_error
 from solvers.unstructured import PruneResult, magnitude_prune, wanda_prune
 
 __all__ = [
-    "SolverFn", "SolverSpec", "get_solver", "needs_gram", "needs_stats", "available_solvers", "register_solver", "describe",
+    "SolverFn",
+    "SolverSpec",
+    "get_solver",
+    "needs_gram",
+    "needs_stats",
+    "available_solvers",
+    "register_solver",
+    "describe",
 ]
 
 SolverFn = Callable[..., PruneResult]
@@ -56,25 +63,42 @@ def _require(stats: InputStats | None, name: str, gram: bool) -> InputStats:
     return stats
 
 
-def _magnitude(W: Tensor, stats: InputStats | None, sparsity: float, pattern: str | None, *,
-               per_row: bool = False, compute_error: bool = False) -> PruneResult:
+def _magnitude(
+    W: Tensor,
+    stats: InputStats | None,
+    sparsity: float,
+    pattern: str | None,
+    *,
+    per_row: bool = False,
+    compute_error: bool = False,
+) -> PruneResult:
     res = magnitude_prune(W, sparsity, pattern=pattern, per_row=per_row)
     return _with_error(W, stats, res, compute_error)
 
 
-def _wanda(W: Tensor, stats: InputStats | None, sparsity: float, pattern: str | None, *,
-           compute_error: bool = False) -> PruneResult:
+def _wanda(
+    W: Tensor, stats: InputStats | None, sparsity: float, pattern: str | None, *, compute_error: bool = False
+) -> PruneResult:
     stats = _require(stats, "wanda", gram=False)
     res = wanda_prune(W, col_norm_sq(stats), sparsity, pattern=pattern)
     return _with_error(W, stats, res, compute_error)
 
 
-def _sparsegpt(W: Tensor, stats: InputStats | None, sparsity: float, pattern: str | None, *,
-               blocksize: int = 128, percdamp: float = 0.01, compute_error: bool = False) -> PruneResult:
+def _sparsegpt(
+    W: Tensor,
+    stats: InputStats | None,
+    sparsity: float,
+    pattern: str | None,
+    *,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    compute_error: bool = False,
+) -> PruneResult:
     stats = _require(stats, "sparsegpt", gram=True)
     assert stats.H is not None
-    res = sparsegpt_prune(W, stats.H, sparsity, pattern=pattern, blocksize=blocksize, percdamp=percdamp,
-                          n_tokens=stats.n)
+    res = sparsegpt_prune(
+        W, stats.H, sparsity, pattern=pattern, blocksize=blocksize, percdamp=percdamp, n_tokens=stats.n
+    )
     return _with_error(W, stats, res, compute_error)
 
 

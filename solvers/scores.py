@@ -25,9 +25,18 @@ from solvers.stats import InputStats, col_norm_sq
 from solvers.structured import SCORES, check_groups, obs_group_costs
 
 __all__ = [
-    "SCORES", "group_scores", "group_reduce", "standardize", "select_lowest", "input_mean", "input_variance",
-    "flap_bias_compensation", "block_influence", "output_change",
+    "SCORES",
+    "group_scores",
+    "group_reduce",
+    "standardize",
+    "select_lowest",
+    "input_mean",
+    "input_variance",
+    "flap_bias_compensation",
+    "block_influence",
+    "output_change",
 ]
+
 
 def group_reduce(per_col: Tensor, groups: list[Tensor], how: str = "sum") -> Tensor:
     """Per-group ``sum`` or ``mean`` of per-column values ``[d_in]`` -> ``[n_groups]``."""
@@ -72,8 +81,9 @@ def _col_scores(method: str, W: Tensor, stats: InputStats) -> tuple[Tensor, str]
     return var * Wf.square().sum(dim=0), "mean"
 
 
-def group_scores(method: str, W: Tensor, stats: InputStats | None, groups: list[Tensor], *,
-                 percdamp: float = 0.01) -> Tensor:
+def group_scores(
+    method: str, W: Tensor, stats: InputStats | None, groups: list[Tensor], *, percdamp: float = 0.01
+) -> Tensor:
     """Importance of each group (``[n_groups]``, float64; formulas in the module docstring). Low = remove first.
 
     ``magnitude`` needs no statistics (``stats`` may be ``None``); ``wanda`` needs column norms; ``fluctuation``
@@ -91,7 +101,9 @@ def group_scores(method: str, W: Tensor, stats: InputStats | None, groups: list[
     if method == "obs":
         assert stats is not None
         if stats.H is None or stats.n == 0:
-            raise ValueError("group_scores: score 'obs' needs the Gram matrix H (init_stats(..., gram=True)) and tokens")
+            raise ValueError(
+                "group_scores: score 'obs' needs the Gram matrix H (init_stats(..., gram=True)) and tokens"
+            )
         return obs_group_costs(W, stats.H, groups, percdamp=percdamp) / stats.n
     per_col, how = _col_scores(method, W, stats)  # type: ignore[arg-type]
     return group_reduce(per_col, groups, how)
@@ -129,8 +141,9 @@ def flap_bias_compensation(W: Tensor, mean_x: Tensor, removed_cols: Tensor) -> T
     Example: ``W = [[1, 2]]``, ``x̄ = [3, 4]``, ``P = [1]`` gives ``b = [8]``.
     """
     if mean_x.shape != (W.shape[1],):
-        raise ValueError(f"flap_bias_compensation: mean input has shape {tuple(mean_x.shape)}, weight has "
-                         f"{W.shape[1]} inputs")
+        raise ValueError(
+            f"flap_bias_compensation: mean input has shape {tuple(mean_x.shape)}, weight has {W.shape[1]} inputs"
+        )
     P = removed_cols.long().to(W.device)
     dtype = torch.promote_types(W.dtype, torch.float32)
     b = W[:, P].to(dtype) @ mean_x.to(W.device, dtype)[P]

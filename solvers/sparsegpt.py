@@ -55,10 +55,17 @@ def inverse_hessian_cholesky(H: Tensor, percdamp: float, *, retries: int = _MAX_
             if int(info) == 0 and bool(torch.isfinite(U).all()):
                 return U, damp
         if attempt < retries:
-            logger.warning("sparsegpt: Cholesky of the %dx%d Hessian failed with damping %.3g; retrying with %.3g",
-                           H.shape[0], H.shape[0], damp, max(percdamp, 1e-3) * 10.0 ** (attempt + 1))
-    raise RuntimeError(f"sparsegpt: Cholesky of the {H.shape[0]}x{H.shape[0]} Hessian failed even with "
-                       f"damping {applied:.3g}·mean(diag H); check the calibration statistics")
+            logger.warning(
+                "sparsegpt: Cholesky of the %dx%d Hessian failed with damping %.3g; retrying with %.3g",
+                H.shape[0],
+                H.shape[0],
+                damp,
+                max(percdamp, 1e-3) * 10.0 ** (attempt + 1),
+            )
+    raise RuntimeError(
+        f"sparsegpt: Cholesky of the {H.shape[0]}x{H.shape[0]} Hessian failed even with "
+        f"damping {applied:.3g}·mean(diag H); check the calibration statistics"
+    )
 
 
 _SUB = 16  # columns solved one by one between matrix-matrix updates inside a block
@@ -104,7 +111,7 @@ def _column_updates(W1: Tensor, U1: Tensor, mask1: Tensor, d: Tensor, nm: tuple[
         for i in range(j1, j2):
             torch.mul(WT[i], part[i - j1], out=ET[i])  # err_i (zero where kept)
             if i + 1 < j2:
-                WT[i + 1:j2].addr_(U1[i, i + 1:j2], ET[i], alpha=-1.0)
+                WT[i + 1 : j2].addr_(U1[i, i + 1 : j2], ET[i], alpha=-1.0)
         if j2 < b:
             WT[j2:].addmm_(U1[j1:j2, j2:].T, ET[j1:j2], alpha=-1.0)
     W1.copy_(torch.where(mask1, WT.T, torch.zeros((), dtype=WT.dtype, device=WT.device)))
@@ -121,8 +128,10 @@ def _validate(W: Tensor, H: Tensor, sparsity: float, nm: tuple[int, int] | None,
     if blocksize <= 0:
         raise ValueError(f"sparsegpt_prune: blocksize must be positive, got {blocksize}")
     if nm is not None and (blocksize % nm[1] != 0 or d_in % nm[1] != 0):
-        raise ValueError(f"sparsegpt_prune: blocksize {blocksize} and input width {d_in} must be multiples of "
-                         f"M={nm[1]} for an {nm[0]}:{nm[1]} pattern")
+        raise ValueError(
+            f"sparsegpt_prune: blocksize {blocksize} and input width {d_in} must be multiples of "
+            f"M={nm[1]} for an {nm[0]}:{nm[1]} pattern"
+        )
 
 
 def sparsegpt_prune(
@@ -144,8 +153,9 @@ def sparsegpt_prune(
     The returned ``mask`` is the pruning decision: ``weight[~mask] == 0`` exactly; kept entries of dead inputs
     are zero too. ``info``: ``sparsity`` (achieved), ``loss`` (``tr(ΔW H_damped ΔWᵀ)``, OBS sum), ``damp``.
     """
-    return sparsegpt_prune_many([W], H, sparsity, pattern=pattern, blocksize=blocksize, percdamp=percdamp,
-                                n_tokens=n_tokens)[0]
+    return sparsegpt_prune_many(
+        [W], H, sparsity, pattern=pattern, blocksize=blocksize, percdamp=percdamp, n_tokens=n_tokens
+    )[0]
 
 
 def sparsegpt_prune_many(
@@ -167,8 +177,10 @@ def sparsegpt_prune_many(
     info: dict = {"method": "sparsegpt", "pattern": "unstructured" if nm is None else f"{nm[0]}:{nm[1]}"}
     d_in = H.shape[0]
     if nm is None and all(n_pruned(sparsity, W.numel()) == 0 for W in Ws):
-        return [PruneResult(W.clone(), torch.ones_like(W, dtype=torch.bool), {**info, "sparsity": 0.0, "loss": 0.0})
-                for W in Ws]
+        return [
+            PruneResult(W.clone(), torch.ones_like(W, dtype=torch.bool), {**info, "sparsity": 0.0, "loss": 0.0})
+            for W in Ws
+        ]
     dtype = torch.float64 if any(W.dtype == torch.float64 for W in Ws) else torch.float32
     device = Ws[0].device
     Wf = torch.cat([W.to(dtype=dtype) for W in Ws], dim=0)
@@ -197,10 +209,17 @@ def sparsegpt_prune_many(
     out = []
     for j, (W, r0, r1) in enumerate(zip(Ws, bounds[:-1], bounds[1:])):
         m = mask[r0:r1]
-        out.append(PruneResult(
-            weight=Wf[r0:r1].to(W.dtype),
-            mask=m,
-            info={**info, "sparsity": 1.0 - m.float().mean().item(), "loss": float(losses[j]), "damp": damp,
-                  "dead_inputs": int(dead.sum())},
-        ))
+        out.append(
+            PruneResult(
+                weight=Wf[r0:r1].to(W.dtype),
+                mask=m,
+                info={
+                    **info,
+                    "sparsity": 1.0 - m.float().mean().item(),
+                    "loss": float(losses[j]),
+                    "damp": damp,
+                    "dead_inputs": int(dead.sum()),
+                },
+            )
+        )
     return out

@@ -33,9 +33,22 @@ from torch import Tensor
 from solvers.stats import InputStats
 
 __all__ = [
-    "SCORES", "SOLVERS", "GroupPruneResult", "groups_contiguous", "group_columns", "check_groups", "damped_gram",
-    "closed_form_reconstruct", "closed_form_with_bias", "augmented_gram", "kept_error", "support_error",
-    "obs_group_costs", "obs_group_prune", "swap_refine", "prune_groups",
+    "SCORES",
+    "SOLVERS",
+    "GroupPruneResult",
+    "groups_contiguous",
+    "group_columns",
+    "check_groups",
+    "damped_gram",
+    "closed_form_reconstruct",
+    "closed_form_with_bias",
+    "augmented_gram",
+    "kept_error",
+    "support_error",
+    "obs_group_costs",
+    "obs_group_prune",
+    "swap_refine",
+    "prune_groups",
 ]
 
 logger = logging.getLogger(__name__)
@@ -67,8 +80,9 @@ def check_groups(groups: list[Tensor], d_in: int, where: str) -> None:
     seen = torch.zeros(d_in, dtype=torch.bool)
     for i, g in enumerate(groups):
         if g.dim() != 1 or g.numel() == 0 or g.dtype.is_floating_point or g.dtype == torch.bool:
-            raise ValueError(f"{where}: group {i} must be a non-empty 1-D integer index tensor, got {tuple(g.shape)} "
-                             f"{g.dtype}")
+            raise ValueError(
+                f"{where}: group {i} must be a non-empty 1-D integer index tensor, got {tuple(g.shape)} {g.dtype}"
+            )
         g = g.cpu()
         if int(g.min()) < 0 or int(g.max()) >= d_in:
             raise ValueError(f"{where}: group {i} has column indices outside [0, {d_in})")
@@ -122,13 +136,20 @@ def _cholesky(A: Tensor, where: str) -> Tensor:
     scale = float(A.diagonal().mean().abs()) or 1.0
     for step in range(_JITTER_STEPS):
         eps = 10.0 ** (-10 + 2 * step)
-        logger.warning("%s: Cholesky of a %dx%d Gram block failed; adding jitter %.1e·mean(diag)", where,
-                       A.shape[0], A.shape[0], eps)
+        logger.warning(
+            "%s: Cholesky of a %dx%d Gram block failed; adding jitter %.1e·mean(diag)",
+            where,
+            A.shape[0],
+            A.shape[0],
+            eps,
+        )
         L, info = torch.linalg.cholesky_ex(A + eps * scale * torch.eye(A.shape[0], dtype=A.dtype, device=A.device))
         if int(info) == 0:
             return L
-    raise RuntimeError(f"{where}: the {A.shape[0]}x{A.shape[0]} Gram block is not positive definite even with jitter; "
-                       "check the calibration statistics or raise percdamp")
+    raise RuntimeError(
+        f"{where}: the {A.shape[0]}x{A.shape[0]} Gram block is not positive definite even with jitter; "
+        "check the calibration statistics or raise percdamp"
+    )
 
 
 def _check_w_h(W: Tensor, H: Tensor, where: str) -> None:
@@ -245,13 +266,16 @@ class _Buckets:
         by_size: dict[int, list[int]] = {}
         for i, g in enumerate(groups):
             by_size.setdefault(g.numel(), []).append(i)
-        items = [(torch.tensor(ids, device=device), torch.stack([groups[i].long() for i in ids]).to(device))
-                 for ids in by_size.values()]
+        items = [
+            (torch.tensor(ids, device=device), torch.stack([groups[i].long() for i in ids]).to(device))
+            for ids in by_size.values()
+        ]
         return cls(items)
 
 
-def _bucket_costs(W: Tensor, Hinv: Tensor, buckets: _Buckets, removed: Tensor,
-                  update: tuple[Tensor, Tensor] | None = None) -> Tensor:
+def _bucket_costs(
+    W: Tensor, Hinv: Tensor, buckets: _Buckets, removed: Tensor, update: tuple[Tensor, Tensor] | None = None
+) -> Tensor:
     """``tr(W_G ([H⁻¹]_GG)⁻¹ W_Gᵀ)`` per group; ``inf`` for removed groups.
 
     ``update = (A, B)`` reads the blocks of ``H⁻¹ + A B Aᵀ`` instead (a low-rank update, never formed in full).
@@ -423,8 +447,9 @@ def _swap_gains(M: Tensor, Hd: Tensor, S: Tensor, R: Tensor, G: Tensor) -> tuple
     return (VS * v).sum(), VS, Sig_inv
 
 
-def _best_swap_columns(M: Tensor, Hd: Tensor, groups: list[Tensor], keep: Tensor, S: Tensor, Hinv_S: Tensor,
-                       W_S: Tensor) -> tuple[float, int, int]:
+def _best_swap_columns(
+    M: Tensor, Hd: Tensor, groups: list[Tensor], keep: Tensor, S: Tensor, Hinv_S: Tensor, W_S: Tensor
+) -> tuple[float, int, int]:
     """:func:`_best_swap` for single-column groups, all pairs at once (``|S|×|P|`` matrices, no loop).
 
     With ``G = H_SS⁻¹ H_SP`` (only the removed columns are formed), ``g = G_{k,r}``, ``σ = Σ_r``: ``‖W'_k‖² = ‖W_k‖² − 2g/σ·W_kᵀv_r + g²/σ²·‖v_r‖²``,
@@ -453,8 +478,9 @@ def _best_swap_columns(M: Tensor, Hd: Tensor, groups: list[Tensor], keep: Tensor
     return float(delta.flatten()[j]), int(keep[jk]), int(rem[jr])
 
 
-def _best_swap(M: Tensor, Hd: Tensor, groups: list[Tensor], keep: Tensor, S: Tensor,
-               L: Tensor) -> tuple[float, int, int]:
+def _best_swap(
+    M: Tensor, Hd: Tensor, groups: list[Tensor], keep: Tensor, S: Tensor, L: Tensor
+) -> tuple[float, int, int]:
     """Best single swap (re-add removed group ``r``, remove kept group ``k``) by the exact error change
     ``Δ = −gain_r + c_k(S ∪ r)`` with OBS costs on the enlarged set; ``L`` is the Cholesky factor of ``H_SS``.
     Returns ``(Δ, k, r)``."""
@@ -571,8 +597,9 @@ def _select(W: Tensor, stats: InputStats, groups: list[Tensor], k_remove: int, s
     return select_lowest(group_scores(score, W, stats, groups), k_remove)
 
 
-def _reconstruct(W: Tensor, stats: InputStats, keep_cols: Tensor, solver: str, bias_compensation: bool,
-                 percdamp: float) -> tuple[Tensor, Tensor | None]:
+def _reconstruct(
+    W: Tensor, stats: InputStats, keep_cols: Tensor, solver: str, bias_compensation: bool, percdamp: float
+) -> tuple[Tensor, Tensor | None]:
     from solvers.scores import flap_bias_compensation, input_mean
 
     if solver == "none":
@@ -632,7 +659,12 @@ def prune_groups(
         keep = admm_group_prune(W, stats.H, groups, len(groups) - k_remove, init_keep=keep, **opts)[0]
     keep_cols = group_columns(groups, keep, W.shape[1])
     W_S, bias = _reconstruct(W, stats, keep_cols, solver, bias_compensation, percdamp)
-    info = {"score": score, "solver": solver, "bias_compensation": bias_compensation, "removed_groups": k_remove,
-            "error": _error(W, stats, keep_cols, W_S, bias),
-            "error_dense_drop": _error(W, stats, keep_cols, W[:, keep_cols.to(W.device)], None)}
+    info = {
+        "score": score,
+        "solver": solver,
+        "bias_compensation": bias_compensation,
+        "removed_groups": k_remove,
+        "error": _error(W, stats, keep_cols, W_S, bias),
+        "error_dense_drop": _error(W, stats, keep_cols, W[:, keep_cols.to(W.device)], None),
+    }
     return GroupPruneResult(keep_groups=keep, keep_cols=keep_cols, weight=W_S, bias=bias, info=info)

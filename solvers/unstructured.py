@@ -18,7 +18,14 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "PruneResult", "parse_pattern", "magnitude_prune", "wanda_prune", "wanda_scores", "nm_mask", "prune_lowest", "n_pruned",
+    "PruneResult",
+    "parse_pattern",
+    "magnitude_prune",
+    "wanda_prune",
+    "wanda_scores",
+    "nm_mask",
+    "prune_lowest",
+    "n_pruned",
     "check_inputs",
 ]
 
@@ -106,8 +113,11 @@ def _mask_from_scores(scores: Tensor, sparsity: float, nm: tuple[int, int] | Non
 
 def _result(W: Tensor, mask: Tensor, method: str, nm: tuple[int, int] | None) -> PruneResult:
     weight = W * mask.to(W.dtype)
-    info = {"method": method, "pattern": "unstructured" if nm is None else f"{nm[0]}:{nm[1]}",
-            "sparsity": 1.0 - mask.float().mean().item()}
+    info = {
+        "method": method,
+        "pattern": "unstructured" if nm is None else f"{nm[0]}:{nm[1]}",
+        "sparsity": 1.0 - mask.float().mean().item(),
+    }
     return PruneResult(weight=weight, mask=mask, info=info)
 
 

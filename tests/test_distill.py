@@ -77,34 +77,57 @@ def test_kd_loss_rejects_vocab_mismatch():
 
 
 def _base(tmp_path: Path, **extra) -> dict:
-    return {"student": str(tmp_path / "s"), "teacher": str(tmp_path / "t"), "output": str(tmp_path / "o"),
-            "data": str(tmp_path / "d.txt"), **extra}
+    return {
+        "student": str(tmp_path / "s"),
+        "teacher": str(tmp_path / "t"),
+        "output": str(tmp_path / "o"),
+        "data": str(tmp_path / "d.txt"),
+        **extra,
+    }
 
 
 def test_recipe_as_written_and_overrides(tmp_path):
-    text = ("student: /p/pruned\nteacher: /p/dense\noutput: /p/distilled\ndata: /p/text.txt\nsteps: 200\n"
-            "seq_len: 1024\nbatch_size: 8\nlr: 1.0e-4\ndeepspeed: {zero_stage: 3}\n")
+    text = (
+        "student: /p/pruned\nteacher: /p/dense\noutput: /p/distilled\ndata: /p/text.txt\nsteps: 200\n"
+        "seq_len: 1024\nbatch_size: 8\nlr: 1.0e-4\ndeepspeed: {zero_stage: 3}\n"
+    )
     path = tmp_path / "r.yaml"
     path.write_text(text)
-    cfg = load_distill_recipe(path, ["steps=50", "temperature=2", "deepspeed.zero_optimization.stage3_param_"
-                                     "persistence_threshold=0", "self_data=true"])
-    assert (cfg.steps, cfg.seq_len, cfg.batch_size, cfg.lr, cfg.temperature, cfg.self_data) == (50, 1024, 8, 1e-4,
-                                                                                                 2.0, True)
+    cfg = load_distill_recipe(
+        path,
+        [
+            "steps=50",
+            "temperature=2",
+            "deepspeed.zero_optimization.stage3_param_persistence_threshold=0",
+            "self_data=true",
+        ],
+    )
+    assert (cfg.steps, cfg.seq_len, cfg.batch_size, cfg.lr, cfg.temperature, cfg.self_data) == (
+        50,
+        1024,
+        8,
+        1e-4,
+        2.0,
+        True,
+    )
     assert cfg.deepspeed == {"zero_stage": 3, "zero_optimization": {"stage3_param_persistence_threshold": 0}}
     again = distill_config_from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict())))
     assert again == cfg
 
 
-@pytest.mark.parametrize("extra, match", [
-    ({"stepz": 3}, "unknown key"),
-    ({"deepspeed": {"zero_stage": 2}}, "only 3"),
-    ({"deepspeed": {"zero_optimization": {"stage": 1}}}, "only 3"),
-    ({"deepspeed": {"train_batch_size": 16}}, "batch_size"),
-    ({"lm_loss_weight": 1.5}, "lm_loss_weight"),
-    ({"lr_schedule": "step"}, "lr_schedule"),
-    ({"self_data": True, "prompt_len": 1024}, "prompt_len"),
-    ({"warmup_steps": 200}, "warmup_steps"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        ({"stepz": 3}, "unknown key"),
+        ({"deepspeed": {"zero_stage": 2}}, "only 3"),
+        ({"deepspeed": {"zero_optimization": {"stage": 1}}}, "only 3"),
+        ({"deepspeed": {"train_batch_size": 16}}, "batch_size"),
+        ({"lm_loss_weight": 1.5}, "lm_loss_weight"),
+        ({"lr_schedule": "step"}, "lr_schedule"),
+        ({"self_data": True, "prompt_len": 1024}, "prompt_len"),
+        ({"warmup_steps": 200}, "warmup_steps"),
+    ],
+)
 def test_recipe_errors(tmp_path, extra, match):
     with pytest.raises(ConfigError, match=match):
         distill_config_from_dict(_base(tmp_path, **extra))
@@ -118,9 +141,19 @@ def test_recipe_requires_paths(tmp_path):
 
 
 def test_student_ds_config_merges_overrides():
-    cfg = student_ds_config(batch_size=8, micro_batch=2, world=2, lr=1e-4, weight_decay=0.0, grad_clip=1.0,
-                            overrides={"zero_stage": 3, "optimizer": {"params": {"lr": 5e-5}},
-                                       "zero_optimization": {"stage3_param_persistence_threshold": 0}})
+    cfg = student_ds_config(
+        batch_size=8,
+        micro_batch=2,
+        world=2,
+        lr=1e-4,
+        weight_decay=0.0,
+        grad_clip=1.0,
+        overrides={
+            "zero_stage": 3,
+            "optimizer": {"params": {"lr": 5e-5}},
+            "zero_optimization": {"stage3_param_persistence_threshold": 0},
+        },
+    )
     assert cfg["gradient_accumulation_steps"] == 2 and cfg["train_batch_size"] == 8
     assert cfg["zero_optimization"] == {"stage": 3, "stage3_param_persistence_threshold": 0}
     assert cfg["optimizer"]["params"]["lr"] == 5e-5 and cfg["optimizer"]["params"]["torch_adam"] is True
@@ -143,8 +176,15 @@ def test_lr_schedule():
 def test_check_inputs(tmp_path, tiny_ckpt, calib_file):
     dense = tiny_ckpt("llama")
     other = tiny_ckpt("llama", vocab_size=96)
-    cfg = distill_config_from_dict({"student": str(dense), "teacher": str(dense), "output": str(tmp_path / "o"),
-                                    "data": str(calib_file), "batch_size": 6})
+    cfg = distill_config_from_dict(
+        {
+            "student": str(dense),
+            "teacher": str(dense),
+            "output": str(tmp_path / "o"),
+            "data": str(calib_file),
+            "batch_size": 6,
+        }
+    )
     assert check_inputs(cfg, 2) == 3
     cfg.micro_batch = 2
     with pytest.raises(ConfigError, match="multiple"):
@@ -205,8 +245,14 @@ def _distill(tmp_path: Path, name: str, spec: dict, nproc: int = 2) -> Path:
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    res = subprocess.run([sys.executable, "-m", "launch", "distill", str(path), "--nproc", str(nproc)], cwd=REPO,
-                         env=env, capture_output=True, text=True, timeout=240)
+    res = subprocess.run(
+        [sys.executable, "-m", "launch", "distill", str(path), "--nproc", str(nproc)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return Path(spec["output"])
 
@@ -233,8 +279,16 @@ def pruned(tmp_path_factory, tiny_ckpt, calib_file):
     root = tmp_path_factory.mktemp("distill_students")
     dense = tiny_ckpt("llama")
     st = root / "structured"
-    run(config_from_dict(recipe(dense, st, calib_file, [{"method": "structured", "target": 0.3, "score": "wanda",
-                                                         "solver": "closed_form"}])))
+    run(
+        config_from_dict(
+            recipe(
+                dense,
+                st,
+                calib_file,
+                [{"method": "structured", "target": 0.3, "score": "wanda", "solver": "closed_form"}],
+            )
+        )
+    )
     run(config_from_dict(recipe(st, root / "mag", calib_file, [{"method": "magnitude", "sparsity": 0.5}])))
     return dense, root / "mag"
 
@@ -243,10 +297,23 @@ def test_distill_uniform_two_ranks(tmp_path, pruned, calib_file):
     from transformers import AutoModelForCausalLM
 
     dense, student = pruned
-    out = _distill(tmp_path, "uniform", {
-        "student": str(student), "teacher": str(dense), "output": str(tmp_path / "out"), "data": str(calib_file),
-        "steps": 8, "seq_len": 32, "batch_size": 4, "samples": 4, "lr": 1.0e-3, "deepspeed": {"zero_stage": 3},
-        "progress": False})  # fmt: skip
+    out = _distill(
+        tmp_path,
+        "uniform",
+        {
+            "student": str(student),
+            "teacher": str(dense),
+            "output": str(tmp_path / "out"),
+            "data": str(calib_file),
+            "steps": 8,
+            "seq_len": 32,
+            "batch_size": 4,
+            "samples": 4,
+            "lr": 1.0e-3,
+            "deepspeed": {"zero_stage": 3},
+            "progress": False,
+        },
+    )
     records = [json.loads(line) for line in (out / "distill_log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records]
     assert [r["step"] for r in records] == list(range(1, 9))
@@ -261,8 +328,9 @@ def test_distill_uniform_two_ranks(tmp_path, pruned, calib_file):
     assert report["world_size"] == 2 and report["masked_tensors"] == len(linears)
     model = AutoModelForCausalLM.from_pretrained(out)  # stock transformers
     assert type(model).__name__ == "LlamaForCausalLM"
-    torch.testing.assert_close(model.state_dict()["model.layers.0.mlp.down_proj.weight"],
-                               b["model.layers.0.mlp.down_proj.weight"])
+    torch.testing.assert_close(
+        model.state_dict()["model.layers.0.mlp.down_proj.weight"], b["model.layers.0.mlp.down_proj.weight"]
+    )
 
 
 def test_distill_nonuniform_self_data_two_ranks(tmp_path, tiny_ckpt, calib_file):
@@ -280,11 +348,25 @@ def test_distill_nonuniform_self_data_two_ranks(tmp_path, tiny_ckpt, calib_file)
     W = tensors[name]
     tensors[name] = W * (W.abs() > W.abs().median())  # half of it exactly zero
     save_file(tensors, str(shard), metadata={"format": "pt"})
-    out = _distill(tmp_path, "nonuniform", {
-        "student": str(student), "teacher": str(dense), "output": str(tmp_path / "out"), "data": str(calib_file),
-        "steps": 2, "seq_len": 24, "batch_size": 2, "lr": 1.0e-3, "self_data": True, "prompt_len": 16,
-        "gen_temperature": 0.7, "progress": False,
-        "deepspeed": {"zero_optimization": {"stage3_param_persistence_threshold": 0}}})  # fmt: skip
+    out = _distill(
+        tmp_path,
+        "nonuniform",
+        {
+            "student": str(student),
+            "teacher": str(dense),
+            "output": str(tmp_path / "out"),
+            "data": str(calib_file),
+            "steps": 2,
+            "seq_len": 24,
+            "batch_size": 2,
+            "lr": 1.0e-3,
+            "self_data": True,
+            "prompt_len": 16,
+            "gen_temperature": 0.7,
+            "progress": False,
+            "deepspeed": {"zero_optimization": {"stage3_param_persistence_threshold": 0}},
+        },
+    )
     a, b = _check_same_format(student, out)
     _check_masks(a, b, [name])
     assert not torch.equal(a[name], b[name])

@@ -69,8 +69,11 @@ def output_digests(out: Path) -> dict[str, str]:
     """sha256 of the checkpoint (weights, index, config, tokenizer); the report and manifest hold timings, the
     recipe the output path."""
     skip = {"blockprune_report.json", "blockprune_manifest.json", "report.md", "blockprune_recipe.yaml"}
-    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(out.iterdir())
-            if f.is_file() and f.name not in skip}
+    return {
+        f.name: hashlib.sha256(f.read_bytes()).hexdigest()
+        for f in sorted(out.iterdir())
+        if f.is_file() and f.name not in skip
+    }
 
 
 def write_recipe(path: Path, r: dict) -> Path:
@@ -79,8 +82,9 @@ def write_recipe(path: Path, r: dict) -> Path:
 
 
 def cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, "-m", "launch", *args], capture_output=True, text=True, cwd=REPO, env=ENV,
-                       timeout=timeout)
+    p = subprocess.run(
+        [sys.executable, "-m", "launch", *args], capture_output=True, text=True, cwd=REPO, env=ENV, timeout=timeout
+    )
     return p
 
 
@@ -113,8 +117,10 @@ CASES = {
     "llama-sparsegpt": ("llama", [{"method": "sparsegpt", "sparsity": 0.5}]),
     "llama-structured": ("llama", [{"method": "structured", "target": 0.3, "score": "obs", "solver": "closed_form"}]),
     "mixtral-sparsegpt": ("mixtral", [{"method": "sparsegpt", "sparsity": 0.5}]),
-    "mixtral-experts": ("mixtral", [{"method": "experts", "target": 0.5, "similarity": "both"},
-                                    {"method": "sparsegpt", "sparsity": 0.5}]),
+    "mixtral-experts": (
+        "mixtral",
+        [{"method": "experts", "target": 0.5, "similarity": "both"}, {"method": "sparsegpt", "sparsity": 0.5}],
+    ),
 }
 
 
@@ -174,8 +180,14 @@ def test_kill_9_at_three_points_then_rerun_is_byte_identical(calib_file, tmp_pat
     for point in ("block.00000", "block.00003", "finalize"):
         out = tmp_path / f"killed-{point}"
         rec = write_recipe(tmp_path / f"{point}.yaml", recipe(src, out, calib_file, stages))
-        p = subprocess.run([sys.executable, "-c", KILLER, point, "run", str(rec)], capture_output=True, text=True,
-                           cwd=REPO, env=ENV, timeout=600)
+        p = subprocess.run(
+            [sys.executable, "-c", KILLER, point, "run", str(rec)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env=ENV,
+            timeout=600,
+        )
         assert p.returncode == -signal.SIGKILL, (point, p.returncode, p.stderr[-2000:])
         assert not (out / "model.safetensors.index.json").exists()
         p = cli("run", str(rec))  # the same command again: resumes the interrupted run
@@ -184,8 +196,10 @@ def test_kill_9_at_three_points_then_rerun_is_byte_identical(calib_file, tmp_pat
         assert output_digests(out) == expected, point
         report = json.loads((out / "blockprune_report.json").read_text())
         resumed = [b.get("resumed", False) for b in report["blocks"]]
-        assert resumed == {"block.00000": [False] * 5, "block.00003": [True] * 3 + [False] * 2,
-                           "finalize": [True] * 5}[point], (point, resumed)
+        assert (
+            resumed
+            == {"block.00000": [False] * 5, "block.00003": [True] * 3 + [False] * 2, "finalize": [True] * 5}[point]
+        ), (point, resumed)
 
 
 def test_changed_input_checkpoint_is_refused_on_resume(calib_file, tmp_path):

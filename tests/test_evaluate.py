@@ -30,8 +30,15 @@ from tests.tiny_models import tiny_model, tiny_text, tiny_tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 WINDOWS, SEQ_LEN = 4, 64
 SPEED = dict(batch=2, prompt_len=24, new_tokens=5, repeats=2)
-SPEED_FIELDS = ["prefill_ms", "prefill_tokens_per_s", "decode_ms_per_token", "decode_tokens_per_s", "generate_ms",
-                "peak_rss_mb", "model_mb"]
+SPEED_FIELDS = [
+    "prefill_ms",
+    "prefill_tokens_per_s",
+    "decode_ms_per_token",
+    "decode_tokens_per_s",
+    "generate_ms",
+    "peak_rss_mb",
+    "model_mb",
+]
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +51,15 @@ def text_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def result(tiny_ckpt, text_file) -> dict:
     """One `evaluate` of a dense llama compared with a qwen2_moe, small speed settings."""
-    return evaluate(tiny_ckpt("llama"), text_file, windows=WINDOWS, seq_len=SEQ_LEN, compare=tiny_ckpt("qwen2_moe"),
-                    device="cpu", **SPEED)
+    return evaluate(
+        tiny_ckpt("llama"),
+        text_file,
+        windows=WINDOWS,
+        seq_len=SEQ_LEN,
+        compare=tiny_ckpt("qwen2_moe"),
+        device="cpu",
+        **SPEED,
+    )
 
 
 def stock_perplexity(path: Path, text: str, windows: int, seq_len: int, model=None) -> float:
@@ -151,8 +165,21 @@ def small_speed_flags() -> list[str]:
 
 def test_cli_prints_json(result, tiny_ckpt, text_file):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "launch", "eval", str(tiny_ckpt("llama")), "--data", str(text_file),
-           "--windows", str(WINDOWS), "--seq-len", str(SEQ_LEN), "--json", *small_speed_flags()]
+    cmd = [
+        sys.executable,
+        "-m",
+        "launch",
+        "eval",
+        str(tiny_ckpt("llama")),
+        "--data",
+        str(text_file),
+        "--windows",
+        str(WINDOWS),
+        "--seq-len",
+        str(SEQ_LEN),
+        "--json",
+        *small_speed_flags(),
+    ]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     res = json.loads(out.stdout)
@@ -169,8 +196,11 @@ def test_eval_of_a_nonuniform_checkpoint(tiny_ckpt, calib_file, text_file, tmp_p
     from tests.tiny_models import recipe
 
     out = tmp_path / "nonuniform"
-    run(config_from_dict(recipe(tiny_ckpt("llama"), out, calib_file, [{"method": "depth", "remove": 1,
-                                                                      "by": "sublayer"}])))
+    run(
+        config_from_dict(
+            recipe(tiny_ckpt("llama"), out, calib_file, [{"method": "depth", "remove": 1, "by": "sublayer"}])
+        )
+    )
     assert "blockprune" in json.loads((out / "config.json").read_text())
     res = evaluate(out, text_file, windows=2, seq_len=SEQ_LEN, speed=False, device="cpu")
     ref = stock_perplexity(out, text_file.read_text(), 2, SEQ_LEN, model=load_pruned(out, dtype=torch.float32))

@@ -59,8 +59,10 @@ def _brute_complete_linkage(D: torch.Tensor, n_keep: int) -> tuple[torch.Tensor,
     """Greedy loop: merge the two clusters with the smallest max cross distance; (labels, last merge height)."""
     clusters, height = [[i] for i in range(D.shape[0])], 0.0
     while len(clusters) > n_keep:
-        best = min(itertools.combinations(range(len(clusters)), 2),
-                   key=lambda p: max(float(D[i, j]) for i in clusters[p[0]] for j in clusters[p[1]]))
+        best = min(
+            itertools.combinations(range(len(clusters)), 2),
+            key=lambda p: max(float(D[i, j]) for i in clusters[p[0]] for j in clusters[p[1]]),
+        )
         a, b = best
         height = max(float(D[i, j]) for i in clusters[a] for j in clusters[b])
         clusters[a] = clusters[a] + clusters.pop(b)
@@ -84,8 +86,9 @@ def _random_distance(E: int, g: torch.Generator, integer: bool = False) -> torch
 def test_router_distance_matches_reference() -> None:
     W = torch.randn(6, 5, generator=_gen(0))
     D = router_distance(W)
-    ref = torch.tensor([[float((W[i].double() - W[j].double()).norm()) for j in range(6)] for i in range(6)],
-                       dtype=torch.float64)
+    ref = torch.tensor(
+        [[float((W[i].double() - W[j].double()).norm()) for j in range(6)] for i in range(6)], dtype=torch.float64
+    )
     assert_close(D, ref, atol=1e-12, rtol=0)
     assert torch.equal(D, D.T) and bool((D.diagonal() == 0).all())
     Wn = W.double() / W.double().norm(dim=1, keepdim=True)
@@ -112,12 +115,15 @@ def test_coactivation_counts_accumulate_over_batches() -> None:
     assert torch.equal(whole.diagonal(), torch.bincount(idx.reshape(-1), minlength=8))
 
 
-@pytest.mark.parametrize(("idx", "match"), [
-    (torch.tensor([[0, 8]]), "must lie in"),
-    (torch.tensor([[1, 1]]), "same expert twice"),
-    (torch.tensor([[0.0, 1.0]]), "integer"),
-    (torch.tensor([0, 1]), "integer"),
-])
+@pytest.mark.parametrize(
+    ("idx", "match"),
+    [
+        (torch.tensor([[0, 8]]), "must lie in"),
+        (torch.tensor([[1, 1]]), "same expert twice"),
+        (torch.tensor([[0.0, 1.0]]), "integer"),
+        (torch.tensor([0, 1]), "integer"),
+    ],
+)
 def test_coactivation_counts_errors(idx: torch.Tensor, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         coactivation_counts(idx, 8)
@@ -194,14 +200,17 @@ def test_complete_linkage_matches_brute_force_and_separates() -> None:
                 assert float(D[labels == a][:, labels == b].max()) >= height - 1e-12
 
 
-@pytest.mark.parametrize(("D", "n_keep", "match"), [
-    (torch.zeros(3, 4), 1, "square"),
-    (torch.tensor([[0.0, 1.0], [2.0, 0.0]]), 1, "not symmetric"),
-    (torch.tensor([[0.0, -1.0], [-1.0, 0.0]]), 1, "negative"),
-    (torch.tensor([[0.0, float("nan")], [float("nan"), 0.0]]), 1, "NaN"),
-    (torch.zeros(3, 3), 0, "n_keep"),
-    (torch.zeros(3, 3), 4, "n_keep"),
-])
+@pytest.mark.parametrize(
+    ("D", "n_keep", "match"),
+    [
+        (torch.zeros(3, 4), 1, "square"),
+        (torch.tensor([[0.0, 1.0], [2.0, 0.0]]), 1, "not symmetric"),
+        (torch.tensor([[0.0, -1.0], [-1.0, 0.0]]), 1, "negative"),
+        (torch.tensor([[0.0, float("nan")], [float("nan"), 0.0]]), 1, "NaN"),
+        (torch.zeros(3, 3), 0, "n_keep"),
+        (torch.zeros(3, 3), 4, "n_keep"),
+    ],
+)
 def test_cluster_experts_errors(D: torch.Tensor, n_keep: int, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         cluster_experts(D, n_keep)

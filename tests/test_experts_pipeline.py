@@ -89,8 +89,9 @@ def test_planted_top1_recovered_near_lossless_and_stock_loadable(arch, calib_fil
     assert rep["experts"]["achieved"] == 0.25 and rep["experts"]["experts_after"] == {str(i): 6 for i in truth}
     dense = experts_logits(src, ids)
     stun = relative_change(got, dense)
-    whole = relative_change(experts_logits(src, ids, {i: whole_clusters_removed(t, 2) for i, t in truth.items()}),
-                            dense)
+    whole = relative_change(
+        experts_logits(src, ids, {i: whole_clusters_removed(t, 2) for i, t in truth.items()}), dense
+    )
     assert stun < 0.01 and whole > 10 * stun and whole > 0.05, (stun, whole)
     if arch in ("qwen2_moe", "deepseek_v3"):  # shared experts are untouched
         a, b = CheckpointReader(src), CheckpointReader(out)
@@ -98,8 +99,9 @@ def test_planted_top1_recovered_near_lossless_and_stock_loadable(arch, calib_fil
         assert names and all(torch.equal(a.read([n])[n], b.read([n])[n]) for n in names)
 
 
-@pytest.mark.parametrize(("arch", "similarity"), [("mixtral", "coactivation"), ("qwen2_moe", "both"),
-                                                  ("qwen3_moe", "router")])
+@pytest.mark.parametrize(
+    ("arch", "similarity"), [("mixtral", "coactivation"), ("qwen2_moe", "both"), ("qwen3_moe", "router")]
+)
 def test_planted_top2_stun_beats_random_removal(arch, similarity, calib_file, tmp_path):
     """Top-2 routing: every similarity recovers the planted clusters (near-duplicates fire together), and STUN's
     choice changes the logits several times less than random removals of the same count."""
@@ -148,13 +150,18 @@ def test_exact_issue_recipe_with_owl_allocation(calib_file, tmp_path):
     """The recipe as written in the issue: experts (router, centroid) then Wanda 25% with OWL allocation."""
     src, out = tmp_path / "src", tmp_path / "out"
     truth = build_planted("qwen3_moe", src, SIZES, top_k=2, layers=2)
-    stages = [{"method": "experts", "target": 0.25, "similarity": "router", "representative": "centroid"},
-              {"method": "wanda", "sparsity": 0.25, "allocation": {"rule": "owl"}}]
+    stages = [
+        {"method": "experts", "target": 0.25, "similarity": "router", "representative": "centroid"},
+        {"method": "wanda", "sparsity": 0.25, "allocation": {"rule": "owl"}},
+    ]
     rep = run(config_from_dict(recipe(src, out, calib_file, stages)))
     assert_recovered(rep, truth)
     ids = ids_for_test()
-    got, cfg = stock_logits(out, ids) if "blockprune" not in json.loads((out / "config.json").read_text()) else (
-        load_pruned(out, dtype=torch.float32)(ids).logits.detach(), None)
+    got, cfg = (
+        stock_logits(out, ids)
+        if "blockprune" not in json.loads((out / "config.json").read_text())
+        else (load_pruned(out, dtype=torch.float32)(ids).logits.detach(), None)
+    )
     torch.testing.assert_close(got, experts_logits(out, ids), rtol=1e-5, atol=1e-5)
     linears = [r for b in rep["blocks"] for r in b["linears"].values()]
     total = sum(r["shape"][0] * r["shape"][1] for r in linears)
@@ -182,8 +189,9 @@ def test_average_representative(calib_file, tmp_path):
                 torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
             router = a.read([f"model.layers.{i}.mlp.gate.weight"]).popitem()[1].double()
             out_router = b.read([f"model.layers.{i}.mlp.gate.weight"]).popitem()[1]
-            torch.testing.assert_close(out_router[j], (w[:, None] * router[members]).sum(0).float(), rtol=1e-6,
-                                       atol=1e-6)
+            torch.testing.assert_close(
+                out_router[j], (w[:, None] * router[members]).sum(0).float(), rtol=1e-6, atol=1e-6
+            )
     ids = ids_for_test()
     assert relative_change(experts_logits(out, ids), experts_logits(src, ids)) < 0.01
 
@@ -219,7 +227,8 @@ def test_per_layer_counts_nonuniform_checkpoint(calib_file, tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_blockprune.BlockpruneForCausalLM"
     assert [e["config"] for e in cfg["blockprune"]["layers"]] == [
-        {"num_local_experts": n, "num_experts_per_tok": 1} for n in (4, 4, 8, 8)]
+        {"num_local_experts": n, "num_experts_per_tok": 1} for n in (4, 4, 8, 8)
+    ]
     assert cfg["num_local_experts"] == 8 and cfg["num_experts_per_tok"] == 1
     ids = ids_for_test()
     ref = experts_logits(src, ids, kept(rep))
@@ -265,8 +274,9 @@ def test_routing_stats_match_the_router(tiny_ckpt):
     src = tiny_ckpt("qwen3_moe")
     reader = CheckpointReader(src)
     adapter = adapter_for(reader.config)
-    block = adapter.build_block(1, reader.read(reader.names_with_prefix("model.layers.1.")), device="cpu",
-                                dtype=torch.float32)
+    block = adapter.build_block(
+        1, reader.read(reader.names_with_prefix("model.layers.1.")), device="cpu", dtype=torch.float32
+    )
     xs = [torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(s)) for s in (0, 1)]
     ctx = adapter.forward_context(2, 8, device="cpu", dtype=torch.float32)
     top_k, weights = [], []
@@ -312,7 +322,11 @@ def test_model_dependent_errors(tiny_ckpt, calib_file, tmp_path):
         run(config_from_dict(recipe(src, tmp_path / "b", calib_file, [STUN])))
     top1 = build_planted("mixtral", tmp_path / "top1", [2, 2], top_k=1, layers=1)
     with pytest.raises(ConfigError, match="coactivation needs num_experts_per_tok >= 2"):
-        run(config_from_dict(recipe(tmp_path / "top1", tmp_path / "c", calib_file, [{**STUN, "similarity": "coactivation"}])))
+        run(
+            config_from_dict(
+                recipe(tmp_path / "top1", tmp_path / "c", calib_file, [{**STUN, "similarity": "coactivation"}])
+            )
+        )
     assert top1 and not any((tmp_path / d).exists() for d in "abc")
 
 
@@ -340,14 +354,23 @@ def test_peak_rss_flat_in_depth(tmp_path, calib_file):
     )
     peaks = {}
     for layers in (4, 16):
-        src = build_tiny_checkpoint("mixtral", tmp_path / f"m{layers}", num_hidden_layers=layers, hidden_size=256,
-                                    intermediate_size=512, num_local_experts=8, num_attention_heads=8,
-                                    num_key_value_heads=4, max_shard_size="10MB")
+        src = build_tiny_checkpoint(
+            "mixtral",
+            tmp_path / f"m{layers}",
+            num_hidden_layers=layers,
+            hidden_size=256,
+            intermediate_size=512,
+            num_local_experts=8,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            max_shard_size="10MB",
+        )
         r = recipe(src, tmp_path / f"o{layers}", calib_file, [STUN, {"method": "wanda", "sparsity": 0.25}])
         r["calibration"].update(samples=8, seq_len=64)
         r["runtime"]["threads"] = 1  # on a shared, loaded machine 2 OpenMP threads spin and run ~10x slower
-        p = subprocess.run([sys.executable, "-c", script, json.dumps(r)], capture_output=True, text=True, cwd=REPO,
-                           timeout=600)
+        p = subprocess.run(
+            [sys.executable, "-c", script, json.dumps(r)], capture_output=True, text=True, cwd=REPO, timeout=600
+        )
         assert p.returncode == 0, p.stderr[-3000:]
         peaks[layers] = int(p.stdout.split("PEAK")[-1])
     ratio = peaks[16] / peaks[4]

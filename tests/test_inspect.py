@@ -46,8 +46,9 @@ def _flip_last_byte(path: Path) -> None:
 
 
 def _cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launch", *map(str, args)], capture_output=True, text=True, cwd=REPO,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "launch", *map(str, args)], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
 
 
 # ------------------------------------------------------------------------------------------ layers
@@ -149,8 +150,12 @@ def test_manifest_disagreements_fail(pruned, tmp_path):
     info = inspect_checkpoint(bad)
     assert info["ok"] is False
     status = {f["file"]: f["status"] for f in info["verification"]["files"]}
-    assert status == {"model-00001-of-00004.safetensors": "ok", "model-00002-of-00004.safetensors": "unrecorded",
-                      "model-00003-of-00004.safetensors": "ok", "model-00004-of-00004.safetensors": "mismatch"}
+    assert status == {
+        "model-00001-of-00004.safetensors": "ok",
+        "model-00002-of-00004.safetensors": "unrecorded",
+        "model-00003-of-00004.safetensors": "ok",
+        "model-00004-of-00004.safetensors": "mismatch",
+    }
     (bad / "blockprune_manifest.json").write_text("{not json")
     info = inspect_checkpoint(bad)
     assert info["ok"] is False and "blockprune_manifest.json: unreadable" in info["verification"]["problems"][0]
@@ -184,8 +189,20 @@ def test_malformed_checkpoint_raises(pruned, tmp_path):
 
 def test_count_nonzero_every_dtype():
     values = torch.tensor([0.0, -0.0, 1.0, 2.0, 0.0, 3.0])
-    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.float8_e5m2,
-                  torch.int8, torch.uint8, torch.int64, torch.uint16, torch.uint32, torch.uint64, torch.bool):
+    for dtype in (
+        torch.float32,
+        torch.bfloat16,
+        torch.float16,
+        torch.float8_e4m3fn,
+        torch.float8_e5m2,
+        torch.int8,
+        torch.uint8,
+        torch.int64,
+        torch.uint16,
+        torch.uint32,
+        torch.uint64,
+        torch.bool,
+    ):
         src = values if dtype.is_floating_point else values.abs()  # -0.0 only exists in floats
         assert count_nonzero(src.to(dtype)) == 3, dtype
 

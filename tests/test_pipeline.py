@@ -20,8 +20,6 @@ from tests.tiny_models import ARCHS, MOE_ARCHS, build_tiny_checkpoint, recipe, r
 REPO = Path(__file__).resolve().parents[1]
 
 
-
-
 def all_tensors(path: Path) -> dict[str, torch.Tensor]:
     out = {}
     for f in sorted(path.glob("*.safetensors")):
@@ -59,7 +57,9 @@ def test_zero_sparsity_is_byte_identical(arch, tiny_ckpt, calib_file, tmp_path):
 def test_half_sparsity_every_linear(method, pattern, tiny_ckpt, calib_file, tmp_path):
     src = tiny_ckpt("llama")
     out = tmp_path / "out"
-    report = run(config_from_dict(recipe(src, out, calib_file, [{"method": method, "sparsity": 0.5, "pattern": pattern}])))
+    report = run(
+        config_from_dict(recipe(src, out, calib_file, [{"method": method, "sparsity": 0.5, "pattern": pattern}]))
+    )
     t = all_tensors(out)
     for name, W in t.items():
         if not name.endswith("proj.weight"):
@@ -158,8 +158,9 @@ def test_config_errors(mutate, message, tmp_path):
 
 
 def _cli(*args, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launch", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd or REPO, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "launch", *map(str, args)], capture_output=True, text=True, cwd=cwd or REPO, timeout=300
+    )
 
 
 def test_cli_errors_are_one_line(tiny_ckpt, calib_file, tmp_path):
@@ -215,9 +216,15 @@ def test_library_verb(tiny_ckpt, calib_file, tmp_path):
     import engine
 
     src = tiny_ckpt("qwen2")
-    rep = engine.prune(src, {"output": str(tmp_path / "o"), "calibration": {"data": str(calib_file), "samples": 4,
-                                                                             "seq_len": 16},
-                             "runtime": {"progress": False}, "prune": [{"method": "magnitude", "sparsity": 0.3}]})
+    rep = engine.prune(
+        src,
+        {
+            "output": str(tmp_path / "o"),
+            "calibration": {"data": str(calib_file), "samples": 4, "seq_len": 16},
+            "runtime": {"progress": False},
+            "prune": [{"method": "magnitude", "sparsity": 0.3}],
+        },
+    )
     assert rep["pruned_linear_sparsity"] == pytest.approx(0.3, abs=0.01)
 
 
@@ -235,13 +242,20 @@ def test_peak_rss_flat_in_depth(tmp_path, calib_file):
     peaks = {}
     for layers in (4, 24):
         src = build_tiny_checkpoint(
-            "llama", tmp_path / f"m{layers}", num_hidden_layers=layers, hidden_size=768, intermediate_size=1024,
-            num_attention_heads=12, num_key_value_heads=4, max_shard_size="10MB",
+            "llama",
+            tmp_path / f"m{layers}",
+            num_hidden_layers=layers,
+            hidden_size=768,
+            intermediate_size=1024,
+            num_attention_heads=12,
+            num_key_value_heads=4,
+            max_shard_size="10MB",
         )
         r = recipe(src, tmp_path / f"o{layers}", calib_file, [{"method": "sparsegpt", "sparsity": 0.5}])
         r["calibration"].update(samples=8, seq_len=64)
-        p = subprocess.run([sys.executable, "-c", script, json.dumps(r)], capture_output=True, text=True, cwd=REPO,
-                           timeout=900)
+        p = subprocess.run(
+            [sys.executable, "-c", script, json.dumps(r)], capture_output=True, text=True, cwd=REPO, timeout=900
+        )
         assert p.returncode == 0, p.stderr[-3000:]
         peaks[layers] = int(p.stdout.split("PEAK")[-1])
     ratio = peaks[24] / peaks[4]
@@ -267,7 +281,10 @@ def test_resume_after_crash_is_byte_identical(tiny_ckpt, calib_file, tmp_path, m
     rep = run(config_from_dict(recipe(src, tmp_path / "part", calib_file, stages, resume=True)))
     assert [b.get("resumed", False) for b in rep["blocks"]] == [True, True, False]
     for f in sorted((tmp_path / "full").iterdir()):
-        if f.suffix in (".safetensors", ".json") and f.name not in ("blockprune_report.json", "blockprune_manifest.json"):
+        if f.suffix in (".safetensors", ".json") and f.name not in (
+            "blockprune_report.json",
+            "blockprune_manifest.json",
+        ):
             assert f.read_bytes() == (tmp_path / "part" / f.name).read_bytes(), f.name
 
 
@@ -285,8 +302,11 @@ def test_nonuniform_blockprune_output_is_refused_as_input(tiny_ckpt, calib_file,
     from engine.config import ConfigError
 
     first = tmp_path / "first"
-    run(config_from_dict(recipe(tiny_ckpt("llama"), first, calib_file, [{"method": "depth", "remove": 1,
-                                                                         "by": "sublayer"}])))
+    run(
+        config_from_dict(
+            recipe(tiny_ckpt("llama"), first, calib_file, [{"method": "depth", "remove": 1, "by": "sublayer"}])
+        )
+    )
     again = recipe(first, tmp_path / "again", calib_file, [{"method": "magnitude", "sparsity": 0.5}])
     with pytest.raises(ConfigError, match="non-uniform blockprune checkpoint"):
         run(config_from_dict(again))

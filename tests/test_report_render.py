@@ -128,9 +128,14 @@ def test_report_md_numbers_equal_the_json(report, rendered):
     summary = {row[0]: row[1] for row in tables["Summary"][1:]}
     assert summary["model"] == report["model"] and summary["arch"] == "llama"
     assert summary["stages"] == "sparsegpt"
-    for label, key in [("wall time (s)", "wall_time_s"), ("peak RSS (MB)", "peak_rss_mb"),
-                       ("pruned linear sparsity", "pruned_linear_sparsity"), ("block sparsity", "block_sparsity"),
-                       ("total params", "total_params"), ("layers", "num_layers")]:
+    for label, key in [
+        ("wall time (s)", "wall_time_s"),
+        ("peak RSS (MB)", "peak_rss_mb"),
+        ("pruned linear sparsity", "pruned_linear_sparsity"),
+        ("block sparsity", "block_sparsity"),
+        ("total params", "total_params"),
+        ("layers", "num_layers"),
+    ]:
         assert as_number(summary[label]) == g6(report[key]), label
 
     header, *rows = tables["Per block"]
@@ -157,19 +162,47 @@ def test_report_md_numbers_equal_the_json(report, rendered):
 def _synthetic() -> dict:
     lin = lambda s, shape, **kw: {"sparsity": s, "shape": shape, **kw}
     return {
-        "model": "/m|odel", "model_type": "llama", "num_layers": 2, "stages": [{"method": "wanda", "sparsity": 0.5}],
-        "calibration": {"samples": 4, "seq_len": 16}, "device": "cpu", "dtype": "float32", "sequential": True,
-        "wall_time_s": 12.3456789, "peak_rss_mb": 1024.0, "pruned_linear_sparsity": 0.35, "block_sparsity": 0.25,
+        "model": "/m|odel",
+        "model_type": "llama",
+        "num_layers": 2,
+        "stages": [{"method": "wanda", "sparsity": 0.5}],
+        "calibration": {"samples": 4, "seq_len": 16},
+        "device": "cpu",
+        "dtype": "float32",
+        "sequential": True,
+        "wall_time_s": 12.3456789,
+        "peak_rss_mb": 1024.0,
+        "pruned_linear_sparsity": 0.35,
+        "block_sparsity": 0.25,
         "total_params": 123456789,
         "blocks": [
-            {"block": 0, "linears": {"a": lin(0.5, [2, 2], planned=0.5, error=0.1),
-                                     "b": lin(0.3, [3, 4], planned=0.25, error=0.2)},
-             "output_error": 0.123456789, "params": 20, "nonzero": 12,
-             "time_s": {"load": 0.1, "stats": 0.2, "solve": 0.3, "forward": 0.4, "write": 0.5, "total": 1.5},
-             "peak_rss_mb": 500.5, "rss_mb": 400.25, "peak_device_mb": 77.0},
-            {"block": 1, "planned_sparsity": 0.6, "linears": {"a": lin(0.6, [4, 4])}, "output_error": None,
-             "params": 16, "nonzero": 7, "time_s": {"load": 0.1, "stats": 0.2, "solve": 0.3, "forward": 0.4},
-             "peak_rss_mb": 501.0, "rss_mb": 401.0, "peak_device_mb": None, "resumed": True},
+            {
+                "block": 0,
+                "linears": {
+                    "a": lin(0.5, [2, 2], planned=0.5, error=0.1),
+                    "b": lin(0.3, [3, 4], planned=0.25, error=0.2),
+                },
+                "output_error": 0.123456789,
+                "params": 20,
+                "nonzero": 12,
+                "time_s": {"load": 0.1, "stats": 0.2, "solve": 0.3, "forward": 0.4, "write": 0.5, "total": 1.5},
+                "peak_rss_mb": 500.5,
+                "rss_mb": 400.25,
+                "peak_device_mb": 77.0,
+            },
+            {
+                "block": 1,
+                "planned_sparsity": 0.6,
+                "linears": {"a": lin(0.6, [4, 4])},
+                "output_error": None,
+                "params": 16,
+                "nonzero": 7,
+                "time_s": {"load": 0.1, "stats": 0.2, "solve": 0.3, "forward": 0.4},
+                "peak_rss_mb": 501.0,
+                "rss_mb": 401.0,
+                "peak_device_mb": None,
+                "resumed": True,
+            },
         ],
     }
 
@@ -185,8 +218,12 @@ def test_synthetic_report_exact_cells():
     r0, r1 = dict(zip(header, r0)), dict(zip(header, r1))
     # planned (0.5*4 + 0.25*12)/16 = 0.3125, achieved (0.5*4 + 0.3*12)/16 = 0.35, mean error (0.1+0.2)/2 = 0.15
     assert (r0["planned sparsity"], r0["achieved sparsity"], r0["mean linear error"]) == ("0.3125", "0.35", "0.15")
-    assert (r0["output error"], r0["total (s)"], r0["RSS (MB)"], r0["peak device (MB)"]) == ("0.123457", "1.5",
-                                                                                         "400.25", "77")
+    assert (r0["output error"], r0["total (s)"], r0["RSS (MB)"], r0["peak device (MB)"]) == (
+        "0.123457",
+        "1.5",
+        "400.25",
+        "77",
+    )
     # block 1: a block-level plan, no linear error, a resumed block without write/total times
     assert (r1["planned sparsity"], r1["achieved sparsity"], r1["mean linear error"]) == ("0.6", "0.6", "-")
     assert (r1["output error"], r1["write (s)"], r1["total (s)"], r1["peak device (MB)"]) == ("-", "-", "-", "-")

@@ -18,8 +18,12 @@ from tests.test_arch import block_tensors, load
 from tests.test_pipeline import all_tensors
 from tests.tiny_models import DENSE_ARCHS, MOE_ARCHS, recipe
 
-GROUPS = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
-          ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+GROUPS = [
+    ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+    ["self_attn.o_proj"],
+    ["mlp.gate_proj", "mlp.up_proj"],
+    ["mlp.down_proj"],
+]
 
 
 @pytest.mark.parametrize("arch", DENSE_ARCHS)
@@ -40,8 +44,9 @@ def test_pieces_compose_to_the_block_forward(arch, tiny_ckpt):
 def test_moe_blocks_take_the_two_forward_path(arch, tiny_ckpt):
     adapter, tensors = load(tiny_ckpt(arch))
     moe_layer = adapter.num_layers - 1  # (DeepSeek's first layers are dense; the last is MoE in every tiny config)
-    block = adapter.build_block(moe_layer, block_tensors(adapter, tensors, moe_layer), device="cpu",
-                                dtype=torch.float32)
+    block = adapter.build_block(
+        moe_layer, block_tensors(adapter, tensors, moe_layer), device="cpu", dtype=torch.float32
+    )
     assert seq_mod.parts_of(adapter, block) is None
 
 
@@ -61,7 +66,8 @@ def _reference_true_sequential(src, cfg, method: str, sparsity: float) -> dict[s
                 first = layer.get_submodule(group[0])
                 xs: list[torch.Tensor] = []
                 handle = first.register_forward_pre_hook(
-                    lambda m, a, xs=xs: xs.append(a[0].reshape(-1, a[0].shape[-1])))
+                    lambda m, a, xs=xs: xs.append(a[0].reshape(-1, a[0].shape[-1]))
+                )
                 layer(h, attention_mask=None, position_ids=pos, position_embeddings=pe)  # causal sdpa without a mask
                 handle.remove()
                 X = torch.cat(xs).double()

@@ -99,8 +99,12 @@ def test_groups_contiguous_and_columns():
 
 @pytest.mark.parametrize(
     ("groups", "match"),
-    [([torch.tensor([0, 1]), torch.tensor([1, 2])], "overlaps"), ([torch.tensor([0, 9])], "outside"),
-     ([torch.tensor([0.0])], "integer"), ([], "empty")],
+    [
+        ([torch.tensor([0, 1]), torch.tensor([1, 2])], "overlaps"),
+        ([torch.tensor([0, 9])], "outside"),
+        ([torch.tensor([0.0])], "integer"),
+        ([], "empty"),
+    ],
 )
 def test_bad_groups_are_rejected(groups, match):
     X, W = _problem(0, d_in=4)
@@ -230,8 +234,12 @@ def _stepwise_greedy(W, H, groups, k: int, percdamp: float) -> list[int]:
     form) raises the least-squares error least. Returns the removal order."""
     d_in, left, order = W.shape[1], list(range(len(groups))), []
     for _ in range(k):
-        errs = [support_error(W, H, group_columns(groups, torch.tensor([g for g in left if g != j]), d_in),
-                              percdamp=percdamp) for j in left]
+        errs = [
+            support_error(
+                W, H, group_columns(groups, torch.tensor([g for g in left if g != j]), d_in), percdamp=percdamp
+            )
+            for j in left
+        ]
         order.append(left.pop(int(torch.tensor(errs).argmin())))
     return order
 
@@ -244,7 +252,9 @@ def test_blocked_column_greedy_equals_stepwise_exact_greedy(seed, monkeypatch):
     monkeypatch.setattr(structured, "_LAZY_STEPS", 7)
     X, W = _problem(40 + seed, n=120, d_out=6, d_in=30)
     X[:, 4] = 0.0  # dead: free to remove, so it goes first
-    cols = [c for c in torch.randperm(30, generator=torch.Generator().manual_seed(seed)).tolist() if c not in (0, 13, 29)]
+    cols = [
+        c for c in torch.randperm(30, generator=torch.Generator().manual_seed(seed)).tolist() if c not in (0, 13, 29)
+    ]
     groups = [torch.tensor([c]) for c in cols]
     H = X.T @ X
     order = _stepwise_greedy(W, H, groups, 20, 0.01)
@@ -254,8 +264,7 @@ def test_blocked_column_greedy_equals_stepwise_exact_greedy(seed, monkeypatch):
         assert sorted(set(range(27)) - set(keep.tolist())) == sorted(order[:k]), k
         kept_cols = group_columns(groups, keep, 30)
         assert {0, 13, 29} <= set(kept_cols.tolist())
-        assert_close(W_new[:, kept_cols], closed_form_reconstruct(W, H, kept_cols, percdamp=0.01), rtol=1e-6,
-                     atol=1e-8)
+        assert_close(W_new[:, kept_cols], closed_form_reconstruct(W, H, kept_cols, percdamp=0.01), rtol=1e-6, atol=1e-8)
         assert float(W_new[:, [c for c in range(30) if c not in set(kept_cols.tolist())]].abs().max()) == 0.0
 
 
@@ -384,8 +393,10 @@ def test_select_lowest():
 
 
 def test_flap_bias_compensation_keeps_the_mean_output():
-    assert_close(flap_bias_compensation(torch.tensor([[1.0, 2.0]]), torch.tensor([3.0, 4.0]), torch.tensor([1])),
-                 torch.tensor([8.0]))
+    assert_close(
+        flap_bias_compensation(torch.tensor([[1.0, 2.0]]), torch.tensor([3.0, 4.0]), torch.tensor([1])),
+        torch.tensor([8.0]),
+    )
     X, W = _problem(17, n=70, d_in=12)
     X = X + 2.0
     removed, kept = torch.tensor([0, 4, 5, 9]), torch.tensor([1, 2, 3, 6, 7, 8, 10, 11])

@@ -46,7 +46,7 @@ def _ref_nm(scores: np.ndarray, n: int, m: int) -> np.ndarray:
     keep = np.ones(scores.shape, dtype=bool)
     for r in range(scores.shape[0]):
         for g0 in range(0, scores.shape[1], m):
-            keep[r, g0 + np.argsort(scores[r, g0:g0 + m], kind="stable")[: m - n]] = False
+            keep[r, g0 + np.argsort(scores[r, g0 : g0 + m], kind="stable")[: m - n]] = False
     return keep
 
 
@@ -76,8 +76,8 @@ def _ref_obs(W: torch.Tensor, H: torch.Tensor, sparsity: float, nm, blocksize: i
             flat[np.argsort(sc.reshape(-1), kind="stable")[:k]] = False
             keep[:, i:i2] = flat.reshape(sc.shape)
         if nm is not None and i % nm[1] == 0:
-            sc = (W[:, i:i + nm[1]] ** 2 / dsq[i:i + nm[1]]).numpy()
-            keep[:, i:i + nm[1]] = _ref_nm(sc, *nm)
+            sc = (W[:, i : i + nm[1]] ** 2 / dsq[i : i + nm[1]]).numpy()
+            keep[:, i : i + nm[1]] = _ref_nm(sc, *nm)
         F = torch.linalg.inv(H[i:, i:])
         w = W[:, i].clone()
         q = w * torch.from_numpy(keep[:, i]).double()
@@ -208,8 +208,10 @@ def test_nm_masks_keep_n_largest_of_every_m(pattern):
     g = _gen(6)
     W = torch.randn(5, 32, generator=g)
     cns = torch.rand(32, generator=g) + 0.1
-    for res, scores in ((magnitude_prune(W, 0.5, pattern=pattern), W.abs()),
-                        (wanda_prune(W, cns, 0.5, pattern=pattern), W.abs() * cns.sqrt())):
+    for res, scores in (
+        (magnitude_prune(W, 0.5, pattern=pattern), W.abs()),
+        (wanda_prune(W, cns, 0.5, pattern=pattern), W.abs() * cns.sqrt()),
+    ):
         groups_keep = res.mask.reshape(5, -1, m)
         assert (groups_keep.sum(-1) == n).all()
         sg = scores.reshape(5, -1, m)
@@ -239,7 +241,8 @@ def test_nm_mask_rejects_bad_shapes():
 def _sgpt_problem(seed: int, d_out: int = 8, d_in: int = 32, n: int = 128):
     g = _gen(seed)
     X = torch.randn(n, d_in, generator=g, dtype=torch.float64) @ (
-        torch.eye(d_in, dtype=torch.float64) + 0.5 * torch.randn(d_in, d_in, generator=g, dtype=torch.float64))
+        torch.eye(d_in, dtype=torch.float64) + 0.5 * torch.randn(d_in, d_in, generator=g, dtype=torch.float64)
+    )
     W = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
     return W, X.T @ X
 

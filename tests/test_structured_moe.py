@@ -88,12 +88,14 @@ def test_structured_30_every_arch_stock_equals_in_memory(arch, tiny_ckpt, calib_
     assert sorted(pruned_blocks) == [0, 1, 2]
     assert plan["achieved"] == pytest.approx(0.3, abs=0.035)  # whole units; routed experts keep multiples of 8
     model = check_stock_equals_memory(out, rep, pruned_blocks)
-    torch.testing.assert_close(stock_logits(out, ids_for_test())[0], adapter_logits(out, ids_for_test()),
-                               rtol=1e-5, atol=1e-5)  # blockprune's own loader of the output agrees too
+    torch.testing.assert_close(
+        stock_logits(out, ids_for_test())[0], adapter_logits(out, ids_for_test()), rtol=1e-5, atol=1e-5
+    )  # blockprune's own loader of the output agrees too
     dense = stock(src)
     assert block_param_count(dense) == plan["block_params_before"]
     assert sum(p.numel() for p in model.parameters()) == (
-        sum(p.numel() for p in dense.parameters()) - plan["block_params_before"] + plan["block_params_after"])
+        sum(p.numel() for p in dense.parameters()) - plan["block_params_before"] + plan["block_params_after"]
+    )
     assert model.config.num_key_value_heads == 1 and model.config.num_attention_heads == 2
     for b in rep["blocks"]:
         assert 0 < b["output_error"] < 1
@@ -178,7 +180,8 @@ def test_unrouted_experts_fall_back_to_magnitude(tmp_path, calib_file, pruned_bl
     for b in rep["blocks"]:
         recs = {name: r for name, r in b["structured"].items() if ".experts." in name}
         assert {r["score"] for name, r in recs.items() if ".experts.2." in name or ".experts.3." in name} == {
-            "magnitude"}
+            "magnitude"
+        }
         assert {r["score"] for name, r in recs.items() if ".experts.0." in name or ".experts.1." in name} == {"obs"}
     for i in range(3):
         a, b = dense.model.layers[i].mlp.experts, model.model.layers[i].mlp.experts

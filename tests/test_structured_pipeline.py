@@ -20,10 +20,16 @@ from engine.pipeline import run
 from sharding.reader import CheckpointReader
 from tests.tiny_models import build_tiny_checkpoint, recipe, run_killed_before
 
-STRUCT = {"method": "structured", "target": 0.3, "units": ["heads", "channels"], "score": "obs",
-          "solver": "closed_form", "allocation": {"rule": "uniform"}, "bias_compensation": False, "align": 1}
-
-
+STRUCT = {
+    "method": "structured",
+    "target": 0.3,
+    "units": ["heads", "channels"],
+    "score": "obs",
+    "solver": "closed_form",
+    "allocation": {"rule": "uniform"},
+    "bias_compensation": False,
+    "align": 1,
+}
 
 
 def ids_for_test() -> torch.Tensor:
@@ -37,8 +43,9 @@ def stock_logits(path: Path, ids: torch.Tensor) -> tuple[torch.Tensor, AutoModel
 
 
 @torch.no_grad()
-def adapter_logits(path: Path, ids: torch.Tensor, layers: list[int] | None = None,
-                   sublayers: dict[int, dict] | None = None) -> torch.Tensor:
+def adapter_logits(
+    path: Path, ids: torch.Tensor, layers: list[int] | None = None, sublayers: dict[int, dict] | None = None
+) -> torch.Tensor:
     """blockprune's own in-memory model: the blocks of `path` built by the adapter and run one after another
     (`layers`: which blocks, default all; `sublayers`: {block: kept sublayers} made identities)."""
     reader = CheckpointReader(path)
@@ -72,7 +79,7 @@ def test_surgery_keeps_whole_units(tiny_ckpt, calib_file, tmp_path):
         p = f"model.layers.{i}."
         s, o = a.read(a.names_with_prefix(p)), b.read(b.names_with_prefix(p))
         k_src, k_out = s[p + "self_attn.k_proj.weight"], o[p + "self_attn.k_proj.weight"]
-        g = [j for j in range(2) if torch.equal(k_src[j * hd:(j + 1) * hd], k_out)]
+        g = [j for j in range(2) if torch.equal(k_src[j * hd : (j + 1) * hd], k_out)]
         assert len(g) == 1
         q_rows = slice(g[0] * per_group * hd, (g[0] + 1) * per_group * hd)
         assert torch.equal(o[p + "self_attn.q_proj.weight"], s[p + "self_attn.q_proj.weight"][q_rows])
@@ -140,9 +147,14 @@ def test_depth_removes_lowest_influence_block(tiny_ckpt, calib_file, tmp_path):
 
 
 def test_depth_renumbers_layer_lists(tmp_path, calib_file):
-    src = build_tiny_checkpoint("qwen2", tmp_path / "src", num_hidden_layers=4,
-                                layer_types=["full_attention", "sliding_attention", "full_attention", "full_attention"],
-                                use_sliding_window=True, sliding_window=8)
+    src = build_tiny_checkpoint(
+        "qwen2",
+        tmp_path / "src",
+        num_hidden_layers=4,
+        layer_types=["full_attention", "sliding_attention", "full_attention", "full_attention"],
+        use_sliding_window=True,
+        sliding_window=8,
+    )
     out = tmp_path / "out"
     rep = run(config_from_dict(recipe(src, out, calib_file, [{"method": "depth", "remove": 2}])))
     kept = [i for i in range(4) if i not in rep["depth"]["removed"]]
@@ -174,10 +186,15 @@ def test_model_dependent_errors(tiny_ckpt, calib_file, tmp_path):
     with pytest.raises(ConfigError, match="cannot share a run"):
         config_from_dict(recipe(tmp_path, tmp_path / "o", calib_file, mix))
     with pytest.raises(ConfigError, match="qwen2 has no `attention_bias`"):
-        run(config_from_dict(recipe(tiny_ckpt("qwen2"), tmp_path / "a", calib_file,
-                                    [{**STRUCT, "bias_compensation": True}])))
+        run(
+            config_from_dict(
+                recipe(tiny_ckpt("qwen2"), tmp_path / "a", calib_file, [{**STRUCT, "bias_compensation": True}])
+            )
+        )
     with pytest.raises(ConfigError, match="only 3 blocks"):
-        run(config_from_dict(recipe(tiny_ckpt("llama"), tmp_path / "b", calib_file, [{"method": "depth", "remove": 3}])))
+        run(
+            config_from_dict(recipe(tiny_ckpt("llama"), tmp_path / "b", calib_file, [{"method": "depth", "remove": 3}]))
+        )
     with pytest.raises(ConfigError, match="MLA attention"):
         run(config_from_dict(recipe(tiny_ckpt("deepseek_v3"), tmp_path / "c", calib_file, [STRUCT])))
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
@@ -218,8 +235,14 @@ def remote_logits(path: Path, tmp_path: Path) -> torch.Tensor:
     script.write_text(REMOTE.replace("{repo}", repo))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
-    p = subprocess.run([sys.executable, "-I", str(script), str(path), str(tmp_path / "logits.pt")], cwd=tmp_path,
-                       env=env, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-I", str(script), str(path), str(tmp_path / "logits.pt")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0 and "REMOTE OK" in p.stdout, p.stderr[-3000:]
     return torch.load(tmp_path / "logits.pt", weights_only=True)
 
@@ -258,15 +281,21 @@ def test_modeling_file_first_attention_removed_generates(tmp_path):
 
     model = tiny_model("llama")
     keep = {0: {"attention": False, "mlp": True}, 2: {"attention": True, "mlp": False}}
-    dead = ("model.layers.0.self_attn.", "model.layers.0.input_layernorm.", "model.layers.2.mlp.",
-            "model.layers.2.post_attention_layernorm.")
+    dead = (
+        "model.layers.0.self_attn.",
+        "model.layers.0.input_layernorm.",
+        "model.layers.2.mlp.",
+        "model.layers.2.post_attention_layernorm.",
+    )
     state = {n: t for n, t in model.state_dict().items() if not n.startswith(dead)}
     model.save_pretrained(tmp_path / "src")
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     save_file({n: t.contiguous() for n, t in state.items()}, ckpt / "model.safetensors")
-    layers = [{"attention": keep.get(i, {}).get("attention", True), "mlp": keep.get(i, {}).get("mlp", True),
-               "config": {}} for i in range(3)]
+    layers = [
+        {"attention": keep.get(i, {}).get("attention", True), "mlp": keep.get(i, {}).get("mlp", True), "config": {}}
+        for i in range(3)
+    ]
     cfg, modeling = nonuniform_config(model.config.to_dict(), layers)
     (ckpt / "config.json").write_text(json.dumps(cfg))
     (ckpt / "modeling_blockprune.py").write_text(modeling)
@@ -290,14 +319,22 @@ def test_structured_peak_rss_flat_in_depth(tmp_path, calib_file):
     )
     peaks = {}
     for layers in (4, 24):
-        src = build_tiny_checkpoint("llama", tmp_path / f"m{layers}", num_hidden_layers=layers, hidden_size=768,
-                                    intermediate_size=1024, num_attention_heads=12, num_key_value_heads=4,
-                                    max_shard_size="10MB")
+        src = build_tiny_checkpoint(
+            "llama",
+            tmp_path / f"m{layers}",
+            num_hidden_layers=layers,
+            hidden_size=768,
+            intermediate_size=1024,
+            num_attention_heads=12,
+            num_key_value_heads=4,
+            max_shard_size="10MB",
+        )
         stage = {**STRUCT, "score": "wanda"}  # closed form needs the Grams; the OBS search is slow at width 1024
         r = recipe(src, tmp_path / f"o{layers}", calib_file, [stage, {"method": "depth", "remove": 1}])
         r["calibration"].update(samples=8, seq_len=64)
-        p = subprocess.run([sys.executable, "-c", script, json.dumps(r)], capture_output=True, text=True, cwd=repo,
-                           timeout=900)
+        p = subprocess.run(
+            [sys.executable, "-c", script, json.dumps(r)], capture_output=True, text=True, cwd=repo, timeout=900
+        )
         assert p.returncode == 0, p.stderr[-3000:]
         peaks[layers] = int(p.stdout.split("PEAK")[-1])
     assert peaks[24] / peaks[4] <= 1.15, peaks

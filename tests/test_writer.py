@@ -121,9 +121,13 @@ def test_round_trip_tensors_and_logits(arch, tiny_ckpt, tmp_path):
     assert w.committed_units() == [u for u, _ in units]
     index = json.loads((out / INDEX_NAME).read_text())
     n = len(units)
-    assert sorted(set(index["weight_map"].values())) == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
-    assert index["metadata"]["total_size"] == w.total_size == sum(
-        t.numel() * t.element_size() for _, ts in units for t in ts.values()
+    assert sorted(set(index["weight_map"].values())) == [
+        f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)
+    ]
+    assert (
+        index["metadata"]["total_size"]
+        == w.total_size
+        == sum(t.numel() * t.element_size() for _, ts in units for t in ts.values())
     )
     for _, tensors in units:
         for name, t in tensors.items():
@@ -196,8 +200,10 @@ def test_multiple_shards_and_unit_split(llama_src, tmp_path):
     files = [f for _, f in manifest["finalize"]["renames"]]
     n = len(files)
     assert n > len(units) and files == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
-    assert index["metadata"]["total_size"] == w.total_size == sum(
-        t.numel() * t.element_size() for _, ts in units for t in ts.values()
+    assert (
+        index["metadata"]["total_size"]
+        == w.total_size
+        == sum(t.numel() * t.element_size() for _, ts in units for t in ts.values())
     )
     file_unit: dict[str, str] = {}
     for u in manifest["units"]:
@@ -383,8 +389,14 @@ else:
 def test_sigkill_then_resume_is_byte_identical(llama_src, reference, tmp_path, mode, k):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, mode, str(llama_src), str(out), str(k)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILL_SCRIPT, mode, str(llama_src), str(out), str(k)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert not (out / INDEX_NAME).exists()
     manifest = manifest_of(out)
@@ -452,8 +464,11 @@ def test_permission_error_is_reported(llama_src, tmp_path, monkeypatch):
     w = CheckpointWriter(out, run_id=RUN_ID)
     w.write_unit(*units[0])
     monkeypatch.setattr(writer_mod, "save_file", _fail_save_file(PermissionError(errno.EACCES, "Permission denied")))
-    with pytest.raises(WriterError, match=r"^permission denied while writing unit 'model.layers.1.' to .*: "
-                                          r"Permission denied$"):
+    with pytest.raises(
+        WriterError,
+        match=r"^permission denied while writing unit 'model.layers.1.' to .*: "
+        r"Permission denied$",
+    ):
         w.write_unit(*units[1])
     assert w.committed_units() == ["model.layers.0."]
 

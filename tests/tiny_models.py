@@ -129,9 +129,7 @@ def tiny_text(n_words: int = 4000, seed: int = 0) -> str:
     return "\n".join(lines + [" ".join(line)]) + "\n"
 
 
-def save_tiny(
-    model: PreTrainedModel, path: str | Path, max_shard_size: str = "20KB", tokenizer: bool = True
-) -> Path:
+def save_tiny(model: PreTrainedModel, path: str | Path, max_shard_size: str = "20KB", tokenizer: bool = True) -> Path:
     """Save `model` with `save_pretrained` into `path` as many shards with an index (and a tiny tokenizer)."""
     path = Path(path)
     model.save_pretrained(path, max_shard_size=max_shard_size)
@@ -143,7 +141,9 @@ def save_tiny(
     return path
 
 
-def build_tiny_checkpoint(arch: str, path: str | Path, seed: int = 0, max_shard_size: str = "20KB", **overrides) -> Path:
+def build_tiny_checkpoint(
+    arch: str, path: str | Path, seed: int = 0, max_shard_size: str = "20KB", **overrides
+) -> Path:
     """Build a tiny model of `arch` and save it as a multi-shard checkpoint in `path`."""
     return save_tiny(tiny_model(arch, seed=seed, **overrides), path, max_shard_size=max_shard_size)
 

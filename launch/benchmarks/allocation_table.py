@@ -37,22 +37,41 @@ SCORES = "blockprune_scores.json"
 
 
 def stage(args: argparse.Namespace, budget: float, alloc: dict) -> dict:
-    return {"method": "structured", "target": budget, "units": ["heads", "channels"], "score": args.score,
-            "solver": args.solver, "allocation": alloc}
+    return {
+        "method": "structured",
+        "target": budget,
+        "units": ["heads", "channels"],
+        "score": args.score,
+        "solver": args.solver,
+        "allocation": alloc,
+    }
 
 
 def runs_for(budget: float, args: argparse.Namespace) -> list[tuple[str, dict]]:
     """(run name, allocation mapping) of one budget, in execution order (softmax first: it scores)."""
-    out = [(f"softmax-T{t:g}" if e == args.energy_list[0] else f"softmax-{e}-T{t:g}",
-            {"rule": "softmax", "temperature": t, "energy": e, "split": args.split})
-           for e in args.energy_list for t in args.temps]
+    out = [
+        (
+            f"softmax-T{t:g}" if e == args.energy_list[0] else f"softmax-{e}-T{t:g}",
+            {"rule": "softmax", "temperature": t, "energy": e, "split": args.split},
+        )
+        for e in args.energy_list
+        for t in args.temps
+    ]
     # T = inf: every layer the same budget, through the coordinator with the run's split (isolates the split)
     out += [("equal-budgets", {"rule": "softmax", "temperature": math.inf, "split": args.split})]
     out += [("owl", {"rule": "owl", "split": args.split}), ("uniform", {"rule": "uniform"})]
     if args.split != "proportional" and budget in args.split_list:  # the split within layers: its own scores
-        out.append((f"softmax-T{args.temps[0]:g}-proportional", {"rule": "softmax", "temperature": args.temps[0],
-                                                                  "energy": args.energy_list[0],
-                                                                  "split": "proportional"}))
+        out.append(
+            (
+                f"softmax-T{args.temps[0]:g}-proportional",
+                {
+                    "rule": "softmax",
+                    "temperature": args.temps[0],
+                    "energy": args.energy_list[0],
+                    "split": "proportional",
+                },
+            )
+        )
     return out
 
 
@@ -112,12 +131,31 @@ def table(rows: list[dict], dense: float) -> str:
     for r in rows:
         rep = r["report"]
         alloc = rep.get("allocation") or {}
-        body.append([f"{r['budget']:g}", r["run"], f"{r['ppl']:.3f}", f"{r['ppl'] / dense:.3f}",
-                     f"{achieved(rep):.4f}", spread(rep),
-                     "reused" if (alloc.get("scores") or {}).get("reused") else ("scored" if alloc else "-"),
-                     f"{rep['wall_time_s']:.0f}"])
-    return common.markdown_table(["target", "allocation", "ppl", "ppl / dense", "removed (of block params)",
-                                  "per-layer min / max", "scores", "prune s"], body)
+        body.append(
+            [
+                f"{r['budget']:g}",
+                r["run"],
+                f"{r['ppl']:.3f}",
+                f"{r['ppl'] / dense:.3f}",
+                f"{achieved(rep):.4f}",
+                spread(rep),
+                "reused" if (alloc.get("scores") or {}).get("reused") else ("scored" if alloc else "-"),
+                f"{rep['wall_time_s']:.0f}",
+            ]
+        )
+    return common.markdown_table(
+        [
+            "target",
+            "allocation",
+            "ppl",
+            "ppl / dense",
+            "removed (of block params)",
+            "per-layer min / max",
+            "scores",
+            "prune s",
+        ],
+        body,
+    )
 
 
 def best_lines(rows: list[dict], energies: list[str]) -> list[str]:
@@ -129,8 +167,16 @@ def best_lines(rows: list[dict], energies: list[str]) -> list[str]:
             continue
         parts = []
         for k, e in enumerate(energies):
-            soft = {n: v for n, v in rs.items() if n.startswith("softmax") and "proportional" not in n and (
-                (k == 0 and not any(n.startswith(f"softmax-{o}-") for o in energies[1:])) or n.startswith(f"softmax-{e}-"))}
+            soft = {
+                n: v
+                for n, v in rs.items()
+                if n.startswith("softmax")
+                and "proportional" not in n
+                and (
+                    (k == 0 and not any(n.startswith(f"softmax-{o}-") for o in energies[1:]))
+                    or n.startswith(f"softmax-{e}-")
+                )
+            }
             if soft:
                 n = min(soft, key=soft.get)
                 verdict = "beats" if soft[n] < rs["uniform"] else "does NOT beat"
@@ -140,44 +186,59 @@ def best_lines(rows: list[dict], energies: list[str]) -> list[str]:
     return out
 
 
-def section(args: argparse.Namespace, body: str, info: dict, loads: tuple[str, str], argv: list[str],
-            lines: list[str]) -> str:
+def section(
+    args: argparse.Namespace, body: str, info: dict, loads: tuple[str, str], argv: list[str], lines: list[str]
+) -> str:
     nice = f"nice -n {os.nice(0)} " if os.nice(0) > 0 else ""
-    extra = {"model": f"`{args.model}`",
-             "calibration": f"{args.samples} x {args.seq_len} tokens of `{args.calib_path.name}` (seed {args.seed}); "
-                            "smaller than the other tables (64 x 512) because the machine is shared",
-             "evaluation": f"{args.eval_windows} x {args.eval_seq_len} tokens of `{args.eval_path.name}`",
-             "stage": f"structured, units heads + channels, score `{args.score}`, solver `{args.solver}`; softmax "
-                      f"energies {', '.join(f'`{e}`' for e in args.energy_list)}, split `{args.split}`, min 0, max 0.8"}  # fmt: skip
-    return "\n\n".join([
-        f"## Global allocation: SmolLM2-135M, structured, {args.score} + {args.solver} (float32, CPU)",
-        f"Command: `{nice}{common.command_line('launch.benchmarks.allocation_table', argv)}`",
-        common.machine_markdown(info, *loads, extra),
-        "*uniform*: every layer removes the same KV groups and channels (stock architecture); *equal-budgets*: every "
-        "layer the same budget, divided between KV groups and channels per layer by the split (softmax at T = inf); "
-        "*-proportional*: the split of the uniform rule. "
-        "*target*: fraction of the non-embedding (block) parameters removed; *removed*: what the output really "
-        "removed; *per-layer min / max*: the achieved per-layer fractions; *scores*: whether the run did the scoring "
-        "pass or reused the budget's first run's `blockprune_scores.json`; *prune s*: the run's `wall_time_s` "
-        "(scoring pass included).",
-        body,
-        "\n".join(lines),
-    ])  # fmt: skip
+    extra = {
+        "model": f"`{args.model}`",
+        "calibration": f"{args.samples} x {args.seq_len} tokens of `{args.calib_path.name}` (seed {args.seed}); "
+        "smaller than the other tables (64 x 512) because the machine is shared",
+        "evaluation": f"{args.eval_windows} x {args.eval_seq_len} tokens of `{args.eval_path.name}`",
+        "stage": f"structured, units heads + channels, score `{args.score}`, solver `{args.solver}`; softmax "
+        f"energies {', '.join(f'`{e}`' for e in args.energy_list)}, split `{args.split}`, min 0, max 0.8",
+    }
+    return "\n\n".join(
+        [
+            f"## Global allocation: SmolLM2-135M, structured, {args.score} + {args.solver} (float32, CPU)",
+            f"Command: `{nice}{common.command_line('launch.benchmarks.allocation_table', argv)}`",
+            common.machine_markdown(info, *loads, extra),
+            "*uniform*: every layer removes the same KV groups and channels (stock architecture); *equal-budgets*: every "
+            "layer the same budget, divided between KV groups and channels per layer by the split (softmax at T = inf); "
+            "*-proportional*: the split of the uniform rule. "
+            "*target*: fraction of the non-embedding (block) parameters removed; *removed*: what the output really "
+            "removed; *per-layer min / max*: the achieved per-layer fractions; *scores*: whether the run did the scoring "
+            "pass or reused the budget's first run's `blockprune_scores.json`; *prune s*: the run's `wall_time_s` "
+            "(scoring pass included).",
+            body,
+            "\n".join(lines),
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(prog="python -m launch.benchmarks.allocation_table", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m launch.benchmarks.allocation_table",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--budgets", default="0.2,0.35", help="comma-separated structured targets")
     p.add_argument("--temperatures", default="1,0.5,2", help="softmax temperatures (the first also scores)")
     p.add_argument("--score", default="wanda")
     p.add_argument("--solver", default="closed_form")
-    p.add_argument("--energies", default="error,influence,score",
-                   help="softmax energies, the first is the main one (rows softmax-T*; the others softmax-<energy>-T*)")
+    p.add_argument(
+        "--energies",
+        default="error,influence,score",
+        help="softmax energies, the first is the main one (rows softmax-T*; the others softmax-<energy>-T*)",
+    )
     p.add_argument("--split", default="error", help="KV groups vs channels within a layer: error | proportional")
-    p.add_argument("--compare-split", default="0.2", help="budgets at which softmax also runs with split: "
-                   "proportional (a second scoring pass: block errors are measured with the run's split)")
+    p.add_argument(
+        "--compare-split",
+        default="0.2",
+        help="budgets at which softmax also runs with split: "
+        "proportional (a second scoring pass: block errors are measured with the run's split)",
+    )
     p.add_argument("--section", default=SECTION, help="the section of the results file to write")
     common.add_common_args(p, "allocation_table")
     p.set_defaults(samples=32)
@@ -193,9 +254,16 @@ def main(argv: list[str] | None = None) -> int:
     dense = evaluate(Path(args.model), args)
     for r in rows:
         r["ppl"] = evaluate(r["output"], args)
-    (args.work_dir / "results.json").write_text(json.dumps(
-        [{**{k: v for k, v in r.items() if k not in ("output", "report")}, "achieved": achieved(r["report"])}
-         for r in rows] + [{"run": "dense", "ppl": dense}], indent=1))
+    (args.work_dir / "results.json").write_text(
+        json.dumps(
+            [
+                {**{k: v for k, v in r.items() if k not in ("output", "report")}, "achieved": achieved(r["report"])}
+                for r in rows
+            ]
+            + [{"run": "dense", "ppl": dense}],
+            indent=1,
+        )
+    )
     body, lines = table(rows, dense), best_lines(rows, args.energy_list)
     print(body + "\n" + "\n".join(lines))
     if args.write_results:

@@ -103,8 +103,12 @@ def blockprune_recipe(model: Path, output: Path, args: argparse.Namespace, stage
         "model": str(model),
         "output": str(output),
         "overwrite": True,
-        "calibration": {"data": str(args.calib_path), "samples": args.samples, "seq_len": args.seq_len,
-                        "seed": args.seed},
+        "calibration": {
+            "data": str(args.calib_path),
+            "samples": args.samples,
+            "seq_len": args.seq_len,
+            "seed": args.seed,
+        },
         "runtime": {"device": "cpu", "dtype": "float32"},
         "prune": [stage],
     }
@@ -127,10 +131,17 @@ def run_blockprune(recipe: dict, work: Path, name: str) -> tuple[dict, ChildRun]
 def add_common_args(p: argparse.ArgumentParser, work_name: str) -> None:
     """Model, calibration, evaluation and output options shared by the benchmark scripts."""
     p.add_argument("--model", default=None, help="HF checkpoint dir (default: the cached SmolLM2-135M float32)")
-    p.add_argument("--calib-text", default=None, help="calibration text: a path or a name in engine.assets.TEXTS "
-                   "(default: CALIBRATION_TEXT, Shakespeare's comedies)")
-    p.add_argument("--eval-text", default=None, help="evaluation text: a path or a name in engine.assets.TEXTS "
-                   "(default: EVAL_TEXT, Hamlet)")
+    p.add_argument(
+        "--calib-text",
+        default=None,
+        help="calibration text: a path or a name in engine.assets.TEXTS "
+        "(default: CALIBRATION_TEXT, Shakespeare's comedies)",
+    )
+    p.add_argument(
+        "--eval-text",
+        default=None,
+        help="evaluation text: a path or a name in engine.assets.TEXTS (default: EVAL_TEXT, Hamlet)",
+    )
     p.add_argument("--samples", type=int, default=64, help="calibration samples")
     p.add_argument("--seq-len", type=int, default=512, help="calibration tokens per sample")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
@@ -165,7 +176,9 @@ def evaluate_all(paths: dict[str, Path], args: argparse.Namespace) -> dict[str, 
     text = args.eval_path.read_text(encoding="utf-8")
     out = {}
     for name, path in paths.items():
-        log.info("evaluating %s (%d x %d tokens of %s)", name, args.eval_windows, args.eval_seq_len, args.eval_path.name)
+        log.info(
+            "evaluating %s (%d x %d tokens of %s)", name, args.eval_windows, args.eval_seq_len, args.eval_path.name
+        )
         out[name] = evaluate_one(path, text, windows=args.eval_windows, seq_len=args.eval_seq_len)
         log.info("%s: ppl %.3f", name, out[name]["ppl"])
     return out
@@ -208,10 +221,17 @@ def machine_info() -> dict:
                 cpu = line.split(":", 1)[1].strip()
                 break
     mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
-            "memory_gb": round(mem_gb, 1), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "platform": platform.platform()}  # fmt: skip
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)),
+        "memory_gb": round(mem_gb, 1),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "platform": platform.platform(),
+    }
 
 
 def machine_markdown(info: dict, load_before: str, load_after: str, extra: dict | None = None) -> str:
@@ -264,5 +284,6 @@ def write_section(name: str, body: str, path: Path = RESULTS_MD) -> None:
 
 
 def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )

@@ -28,8 +28,13 @@ SECTION = "memory-depth"
 
 STAGES = {
     "sparsegpt 50% (one pass)": {"method": "sparsegpt", "sparsity": 0.5},
-    "structured 20% (two forwards)": {"method": "structured", "target": 0.2, "units": ["heads", "channels"],
-                                      "score": "wanda", "solver": "closed_form"},
+    "structured 20% (two forwards)": {
+        "method": "structured",
+        "target": 0.2,
+        "units": ["heads", "channels"],
+        "score": "wanda",
+        "solver": "closed_form",
+    },
 }
 
 
@@ -39,8 +44,11 @@ def checkpoint_mb(path: Path) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(prog="python -m launch.benchmarks.memory_depth", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m launch.benchmarks.memory_depth",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--depths", default="4,12,24")
     p.add_argument("--hidden", type=int, default=768)
     p.add_argument("--samples", type=int, default=16)
@@ -61,35 +69,58 @@ def main(argv: list[str] | None = None) -> int:
     for depth in depths:
         model = build_model(work / f"llama-{depth}x{args.hidden}", depth, args.hidden)
         for k, (label, stage) in enumerate(STAGES.items()):
-            recipe = {"model": str(model), "output": str(work / f"out-{depth}-{k}"), "overwrite": True,
-                      "calibration": {"data": str(real_text(CALIBRATION_TEXT)), "samples": args.samples,
-                                      "seq_len": args.seq_len, "seed": 0},
-                      "runtime": {"device": "cpu", "dtype": "float32", "progress": False},
-                      "prune": [stage], "report_plots": False}  # fmt: skip
+            recipe = {
+                "model": str(model),
+                "output": str(work / f"out-{depth}-{k}"),
+                "overwrite": True,
+                "calibration": {
+                    "data": str(real_text(CALIBRATION_TEXT)),
+                    "samples": args.samples,
+                    "seq_len": args.seq_len,
+                    "seed": 0,
+                },
+                "runtime": {"device": "cpu", "dtype": "float32", "progress": False},
+                "prune": [stage],
+                "report_plots": False,
+            }
             report, child = common.run_blockprune(recipe, work, f"run-{depth}-{k}")
             peak = float(report["peak_rss_mb"])
             peaks.setdefault(label, peak)  # the shallowest model's peak is the reference
             one_pass = sum(1 for b in report["blocks"] if b.get("true_sequential"))
-            rows.append([label, depth, f"{checkpoint_mb(model):.0f}", f"{peak:.0f}", f"{peak / peaks[label]:.3f}",
-                         f"{report['wall_time_s']:.1f}", f"{one_pass}/{len(report['blocks'])}"])
-    body = common.markdown_table(["stage", "layers", "checkpoint MiB", "peak RSS MiB", "peak / shallowest",
-                                  "run s", "one-pass blocks"], rows)
+            rows.append(
+                [
+                    label,
+                    depth,
+                    f"{checkpoint_mb(model):.0f}",
+                    f"{peak:.0f}",
+                    f"{peak / peaks[label]:.3f}",
+                    f"{report['wall_time_s']:.1f}",
+                    f"{one_pass}/{len(report['blocks'])}",
+                ]
+            )
+    body = common.markdown_table(
+        ["stage", "layers", "checkpoint MiB", "peak RSS MiB", "peak / shallowest", "run s", "one-pass blocks"], rows
+    )
     print(body)
     (work / "results.json").write_text(json.dumps(rows, indent=1))
     if args.write_results:
-        extra = {"models": f"random llama, hidden {args.hidden}, {', '.join(map(str, depths))} layers (float32, "
-                           "vocabulary 49152: the embedding alone is "
-                           f"{49152 * args.hidden * 4 / 2**20:.0f} MiB)",
-                 "calibration": f"{args.samples} x {args.seq_len} tokens of {CALIBRATION_TEXT}"}
-        text = "\n\n".join([
-            "## Peak memory vs depth (CPU)",
-            f"Command: `{common.command_line('launch.benchmarks.memory_depth', argv)}`",
-            common.machine_markdown(info, load_before, common.load_average(), extra),
-            "*peak RSS*: the run's `peak_rss_mb` (the process's `VmHWM`); *peak / shallowest*: against the same stage "
-            "on the shallowest model; *one-pass blocks*: blocks that took the true-sequential path. The checkpoint "
-            "grows with depth; the peak holds one block, its statistics and the activation cache.",
-            body,
-        ])  # fmt: skip
+        extra = {
+            "models": f"random llama, hidden {args.hidden}, {', '.join(map(str, depths))} layers (float32, "
+            "vocabulary 49152: the embedding alone is "
+            f"{49152 * args.hidden * 4 / 2**20:.0f} MiB)",
+            "calibration": f"{args.samples} x {args.seq_len} tokens of {CALIBRATION_TEXT}",
+        }
+        text = "\n\n".join(
+            [
+                "## Peak memory vs depth (CPU)",
+                f"Command: `{common.command_line('launch.benchmarks.memory_depth', argv)}`",
+                common.machine_markdown(info, load_before, common.load_average(), extra),
+                "*peak RSS*: the run's `peak_rss_mb` (the process's `VmHWM`); *peak / shallowest*: against the same stage "
+                "on the shallowest model; *one-pass blocks*: blocks that took the true-sequential path. The checkpoint "
+                "grows with depth; the peak holds one block, its statistics and the activation cache.",
+                body,
+            ]
+        )
         common.write_section(SECTION, text, args.results)
     return 0
 

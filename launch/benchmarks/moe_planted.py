@@ -31,8 +31,12 @@ from launch.benchmarks import common
 log = logging.getLogger("moe_planted")
 
 SECTION = "moe"
-ARCH_EXPERTS = {"mixtral": "num_local_experts", "qwen2_moe": "num_experts", "qwen3_moe": "num_experts",
-                "deepseek_v3": "n_routed_experts"}
+ARCH_EXPERTS = {
+    "mixtral": "num_local_experts",
+    "qwen2_moe": "num_experts",
+    "qwen3_moe": "num_experts",
+    "deepseek_v3": "n_routed_experts",
+}
 # Router rows scaled up: sharp routing, so a token's top cluster takes nearly all of its routing weight (softmax
 # routers). DeepSeek's sigmoid router saturates (ties at 1.0) when scaled, so it stays mild there.
 ROUTER_SCALE = {"deepseek_v3": 2.0}
@@ -52,9 +56,15 @@ def _canonical(labels: list[int]) -> list[int]:
 
 
 @torch.no_grad()
-def plant_clusters(model, sizes: list[int] | dict[int, list[int]], *, noise: float = 1e-3,
-                   router_scale: float = DEFAULT_ROUTER_SCALE, down_scale: float = DOWN_SCALE,
-                   seed: int = 0) -> dict[int, list[int]]:
+def plant_clusters(
+    model,
+    sizes: list[int] | dict[int, list[int]],
+    *,
+    noise: float = 1e-3,
+    router_scale: float = DEFAULT_ROUTER_SCALE,
+    down_scale: float = DOWN_SCALE,
+    seed: int = 0,
+) -> dict[int, list[int]]:
     """Give every MoE layer of `model` (in place) routed experts in clusters of near-duplicates.
 
     `sizes`: cluster sizes (summing to the number of experts), or {layer: sizes} (layers left out: all singletons).
@@ -99,8 +109,9 @@ def experts_logits(path: str | Path, ids: torch.Tensor, keep: dict[int, list[int
     x = embed(ids, reader.read([adapter.embed_key])[adapter.embed_key].float())
     ctx = adapter.forward_context(ids.shape[0], ids.shape[1], device="cpu", dtype=torch.float32)
     for i in range(adapter.num_layers):
-        block = adapter.build_block(i, reader.read(reader.names_with_prefix(adapter.block_prefix(i))), device="cpu",
-                                    dtype=torch.float32)
+        block = adapter.build_block(
+            i, reader.read(reader.names_with_prefix(adapter.block_prefix(i))), device="cpu", dtype=torch.float32
+        )
         if keep and i in keep:
             block = select_experts(adapter, block, i, keep[i], adapter_with_experts(adapter, len(keep[i])))
         x = adapter.block_forward(block, x, ctx)
@@ -136,16 +147,24 @@ def random_keeps(E: int, n_keep: int, layers: list[int], draws: int, seed: int =
 # ------------------------------------------------------------------------------------------- the benchmark
 
 
-def build_planted(arch: str, path: Path, sizes: list[int] | dict[int, list[int]], top_k: int, layers: int, seed: int = 0,
-                  **overrides) -> dict[int, list[int]]:
+def build_planted(
+    arch: str, path: Path, sizes: list[int] | dict[int, list[int]], top_k: int, layers: int, seed: int = 0, **overrides
+) -> dict[int, list[int]]:
     """A planted tiny model of `arch` (`sum(sizes)` experts, top-`top_k`, renormalised top-k, `layers` layers)
     saved with `tests.tiny_models.save_tiny`; returns the planted clusters (`plant_clusters`)."""
     from tests.tiny_models import save_tiny, tiny_model
 
     E = sum(next(iter(sizes.values())) if isinstance(sizes, dict) else sizes)
     extra = {"norm_topk_prob": True} if arch != "mixtral" else {}
-    model = tiny_model(arch, seed=seed, num_hidden_layers=layers, num_experts_per_tok=top_k,
-                       **{ARCH_EXPERTS[arch]: E}, **extra, **overrides)
+    model = tiny_model(
+        arch,
+        seed=seed,
+        num_hidden_layers=layers,
+        num_experts_per_tok=top_k,
+        **{ARCH_EXPERTS[arch]: E},
+        **extra,
+        **overrides,
+    )
     truth = plant_clusters(model, sizes, seed=seed, router_scale=ROUTER_SCALE.get(arch, DEFAULT_ROUTER_SCALE))
     save_tiny(model, path)
     return truth
@@ -177,10 +196,16 @@ def run_case(arch: str, sizes: list[int], top_k: int, target: float, work: Path,
     rand = [relative_change(experts_logits(src, ids, k), dense) for k in random_keeps(E, n_keep, list(moe), args.draws)]
     stun = relative_change(experts_logits(out, ids), dense)
     return {
-        "arch": arch, "top_k": top_k, "sizes": sizes, "E": E, "n_keep": n_keep,
+        "arch": arch,
+        "top_k": top_k,
+        "sizes": sizes,
+        "E": E,
+        "n_keep": n_keep,
         "recovered": all(m["clusters"] == truth[i] for i, m in moe.items()) and n_keep == len(sizes),
-        "stun": stun, "whole": relative_change(experts_logits(src, ids, whole), dense),
-        "random": sum(rand) / len(rand), "random_min": min(rand),
+        "stun": stun,
+        "whole": relative_change(experts_logits(src, ids, whole), dense),
+        "random": sum(rand) / len(rand),
+        "random_min": min(rand),
     }
 
 
@@ -192,18 +217,28 @@ def time_case(work: Path, calib: Path, args) -> dict:
     from engine.pipeline import run
     from tests.tiny_models import build_tiny_checkpoint
 
-    src = build_tiny_checkpoint("mixtral", work / "wide", num_hidden_layers=2, hidden_size=1024,
-                                intermediate_size=2816, num_local_experts=8, num_attention_heads=16,
-                                num_key_value_heads=4, max_shard_size="50MB")
+    src = build_tiny_checkpoint(
+        "mixtral",
+        work / "wide",
+        num_hidden_layers=2,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_local_experts=8,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        max_shard_size="50MB",
+    )
     stages = [{"method": "experts", "target": 0.25}, {"method": "wanda", "sparsity": 0.25}]
     rep = run(config_from_dict(_recipe(src, work / "wide_out", calib, stages, 32, 128, args.threads)))
     med = lambda xs: sorted(xs)[len(xs) // 2]
     blocks = [b for b in rep["blocks"] if "experts" in b]
-    return {"decide": med([1e3 * b["experts"]["time_s"]["decide"] for b in blocks]),
-            "surgery": med([1e3 * b["experts"]["time_s"]["surgery"] for b in blocks]),
-            "stats": med([1e3 * b["time_s"]["stats"] for b in blocks]),
-            "solve": med([1e3 * b["time_s"]["solve"] for b in blocks]),
-            "forward": med([1e3 * b["time_s"]["forward"] for b in blocks])}
+    return {
+        "decide": med([1e3 * b["experts"]["time_s"]["decide"] for b in blocks]),
+        "surgery": med([1e3 * b["experts"]["time_s"]["surgery"] for b in blocks]),
+        "stats": med([1e3 * b["time_s"]["stats"] for b in blocks]),
+        "solve": med([1e3 * b["time_s"]["solve"] for b in blocks]),
+        "forward": med([1e3 * b["time_s"]["forward"] for b in blocks]),
+    }
 
 
 CASES = [  # (cluster sizes, top_k, target): the target removes exactly the planted duplicates
@@ -214,54 +249,102 @@ CASES = [  # (cluster sizes, top_k, target): the target removes exactly the plan
 
 
 def table(rows: list[dict]) -> str:
-    body = [[r["arch"], r["top_k"], "+".join(map(str, r["sizes"])), f"{r['E']} → {r['n_keep']}",
-             "yes" if r["recovered"] else "**no**", f"{r['stun']:.2e}", f"{r['whole']:.2e}",
-             f"{r['random']:.2e} (min {r['random_min']:.2e})", f"{r['random'] / max(r['stun'], 1e-30):.1f}"]
-            for r in rows]  # fmt: skip
-    return common.markdown_table(["arch", "top-k", "planted clusters", "experts", "clusters recovered",
-                                  "Δlogits STUN", "Δlogits whole clusters removed", "Δlogits random (mean)",
-                                  "random / STUN"], body)
+    body = [
+        [
+            r["arch"],
+            r["top_k"],
+            "+".join(map(str, r["sizes"])),
+            f"{r['E']} → {r['n_keep']}",
+            "yes" if r["recovered"] else "**no**",
+            f"{r['stun']:.2e}",
+            f"{r['whole']:.2e}",
+            f"{r['random']:.2e} (min {r['random_min']:.2e})",
+            f"{r['random'] / max(r['stun'], 1e-30):.1f}",
+        ]
+        for r in rows
+    ]
+    return common.markdown_table(
+        [
+            "arch",
+            "top-k",
+            "planted clusters",
+            "experts",
+            "clusters recovered",
+            "Δlogits STUN",
+            "Δlogits whole clusters removed",
+            "Δlogits random (mean)",
+            "random / STUN",
+        ],
+        body,
+    )
 
 
 def time_table(t: dict) -> str:
-    row = [f"{t['decide']:.1f}", f"{t['surgery']:.1f}", f"{t['decide'] + t['surgery']:.1f}", f"{t['stats']:.0f}",
-           f"{(t['decide'] + t['surgery']) / t['stats']:.3f}", f"{t['solve']:.0f}", f"{t['forward']:.0f}"]
-    return common.markdown_table(["decide ms", "surgery ms", "experts stage ms", "stats forward ms",
-                                  "stage / forward", "Wanda solve ms", "pruned forward ms"], [row])
+    row = [
+        f"{t['decide']:.1f}",
+        f"{t['surgery']:.1f}",
+        f"{t['decide'] + t['surgery']:.1f}",
+        f"{t['stats']:.0f}",
+        f"{(t['decide'] + t['surgery']) / t['stats']:.3f}",
+        f"{t['solve']:.0f}",
+        f"{t['forward']:.0f}",
+    ]
+    return common.markdown_table(
+        [
+            "decide ms",
+            "surgery ms",
+            "experts stage ms",
+            "stats forward ms",
+            "stage / forward",
+            "Wanda solve ms",
+            "pruned forward ms",
+        ],
+        [row],
+    )
 
 
 def section(body: str, timing: str, info: dict, loads: tuple[str, str], argv: list[str], args) -> str:
-    return "\n\n".join([
-        "## MoE expert pruning (STUN) on planted tiny models",
-        f"Command: `{common.command_line('launch.benchmarks.moe_planted', argv)}`",
-        common.machine_markdown(info, *loads, {
-            "models": "tiny random MoE models (hidden 64, 4 layers, 8 routed experts; Qwen2-MoE and DeepSeek-V3 "
-                      "with their shared expert) with planted clusters of near-duplicate experts: expert weights and "
-                      "router rows copied per cluster plus 1e-3 relative noise; router rows x40 (DeepSeek's sigmoid "
-                      "router x2, it saturates), expert down_proj x0.2 (`plant_clusters`)",
-            "calibration": f"16 x 64 tokens of pseudo-text; logits on 4 x 32 random ids; random removal: mean of "
-                           f"{args.draws} draws; torch threads {args.threads}"}),
-        "Recipe: `{method: experts, target, similarity: router, representative: centroid}` with `target` = the "
-        "planted duplicates' share. Δlogits = `‖L − L_dense‖ / ‖L_dense‖` over all positions. *whole clusters "
-        "removed*: the same number of experts, taken as whole planted clusters. With top-1 (renormalised) routing "
-        "a kept near-duplicate takes over its cluster's tokens exactly; with top-2 a token's two picks are the two "
-        "members of its cluster, so after pruning its second slot goes to another cluster with the (small, sharp "
-        "router) weight that cluster gets. DeepSeek-V3's sigmoid gate gives that second pick nearly equal weight, "
-        "so there top-2 STUN is only modestly better than random.",
-        body,
-        "Time of the experts stage per MoE block against the block's one statistics forward (random Mixtral, hidden "
-        "1024, 8 experts of 2816, 2 layers, 32 x 128 calibration tokens, `[experts 0.25, wanda 0.25]`; medians over "
-        "blocks). *decide*: distances, clustering and the representatives (the experts' weight Gram in float64); "
-        "*surgery*: the rebuilt block with the kept experts; *stats forward*: the dense forward with every hook "
-        "(the co-activation counting included); no extra forward is run for the decision.",
-        timing,
-    ])  # fmt: skip
+    return "\n\n".join(
+        [
+            "## MoE expert pruning (STUN) on planted tiny models",
+            f"Command: `{common.command_line('launch.benchmarks.moe_planted', argv)}`",
+            common.machine_markdown(
+                info,
+                *loads,
+                {
+                    "models": "tiny random MoE models (hidden 64, 4 layers, 8 routed experts; Qwen2-MoE and DeepSeek-V3 "
+                    "with their shared expert) with planted clusters of near-duplicate experts: expert weights and "
+                    "router rows copied per cluster plus 1e-3 relative noise; router rows x40 (DeepSeek's sigmoid "
+                    "router x2, it saturates), expert down_proj x0.2 (`plant_clusters`)",
+                    "calibration": f"16 x 64 tokens of pseudo-text; logits on 4 x 32 random ids; random removal: mean of "
+                    f"{args.draws} draws; torch threads {args.threads}",
+                },
+            ),
+            "Recipe: `{method: experts, target, similarity: router, representative: centroid}` with `target` = the "
+            "planted duplicates' share. Δlogits = `‖L − L_dense‖ / ‖L_dense‖` over all positions. *whole clusters "
+            "removed*: the same number of experts, taken as whole planted clusters. With top-1 (renormalised) routing "
+            "a kept near-duplicate takes over its cluster's tokens exactly; with top-2 a token's two picks are the two "
+            "members of its cluster, so after pruning its second slot goes to another cluster with the (small, sharp "
+            "router) weight that cluster gets. DeepSeek-V3's sigmoid gate gives that second pick nearly equal weight, "
+            "so there top-2 STUN is only modestly better than random.",
+            body,
+            "Time of the experts stage per MoE block against the block's one statistics forward (random Mixtral, hidden "
+            "1024, 8 experts of 2816, 2 layers, 32 x 128 calibration tokens, `[experts 0.25, wanda 0.25]`; medians over "
+            "blocks). *decide*: distances, clustering and the representatives (the experts' weight Gram in float64); "
+            "*surgery*: the rebuilt block with the kept experts; *stats forward*: the dense forward with every hook "
+            "(the co-activation counting included); no extra forward is run for the decision.",
+            timing,
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(prog="python -m launch.benchmarks.moe_planted", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m launch.benchmarks.moe_planted",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--archs", default=",".join(ARCH_EXPERTS), help="comma-separated: " + ", ".join(ARCH_EXPERTS))
     p.add_argument("--draws", type=int, default=8, help="random removals averaged")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the runs")

@@ -39,9 +39,16 @@ def build_model(path: Path, layers: int, hidden: int, seed: int = 0) -> Path:
     if (path / "model.safetensors.index.json").exists() or (path / "model.safetensors").exists():
         return path
     tok_dir = smollm2_checkpoint()
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=hidden, intermediate_size=hidden * 8 // 3 // 64 * 64,
-                      num_hidden_layers=layers, num_attention_heads=12, num_key_value_heads=4,
-                      max_position_embeddings=2048, tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=hidden,
+        intermediate_size=hidden * 8 // 3 // 64 * 64,
+        num_hidden_layers=layers,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
     model.save_pretrained(path, max_shard_size="200MB")
@@ -71,14 +78,22 @@ def run_one(name: str, recipe: dict, work: Path, extra: list[str]) -> dict:
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     child = common.run_child([sys.executable, "-m", "launch", "run", str(path), *extra], work / f"{name}.log")
     report = json.loads((Path(recipe["output"]) / "blockprune_report.json").read_text())
-    return {"wall_s": child.wall_s, "run_s": report["wall_time_s"], "world": report.get("world_size", 1),
-            "rss": report["peak_rss_mb"], "output": Path(recipe["output"])}
+    return {
+        "wall_s": child.wall_s,
+        "run_s": report["wall_time_s"],
+        "world": report.get("world_size", 1),
+        "rss": report["peak_rss_mb"],
+        "output": Path(recipe["output"]),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(prog="python -m launch.benchmarks.ranks", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m launch.benchmarks.ranks",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--hidden", type=int, default=768)
     p.add_argument("--samples", type=int, default=32)
@@ -97,42 +112,81 @@ def main(argv: list[str] | None = None) -> int:
     info = common.machine_info()
 
     def recipe(out: str, threads: int | None) -> dict:
-        return {"model": str(model), "output": str(work / out), "overwrite": True,
-                "calibration": {"data": str(real_text(CALIBRATION_TEXT)), "samples": args.samples,
-                                "seq_len": args.seq_len, "seed": 0},
-                "runtime": {"device": "cpu", "dtype": "float32", "threads": threads, "progress": False},
-                "prune": [{"method": "sparsegpt", "sparsity": 0.5}], "report_plots": False}  # fmt: skip
+        return {
+            "model": str(model),
+            "output": str(work / out),
+            "overwrite": True,
+            "calibration": {
+                "data": str(real_text(CALIBRATION_TEXT)),
+                "samples": args.samples,
+                "seq_len": args.seq_len,
+                "seed": 0,
+            },
+            "runtime": {"device": "cpu", "dtype": "float32", "threads": threads, "progress": False},
+            "prune": [{"method": "sparsegpt", "sparsity": 0.5}],
+            "report_plots": False,
+        }
 
     runs = {
         "1 rank, 1 thread": run_one("one-1t", recipe("one-1t", 1), work, []),
         f"1 rank, {info['usable_cores']} threads": run_one("one", recipe("one", None), work, []),
         "2 ranks (1 thread each)": run_one("two", recipe("two", None), work, ["--nproc", "2"]),
     }
-    two, one_1t, one = runs["2 ranks (1 thread each)"], runs["1 rank, 1 thread"], runs[f"1 rank, {info['usable_cores']} threads"]
+    two, one_1t, one = (
+        runs["2 ranks (1 thread each)"],
+        runs["1 rank, 1 thread"],
+        runs[f"1 rank, {info['usable_cores']} threads"],
+    )
     diff = max_rel_diff(two["output"], one_1t["output"])
     diff_threads = max_rel_diff(one["output"], one_1t["output"])
-    rows = [[name, r["world"], f"{r['run_s']:.1f}", f"{r['wall_s']:.1f}", f"{two['run_s'] / r['run_s']:.3f}",
-             f"{two['wall_s'] / r['wall_s']:.3f}", f"{r['rss']:.0f}"] for name, r in runs.items()]
-    body = common.markdown_table(["run", "ranks", "run s", "process wall s", "2 ranks / this (run)",
-                                  "2 ranks / this (wall)", "peak RSS MiB (rank 0)"], rows)
-    body += (f"\n\nLargest relative difference of any tensor: 2 ranks vs 1 rank (1 thread) {diff:.2e}; 1 rank with "
-             f"{info['usable_cores']} threads vs 1 thread {diff_threads:.2e}. Any change of float summation order "
-             "(ranks or threads) moves SparseGPT's near-tie mask decisions, and sequential propagation through a deep "
-             "random model amplifies that; the two differences are of the same size (on the tiny test models, 2 vs 1 "
-             "ranks agree within 1e-4, tests/test_distributed.py).")
+    rows = [
+        [
+            name,
+            r["world"],
+            f"{r['run_s']:.1f}",
+            f"{r['wall_s']:.1f}",
+            f"{two['run_s'] / r['run_s']:.3f}",
+            f"{two['wall_s'] / r['wall_s']:.3f}",
+            f"{r['rss']:.0f}",
+        ]
+        for name, r in runs.items()
+    ]
+    body = common.markdown_table(
+        [
+            "run",
+            "ranks",
+            "run s",
+            "process wall s",
+            "2 ranks / this (run)",
+            "2 ranks / this (wall)",
+            "peak RSS MiB (rank 0)",
+        ],
+        rows,
+    )
+    body += (
+        f"\n\nLargest relative difference of any tensor: 2 ranks vs 1 rank (1 thread) {diff:.2e}; 1 rank with "
+        f"{info['usable_cores']} threads vs 1 thread {diff_threads:.2e}. Any change of float summation order "
+        "(ranks or threads) moves SparseGPT's near-tie mask decisions, and sequential propagation through a deep "
+        "random model amplifies that; the two differences are of the same size (on the tiny test models, 2 vs 1 "
+        "ranks agree within 1e-4, tests/test_distributed.py)."
+    )
     print(body)
     if args.write_results:
-        extra = {"model": f"random llama, {args.layers} layers, hidden {args.hidden} (float32)",
-                 "calibration": f"{args.samples} x {args.seq_len} tokens of {CALIBRATION_TEXT}",
-                 "stage": "SparseGPT 50%"}
-        text = "\n\n".join([
-            "## Data-parallel scaling: 1 rank vs 2 ranks (CPU, gloo)",
-            f"Command: `{common.command_line('launch.benchmarks.ranks', argv)}`",
-            common.machine_markdown(info, load_before, common.load_average(), extra),
-            "*run s*: the run's `wall_time_s` (calibration, statistics, solving, writing); *process wall*: spawn to "
-            "exit (torchrun's start-up included for 2 ranks). Target: 2 ranks / 1 rank < 0.75.",
-            body,
-        ])  # fmt: skip
+        extra = {
+            "model": f"random llama, {args.layers} layers, hidden {args.hidden} (float32)",
+            "calibration": f"{args.samples} x {args.seq_len} tokens of {CALIBRATION_TEXT}",
+            "stage": "SparseGPT 50%",
+        }
+        text = "\n\n".join(
+            [
+                "## Data-parallel scaling: 1 rank vs 2 ranks (CPU, gloo)",
+                f"Command: `{common.command_line('launch.benchmarks.ranks', argv)}`",
+                common.machine_markdown(info, load_before, common.load_average(), extra),
+                "*run s*: the run's `wall_time_s` (calibration, statistics, solving, writing); *process wall*: spawn to "
+                "exit (torchrun's start-up included for 2 ranks). Target: 2 ranks / 1 rank < 0.75.",
+                body,
+            ]
+        )
         common.write_section(SECTION, text, args.results)
     return 0
 

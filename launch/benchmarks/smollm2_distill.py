@@ -36,8 +36,11 @@ def prune(args: argparse.Namespace) -> tuple[Path, dict]:
     saved = dest / "blockprune_recipe.yaml"
     if args.reuse_pruned and (dest / "model.safetensors.index.json").is_file() and saved.is_file():
         old = yaml.safe_load(saved.read_text())
-        same = (old["model"] == str(args.model) and old["calibration"] == {**old["calibration"], **recipe["calibration"]}
-                and old["prune"][0] == {**old["prune"][0], **STAGE})
+        same = (
+            old["model"] == str(args.model)
+            and old["calibration"] == {**old["calibration"], **recipe["calibration"]}
+            and old["prune"][0] == {**old["prune"][0], **STAGE}
+        )
         if same:
             report = json.loads((dest / "blockprune_report.json").read_text())
             log.info("reusing %s (same recipe)", dest)
@@ -47,11 +50,22 @@ def prune(args: argparse.Namespace) -> tuple[Path, dict]:
 
 
 def distill_recipe(student: Path, args: argparse.Namespace) -> dict:
-    return {"student": str(student), "teacher": str(args.model), "output": str(args.work_dir / "distilled"),
-            "data": str(args.train_path), "steps": args.steps, "seq_len": args.train_seq_len,
-            "batch_size": args.batch_size, "micro_batch": args.micro_batch, "lr": args.lr,
-            "warmup_steps": args.warmup_steps, "temperature": args.temperature, "seed": args.seed,
-            "deepspeed": {"zero_stage": 3}, "overwrite": True}  # fmt: skip
+    return {
+        "student": str(student),
+        "teacher": str(args.model),
+        "output": str(args.work_dir / "distilled"),
+        "data": str(args.train_path),
+        "steps": args.steps,
+        "seq_len": args.train_seq_len,
+        "batch_size": args.batch_size,
+        "micro_batch": args.micro_batch,
+        "lr": args.lr,
+        "warmup_steps": args.warmup_steps,
+        "temperature": args.temperature,
+        "seed": args.seed,
+        "deepspeed": {"zero_stage": 3},
+        "overwrite": True,
+    }
 
 
 def distill(student: Path, args: argparse.Namespace) -> tuple[Path, dict, float]:
@@ -59,62 +73,85 @@ def distill(student: Path, args: argparse.Namespace) -> tuple[Path, dict, float]
     recipe = distill_recipe(student, args)
     path = args.work_dir / "distill.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    child = common.run_child([sys.executable, "-m", "launch", "distill", str(path), "--nproc", str(args.nproc)],
-                             args.work_dir / "distill.log", env={"DS_ACCELERATOR": "cpu"})
+    child = common.run_child(
+        [sys.executable, "-m", "launch", "distill", str(path), "--nproc", str(args.nproc)],
+        args.work_dir / "distill.log",
+        env={"DS_ACCELERATOR": "cpu"},
+    )
     out = Path(recipe["output"])
     return out, json.loads((out / "distill_report.json").read_text()), child.wall_s
 
 
 def table(evals: dict[str, dict]) -> str:
     dense = evals["dense"]["ppl"]
-    rows = [[name, f"{e['params'] / 1e6:.1f}M", f"{e['ppl']:.3f}", f"{e['ppl'] / dense:.3f}"]
-            for name, e in evals.items()]
+    rows = [
+        [name, f"{e['params'] / 1e6:.1f}M", f"{e['ppl']:.3f}", f"{e['ppl'] / dense:.3f}"] for name, e in evals.items()
+    ]
     pruned, distilled = evals["pruned 20%"]["ppl"], evals["pruned + distilled"]["ppl"]
     recovered = (pruned - distilled) / (pruned - dense) if pruned != dense else float("nan")
-    return (common.markdown_table(["model", "params", "Hamlet ppl", "ppl / dense"], rows)
-            + f"\n\nDistillation recovers {100 * recovered:.0f}% of the perplexity lost to pruning.")
+    return (
+        common.markdown_table(["model", "params", "Hamlet ppl", "ppl / dense"], rows)
+        + f"\n\nDistillation recovers {100 * recovered:.0f}% of the perplexity lost to pruning."
+    )
 
 
 def facts(args: argparse.Namespace, pr: dict, rep: dict, wall: float) -> str:
     tokens_per_step = args.batch_size * args.train_seq_len
     rows = [
         ["pruning", f"{pr['prune_s']:.0f} s" + (" (reused output of the same recipe)" if pr["reused"] else "")],
-        ["distillation", f"{rep['steps']} steps x {args.batch_size} x {args.train_seq_len} tokens "
-                         f"({tokens_per_step} per step, {rep['tokens']} trained tokens) on {rep['world_size']} ranks"],
-        ["distillation process wall", f"{wall:.0f} s (load {rep['load_s']:.0f} s, train {rep['train_s']:.0f} s, "
-                                      f"save {rep['save_s']:.1f} s)"],
-        ["throughput", f"{rep['tokens_per_s']:.0f} tokens/s; teacher forward {100 * rep['teacher_share']:.0f}% of "
-                       "step time"],
+        [
+            "distillation",
+            f"{rep['steps']} steps x {args.batch_size} x {args.train_seq_len} tokens "
+            f"({tokens_per_step} per step, {rep['tokens']} trained tokens) on {rep['world_size']} ranks",
+        ],
+        [
+            "distillation process wall",
+            f"{wall:.0f} s (load {rep['load_s']:.0f} s, train {rep['train_s']:.0f} s, save {rep['save_s']:.1f} s)",
+        ],
+        [
+            "throughput",
+            f"{rep['tokens_per_s']:.0f} tokens/s; teacher forward {100 * rep['teacher_share']:.0f}% of step time",
+        ],
         ["KD loss (first / last 10% of steps)", f"{rep['loss_first_10pct']:.4f} -> {rep['loss_last_10pct']:.4f}"],
         ["peak RSS rank 0", f"{rep['peak_rss_mb_rank0']:.0f} MiB"],
-    ]  # fmt: skip
+    ]
     return common.markdown_table(["", ""], rows)
 
 
 def section(args: argparse.Namespace, body: str, info: dict, loads: tuple[str, str], argv: list[str]) -> str:
-    extra = {"model": f"`{args.model}`",
-             "pruning": f"`{json.dumps(STAGE)}`, calibration {args.samples} x {args.seq_len} tokens of "
-                        f"`{args.calib_path.name}` (seed {args.seed})",
-             "distillation": f"`blockprune distill` on `{args.train_path.name}`, lr {args.lr} (cosine to 10%, "
-                             f"warmup {args.warmup_steps}), KL at T = {args.temperature}, DeepSpeed ZeRO-3 over gloo, "
-                             f"{args.nproc} ranks of 1 torch thread each (torchrun's OMP_NUM_THREADS=1), float32, "
-                             "run under `nice -n 10`",
-             "evaluation": f"{args.eval_windows} x {args.eval_seq_len} tokens of `{args.eval_path.name}`"}  # fmt: skip
-    return "\n\n".join([
-        "## SmolLM2-135M: 20% structured pruning, then recovery distillation (float32, CPU)",
-        f"Command: `nice -n 10 {common.command_line('launch.benchmarks.smollm2_distill', argv)}`",
-        common.machine_markdown(info, *loads, extra),
-        body,
-    ])  # fmt: skip
+    extra = {
+        "model": f"`{args.model}`",
+        "pruning": f"`{json.dumps(STAGE)}`, calibration {args.samples} x {args.seq_len} tokens of "
+        f"`{args.calib_path.name}` (seed {args.seed})",
+        "distillation": f"`blockprune distill` on `{args.train_path.name}`, lr {args.lr} (cosine to 10%, "
+        f"warmup {args.warmup_steps}), KL at T = {args.temperature}, DeepSpeed ZeRO-3 over gloo, "
+        f"{args.nproc} ranks of 1 torch thread each (torchrun's OMP_NUM_THREADS=1), float32, "
+        "run under `nice -n 10`",
+        "evaluation": f"{args.eval_windows} x {args.eval_seq_len} tokens of `{args.eval_path.name}`",
+    }
+    return "\n\n".join(
+        [
+            "## SmolLM2-135M: 20% structured pruning, then recovery distillation (float32, CPU)",
+            f"Command: `nice -n 10 {common.command_line('launch.benchmarks.smollm2_distill', argv)}`",
+            common.machine_markdown(info, *loads, extra),
+            body,
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(prog="python -m launch.benchmarks.smollm2_distill", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m launch.benchmarks.smollm2_distill",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     common.add_common_args(p, "smollm2_distill")
-    p.add_argument("--train-text", default="shakespeare-comedies", help="distillation text (a name in "
-                   "engine.assets.TEXTS or a path; not the evaluation text)")
+    p.add_argument(
+        "--train-text",
+        default="shakespeare-comedies",
+        help="distillation text (a name in engine.assets.TEXTS or a path; not the evaluation text)",
+    )
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--train-seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8, help="global sequences per step")

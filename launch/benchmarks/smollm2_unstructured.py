@@ -37,10 +37,16 @@ def prune_all(names: list[str], args: argparse.Namespace) -> dict[str, dict]:
     out = {}
     for name in names:
         dest = args.work_dir / name.replace(":", "of")
-        report, child = common.run_blockprune(common.blockprune_recipe(args.model, dest, args, RUNS[name]),
-                                              args.work_dir, dest.name)
-        out[name] = {"output": dest, "wall_s": child.wall_s, "prune_s": report["wall_time_s"],
-                     "rss": report["peak_rss_mb"], "threads": report["machine"]["cpus"]}  # fmt: skip
+        report, child = common.run_blockprune(
+            common.blockprune_recipe(args.model, dest, args, RUNS[name]), args.work_dir, dest.name
+        )
+        out[name] = {
+            "output": dest,
+            "wall_s": child.wall_s,
+            "prune_s": report["wall_time_s"],
+            "rss": report["peak_rss_mb"],
+            "threads": report["machine"]["cpus"],
+        }
     return out
 
 
@@ -49,31 +55,61 @@ def table(runs: dict[str, dict], evals: dict[str, dict]) -> str:
     rows = [["dense", "-", "-", f"{dense:.3f}", "1.000", "0", "-", "-", "-"]]
     for name, r in runs.items():
         stage, ppl = RUNS[name], evals[name]["ppl"]
-        rows.append([name, stage["method"], stage.get("pattern", "unstructured"), f"{ppl:.3f}", f"{ppl / dense:.3f}",
-                     f"{r['sparsity']:.4f}", f"{r['prune_s']:.1f}", f"{r['wall_s']:.1f}", f"{r['rss']:.0f}"])
-    return common.markdown_table(["run", "method", "pattern", "ppl", "ppl / dense", "linear sparsity", "prune s",
-                                  "process wall s", "peak RSS MiB"], rows)  # fmt: skip
+        rows.append(
+            [
+                name,
+                stage["method"],
+                stage.get("pattern", "unstructured"),
+                f"{ppl:.3f}",
+                f"{ppl / dense:.3f}",
+                f"{r['sparsity']:.4f}",
+                f"{r['prune_s']:.1f}",
+                f"{r['wall_s']:.1f}",
+                f"{r['rss']:.0f}",
+            ]
+        )
+    return common.markdown_table(
+        [
+            "run",
+            "method",
+            "pattern",
+            "ppl",
+            "ppl / dense",
+            "linear sparsity",
+            "prune s",
+            "process wall s",
+            "peak RSS MiB",
+        ],
+        rows,
+    )
 
 
 def section(args: argparse.Namespace, body: str, info: dict, loads: tuple[str, str], argv: list[str]) -> str:
-    extra = {"model": f"`{args.model}`",
-             "calibration": f"{args.samples} x {args.seq_len} tokens of `{args.calib_path.name}` (seed {args.seed})",
-             "evaluation": f"{args.eval_windows} x {args.eval_seq_len} tokens of `{args.eval_path.name}`"}  # fmt: skip
-    return "\n\n".join([
-        "## SmolLM2-135M, unstructured and 2:4 pruning (float32, CPU)",
-        f"Command: `{common.command_line('launch.benchmarks.smollm2_unstructured', argv)}`",
-        common.machine_markdown(info, *loads, extra),
-        "*prune*: the run's `wall_time_s` (read, calibrate, prune, write); *process wall*: the `blockprune run` "
-        "child from spawn to exit; peak RSS: its VmHWM; sparsity over the decoder-block linears (embeddings, norms "
-        "and lm_head are copied through).",
-        body,
-    ])  # fmt: skip
+    extra = {
+        "model": f"`{args.model}`",
+        "calibration": f"{args.samples} x {args.seq_len} tokens of `{args.calib_path.name}` (seed {args.seed})",
+        "evaluation": f"{args.eval_windows} x {args.eval_seq_len} tokens of `{args.eval_path.name}`",
+    }
+    return "\n\n".join(
+        [
+            "## SmolLM2-135M, unstructured and 2:4 pruning (float32, CPU)",
+            f"Command: `{common.command_line('launch.benchmarks.smollm2_unstructured', argv)}`",
+            common.machine_markdown(info, *loads, extra),
+            "*prune*: the run's `wall_time_s` (read, calibrate, prune, write); *process wall*: the `blockprune run` "
+            "child from spawn to exit; peak RSS: its VmHWM; sparsity over the decoder-block linears (embeddings, norms "
+            "and lm_head are copied through).",
+            body,
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(prog="python -m launch.benchmarks.smollm2_unstructured", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m launch.benchmarks.smollm2_unstructured",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--runs", default=DEFAULT_RUNS, help="comma-separated: " + ", ".join(RUNS))
     common.add_common_args(p, "smollm2_unstructured")
     args = p.parse_args(argv)

@@ -37,9 +37,17 @@ RUNS = [f"{score}-{solver}" for score in SCORES for solver in SOLVERS]
 def stage_for(name: str, target: float) -> dict:
     """The structured stage of run ``<score>-<solver>``; ``fluctuation`` runs with bias compensation (FLAP)."""
     score, solver = name.split("-", 1)
-    return {"method": "structured", "target": target, "units": ["heads", "channels"], "score": score,
-            "solver": solver, "allocation": {"rule": "uniform"}, "bias_compensation": score == "fluctuation",
-            "align": 1, "percdamp": 0.01}  # fmt: skip
+    return {
+        "method": "structured",
+        "target": target,
+        "units": ["heads", "channels"],
+        "score": score,
+        "solver": solver,
+        "allocation": {"rule": "uniform"},
+        "bias_compensation": score == "fluctuation",
+        "align": 1,
+        "percdamp": 0.01,
+    }
 
 
 def prune_one(name: str, args: argparse.Namespace) -> dict:
@@ -56,9 +64,16 @@ def prune_one(name: str, args: argparse.Namespace) -> dict:
             return {**old, "output": dest}
     report, child = common.run_blockprune(recipe, args.work_dir, name)
     plan = report["structured_plan"]
-    res = {"recipe": recipe, "wall_s": child.wall_s, "prune_s": report["wall_time_s"],
-           "solve_s": sum(b["time_s"]["solve"] for b in report["blocks"]), "rss": report["peak_rss_mb"],
-           "threads": report["machine"].get("cpus"), "achieved": plan["achieved"], "config": plan["config"]}
+    res = {
+        "recipe": recipe,
+        "wall_s": child.wall_s,
+        "prune_s": report["wall_time_s"],
+        "solve_s": sum(b["time_s"]["solve"] for b in report["blocks"]),
+        "rss": report["peak_rss_mb"],
+        "threads": report["machine"].get("cpus"),
+        "achieved": plan["achieved"],
+        "config": plan["config"],
+    }
     saved.write_text(json.dumps(res, indent=1, default=str))
     return {**res, "output": dest}
 
@@ -66,11 +81,18 @@ def prune_one(name: str, args: argparse.Namespace) -> dict:
 def evaluate_cached(paths: dict[str, Path], args: argparse.Namespace) -> dict[str, dict]:
     """`common.evaluate_all` of the checkpoints, reusing (with ``--reuse``) ``<work-dir>/<name>.eval.json`` when the
     checkpoint's config and report are unchanged and the evaluation settings are the same."""
+
     def key(path: Path) -> dict:
-        stamps = {f.name: f.stat().st_mtime_ns for f in (path / "config.json", path / "blockprune_report.json")
-                  if f.exists()}
-        return {"model": str(path), "stamps": stamps, "text": str(args.eval_path), "windows": args.eval_windows,
-                "seq_len": args.eval_seq_len}
+        stamps = {
+            f.name: f.stat().st_mtime_ns for f in (path / "config.json", path / "blockprune_report.json") if f.exists()
+        }
+        return {
+            "model": str(path),
+            "stamps": stamps,
+            "text": str(args.eval_path),
+            "windows": args.eval_windows,
+            "seq_len": args.eval_seq_len,
+        }
 
     out, todo = {}, {}
     for name, path in paths.items():
@@ -89,8 +111,10 @@ def evaluate_cached(paths: dict[str, Path], args: argparse.Namespace) -> dict[st
 
 def widths(config: dict) -> str:
     """``kv/q heads, intermediate`` of the output config."""
-    return f"{config.get('num_key_value_heads', '-')}/{config.get('num_attention_heads', '-')}, " \
-           f"{config.get('intermediate_size', '-')}"
+    return (
+        f"{config.get('num_key_value_heads', '-')}/{config.get('num_attention_heads', '-')}, "
+        f"{config.get('intermediate_size', '-')}"
+    )
 
 
 def table(runs: dict[str, dict], evals: dict[str, dict], dense_cfg: dict) -> str:
@@ -99,12 +123,39 @@ def table(runs: dict[str, dict], evals: dict[str, dict], dense_cfg: dict) -> str
     for name, r in runs.items():
         score, solver = name.split("-", 1)
         ppl = evals[name]["ppl"]
-        rows.append([name, score, solver, "yes" if score == "fluctuation" else "no", f"{ppl:.2f}",
-                     f"{ppl / dense:.2f}", f"{r['achieved']:.4f}", widths({**dense_cfg, **r["config"]}),
-                     f"{r['solve_s']:.1f}", f"{r['prune_s']:.1f}", f"{r['wall_s']:.1f}", f"{r['rss']:.0f}"])
-    return common.markdown_table(["run", "score", "solver", "bias comp.", "ppl", "ppl / dense", "block params removed",
-                                  "KV/Q heads, intermediate", "solve s", "prune s", "process wall s",
-                                  "peak RSS MiB"], rows)  # fmt: skip
+        rows.append(
+            [
+                name,
+                score,
+                solver,
+                "yes" if score == "fluctuation" else "no",
+                f"{ppl:.2f}",
+                f"{ppl / dense:.2f}",
+                f"{r['achieved']:.4f}",
+                widths({**dense_cfg, **r["config"]}),
+                f"{r['solve_s']:.1f}",
+                f"{r['prune_s']:.1f}",
+                f"{r['wall_s']:.1f}",
+                f"{r['rss']:.0f}",
+            ]
+        )
+    return common.markdown_table(
+        [
+            "run",
+            "score",
+            "solver",
+            "bias comp.",
+            "ppl",
+            "ppl / dense",
+            "block params removed",
+            "KV/Q heads, intermediate",
+            "solve s",
+            "prune s",
+            "process wall s",
+            "peak RSS MiB",
+        ],
+        rows,
+    )
 
 
 def best_line(runs: dict[str, dict], evals: dict[str, dict]) -> str:
@@ -117,32 +168,41 @@ def best_line(runs: dict[str, dict], evals: dict[str, dict]) -> str:
 
 
 def section(args: argparse.Namespace, body: str, info: dict, loads: tuple[str, str], argv: list[str]) -> str:
-    extra = {"model": f"`{args.model}`",
-             "calibration": f"{args.samples} x {args.seq_len} tokens of `{args.calib_path.name}` (seed {args.seed})",
-             "evaluation": f"{args.eval_windows} x {args.eval_seq_len} tokens of `{args.eval_path.name}`",
-             "pruning threads": args.threads or "torch default"}  # fmt: skip
-    return "\n\n".join([
-        f"## SmolLM2-135M, structured pruning: {args.target:.0%} of the block parameters, uniform (float32, CPU)",
-        f"Command: `nice -n 10 {common.command_line('launch.benchmarks.structured_table', argv)}`",
-        common.machine_markdown(info, *loads, extra),
-        "Every layer loses the same KV groups and MLP channels (stock Llama output, `structured_plan` in the "
-        "report); *fluctuation* runs with FLAP's bias compensation (jointly fitted with the closed form / ADMM). "
-        "*solve*: the per-block solver time summed over the blocks (scores, selection, reconstruction); "
-        "*prune*: the run's `wall_time_s` (read, calibrate, prune, write); *process wall*: the `blockprune run` "
-        "child from spawn to exit; peak RSS: its VmHWM. Runs were one after the other on a shared machine, so the "
-        "times are noisy (see the load average); the perplexities are deterministic.",
-        body,
-    ])  # fmt: skip
+    extra = {
+        "model": f"`{args.model}`",
+        "calibration": f"{args.samples} x {args.seq_len} tokens of `{args.calib_path.name}` (seed {args.seed})",
+        "evaluation": f"{args.eval_windows} x {args.eval_seq_len} tokens of `{args.eval_path.name}`",
+        "pruning threads": args.threads or "torch default",
+    }
+    return "\n\n".join(
+        [
+            f"## SmolLM2-135M, structured pruning: {args.target:.0%} of the block parameters, uniform (float32, CPU)",
+            f"Command: `nice -n 10 {common.command_line('launch.benchmarks.structured_table', argv)}`",
+            common.machine_markdown(info, *loads, extra),
+            "Every layer loses the same KV groups and MLP channels (stock Llama output, `structured_plan` in the "
+            "report); *fluctuation* runs with FLAP's bias compensation (jointly fitted with the closed form / ADMM). "
+            "*solve*: the per-block solver time summed over the blocks (scores, selection, reconstruction); "
+            "*prune*: the run's `wall_time_s` (read, calibrate, prune, write); *process wall*: the `blockprune run` "
+            "child from spawn to exit; peak RSS: its VmHWM. Runs were one after the other on a shared machine, so the "
+            "times are noisy (see the load average); the perplexities are deterministic.",
+            body,
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(prog="python -m launch.benchmarks.structured_table", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m launch.benchmarks.structured_table",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--runs", default=",".join(RUNS), help="comma-separated <score>-<solver>: " + ", ".join(RUNS))
     p.add_argument("--target", type=float, default=0.2, help="fraction of the decoder-block parameters removed")
     p.add_argument("--threads", type=int, default=None, help="torch threads of each pruning run (default: torch's)")
-    p.add_argument("--reuse", action="store_true", help="keep earlier runs whose recipe is identical and their evaluations")
+    p.add_argument(
+        "--reuse", action="store_true", help="keep earlier runs whose recipe is identical and their evaluations"
+    )
     common.add_common_args(p, "structured_table")
     args = p.parse_args(argv)
     names = [n.strip() for n in args.runs.split(",") if n.strip()]

@@ -59,8 +59,10 @@ def ensure_llmc_venv(venv: Path, torch_spec: str = TORCH_SPEC, llmc_spec: str = 
 
 def llmc_versions(py: Path) -> str:
     """``llmcompressor X, torch Y, transformers Z`` as installed in the llm-compressor venv."""
-    code = ("import importlib.metadata as m; "
-            "print(', '.join(f'{p} {m.version(p)}' for p in ('llmcompressor', 'torch', 'transformers')))")
+    code = (
+        "import importlib.metadata as m; "
+        "print(', '.join(f'{p} {m.version(p)}' for p in ('llmcompressor', 'torch', 'transformers')))"
+    )
     return subprocess.run([str(py), "-c", code], capture_output=True, text=True, check=True).stdout.strip()
 
 
@@ -89,15 +91,27 @@ def llmc_child(argv: list[str]) -> int:
         sparsity=a.sparsity, mask_structure="0:0", targets=["Linear"], ignore=["re:.*lm_head"]
     )
     t_load = time.perf_counter()
-    oneshot(model=model, processor=tokenizer, dataset=data, recipe=modifier, pipeline="sequential",
-            max_seq_length=ids.shape[1], num_calibration_samples=ids.shape[0], shuffle_calibration_samples=False)
+    oneshot(
+        model=model,
+        processor=tokenizer,
+        dataset=data,
+        recipe=modifier,
+        pipeline="sequential",
+        max_seq_length=ids.shape[1],
+        num_calibration_samples=ids.shape[0],
+        shuffle_calibration_samples=False,
+    )
     t_prune = time.perf_counter()
     model.save_pretrained(a.output, save_compressed=False)
     tokenizer.save_pretrained(a.output)
     t_end = time.perf_counter()
-    common.emit_result(import_s=round(t_import - t0, 2), load_s=round(t_load - t_import, 2),
-                       prune_s=round(t_prune - t_load, 2), save_s=round(t_end - t_prune, 2),
-                       threads=torch.get_num_threads())
+    common.emit_result(
+        import_s=round(t_import - t0, 2),
+        load_s=round(t_load - t_import, 2),
+        prune_s=round(t_prune - t_load, 2),
+        save_s=round(t_end - t_prune, 2),
+        threads=torch.get_num_threads(),
+    )
     return 0
 
 
@@ -125,15 +139,41 @@ def prune_both(method: str, args: argparse.Namespace, py: Path, calib: Path) -> 
     recipe = common.blockprune_recipe(args.model, bp_out, args, {"method": method, "sparsity": args.sparsity})
     report, bp = common.run_blockprune(recipe, args.work_dir, f"blockprune-{method}")
     llmc_out = args.work_dir / f"llmc-{method}"
-    llmc = common.run_child([str(py), "-m", "launch.benchmarks.vs_llmcompressor", CHILD_CMD, "--model",
-                             str(args.model), "--calib", str(calib), "--output", str(llmc_out), "--method", method,
-                             "--sparsity", str(args.sparsity)], args.work_dir / f"llmc-{method}.log")  # fmt: skip
+    llmc = common.run_child(
+        [
+            str(py),
+            "-m",
+            "launch.benchmarks.vs_llmcompressor",
+            CHILD_CMD,
+            "--model",
+            str(args.model),
+            "--calib",
+            str(calib),
+            "--output",
+            str(llmc_out),
+            "--method",
+            method,
+            "--sparsity",
+            str(args.sparsity),
+        ],
+        args.work_dir / f"llmc-{method}.log",
+    )
     return {
-        "blockprune": {"output": bp_out, "wall_s": bp.wall_s, "prune_s": report["wall_time_s"],
-                       "rss": report["peak_rss_mb"], "threads": report["machine"]["cpus"]},
-        "llm-compressor": {"output": llmc_out, "wall_s": llmc.wall_s, "prune_s": llmc.result["prune_s"],
-                           "rss": llmc.result["peak_rss_mb"], "threads": llmc.result["threads"]},
-    }  # fmt: skip
+        "blockprune": {
+            "output": bp_out,
+            "wall_s": bp.wall_s,
+            "prune_s": report["wall_time_s"],
+            "rss": report["peak_rss_mb"],
+            "threads": report["machine"]["cpus"],
+        },
+        "llm-compressor": {
+            "output": llmc_out,
+            "wall_s": llmc.wall_s,
+            "prune_s": llmc.result["prune_s"],
+            "rss": llmc.result["peak_rss_mb"],
+            "threads": llmc.result["threads"],
+        },
+    }
 
 
 def verdict(ratio: float, target: float) -> str:
@@ -146,42 +186,75 @@ def tables(runs: dict[str, dict], evals: dict[str, dict]) -> str:
     ratios = []
     for method, tools in runs.items():
         for tool, r in tools.items():
-            rows.append([method, tool, f"{evals[f'{tool}-{method}']['ppl']:.3f}", f"{r['sparsity']:.4f}",
-                         f"{r['wall_s']:.1f}", f"{r['prune_s']:.1f}", f"{r['rss']:.0f}", r["threads"]])
+            rows.append(
+                [
+                    method,
+                    tool,
+                    f"{evals[f'{tool}-{method}']['ppl']:.3f}",
+                    f"{r['sparsity']:.4f}",
+                    f"{r['wall_s']:.1f}",
+                    f"{r['prune_s']:.1f}",
+                    f"{r['rss']:.0f}",
+                    r["threads"],
+                ]
+            )
         bp, lc = tools["blockprune"], tools["llm-compressor"]
         ppl = evals[f"blockprune-{method}"]["ppl"] / evals[f"llm-compressor-{method}"]["ppl"]
-        ratios.append([method, verdict(ppl, PPL_TARGET), verdict(bp["wall_s"] / lc["wall_s"], WALL_TARGET),
-                       f"{bp['prune_s'] / lc['prune_s']:.3f}", f"{bp['rss'] / lc['rss']:.3f}"])
+        ratios.append(
+            [
+                method,
+                verdict(ppl, PPL_TARGET),
+                verdict(bp["wall_s"] / lc["wall_s"], WALL_TARGET),
+                f"{bp['prune_s'] / lc['prune_s']:.3f}",
+                f"{bp['rss'] / lc['rss']:.3f}",
+            ]
+        )
     per_run = common.markdown_table(
-        ["method", "tool", "ppl", "linear sparsity", "process wall s", "prune s", "peak RSS MiB", "threads"], rows)
+        ["method", "tool", "ppl", "linear sparsity", "process wall s", "prune s", "peak RSS MiB", "threads"], rows
+    )
     ratio = common.markdown_table(
-        ["method", "ppl blockprune/llmc", "process wall blockprune/llmc", "prune time blockprune/llmc",
-         "peak RSS blockprune/llmc"], ratios)  # fmt: skip
+        [
+            "method",
+            "ppl blockprune/llmc",
+            "process wall blockprune/llmc",
+            "prune time blockprune/llmc",
+            "peak RSS blockprune/llmc",
+        ],
+        ratios,
+    )
     return per_run + "\n\n" + ratio
 
 
 def section(args: argparse.Namespace, body: str, info: dict, loads: tuple[str, str], llmc: str, argv: list) -> str:
-    extra = {"llm-compressor venv": llmc, "model": f"`{args.model}`",
-             "calibration": f"{args.samples} x {args.seq_len} tokens of `{args.calib_path.name}` (seed {args.seed})",
-             "evaluation": f"{args.eval_windows} x {args.eval_seq_len} tokens of `{args.eval_path.name}`"}  # fmt: skip
-    return "\n\n".join([
-        "## blockprune vs llm-compressor (SmolLM2-135M, float32, CPU)",
-        f"Command: `{common.command_line('launch.benchmarks.vs_llmcompressor', argv)}`",
-        common.machine_markdown(info, *loads, extra),
-        "*process wall*: the child process from spawn to exit (imports, load, prune, save); *prune*: blockprune's "
-        "`wall_time_s` (read, calibrate, prune, write) vs the time inside llm-compressor's `oneshot` (without load "
-        "and save); peak RSS: each child's VmHWM. llm-compressor ran `oneshot(..., pipeline=\"sequential\", "
-        "shuffle_calibration_samples=False)` with default batch size 1 on the same token ids.",
-        body,
-    ])  # fmt: skip
+    extra = {
+        "llm-compressor venv": llmc,
+        "model": f"`{args.model}`",
+        "calibration": f"{args.samples} x {args.seq_len} tokens of `{args.calib_path.name}` (seed {args.seed})",
+        "evaluation": f"{args.eval_windows} x {args.eval_seq_len} tokens of `{args.eval_path.name}`",
+    }
+    return "\n\n".join(
+        [
+            "## blockprune vs llm-compressor (SmolLM2-135M, float32, CPU)",
+            f"Command: `{common.command_line('launch.benchmarks.vs_llmcompressor', argv)}`",
+            common.machine_markdown(info, *loads, extra),
+            "*process wall*: the child process from spawn to exit (imports, load, prune, save); *prune*: blockprune's "
+            "`wall_time_s` (read, calibrate, prune, write) vs the time inside llm-compressor's `oneshot` (without load "
+            'and save); peak RSS: each child\'s VmHWM. llm-compressor ran `oneshot(..., pipeline="sequential", '
+            "shuffle_calibration_samples=False)` with default batch size 1 on the same token ids.",
+            body,
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == [CHILD_CMD]:
         return llmc_child(argv[1:])
-    p = argparse.ArgumentParser(prog="python -m launch.benchmarks.vs_llmcompressor", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m launch.benchmarks.vs_llmcompressor",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--methods", default="sparsegpt,wanda", help="comma-separated: " + ", ".join(MODIFIERS))
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--venv", type=Path, default=LLMC_VENV, help="llm-compressor's venv (created when missing)")
@@ -204,8 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     body = tables(runs, evals)
     print(body)
     if args.write_results:
-        text = section(args, body, common.machine_info(), (load_before, common.load_average()), llmc_versions(py),
-                       argv)
+        text = section(args, body, common.machine_info(), (load_before, common.load_average()), llmc_versions(py), argv)
         common.write_section(SECTION, text, args.results)
     return 0
 
