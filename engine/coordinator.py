@@ -34,7 +34,7 @@ import torch
 
 from engine.arch import ArchAdapter
 from engine.config import ConfigError, RunConfig, StructuredStage, UnstructuredStage, name_selected
-from engine.structured import (
+from engine.stages.structured import (
     EXPERT_ALIGN,
     config_overrides,
     layer_inventory,
@@ -125,7 +125,7 @@ def plan_layer(model: LayerModel, x: float, split: str = "proportional") -> dict
     KV groups: `proportional` gives them the layer's share (``round(x / held · n_kv)``, as the uniform plan); `error`
     takes the count ``r`` minimising ``head_error[r] + channel_error(rest)`` (`solvers.allocation.best_head_count`).
     Either way at least enough groups that the channels can take the rest. Channels then absorb the remainder
-    (`engine.structured.split_units`: coarsest kind first, `align`)."""
+    (`engine.stages.structured.split_units`: coarsest kind first, `align`)."""
     inv = {k.kind: {"count": k.count, "groups": k.groups, "params": k.params} for k in model.kinds}
     kinds = [k.kind for k in model.kinds]
     x = min(max(float(x), 0.0), float(model.max_removed))

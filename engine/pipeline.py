@@ -20,10 +20,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from engine import coordinator as alloc_mod
-from engine import experts_stage as es
 from engine import memory
 from engine import sequential as seq_mod
-from engine import structured as st_mod
 from engine.arch import ArchAdapter, LinearSpec, adapter_for
 from engine.cache import ActivationCache, default_budgets
 from engine.calibration import load_calibration
@@ -41,7 +39,9 @@ from engine.config import (
 from engine.distributed import RankWriter, reduce_stats, run_sharded
 from engine.export import MODELING_FILE, kept_layers, nonuniform_config, output_config
 from engine.modeling_blockprune import remove_sublayers
-from engine.report import RunReport
+from engine.report.run_report import RunReport
+from engine.stages import experts as es
+from engine.stages import structured as st_mod
 from sharding import dist
 from sharding.dist import DistInfo
 from sharding.reader import CheckpointReader
@@ -93,7 +93,7 @@ class Job:
     removed: list[int] = field(default_factory=list)
     influence: list[float] = field(default_factory=list)
     sublayers: dict[int, dict[str, bool]] = field(default_factory=dict)  # source layer -> {"attention", "mlp"} kept
-    experts: es.ExpertsJob | None = None  # the experts stage (engine/experts_stage.py)
+    experts: es.ExpertsJob | None = None  # the experts stage (engine/stages/experts.py)
     allocation: alloc_mod.AllocationJob | None = None  # a global budget over the layers (engine/coordinator.py)
 
     def out_index(self, i: int, num_layers: int) -> int:
@@ -328,7 +328,7 @@ def run(cfg: RunConfig) -> dict:
         extra[MODELING_FILE] = modeling
     writer.finalize(out_config, source_dir=cfg.model, extra_files=extra)
     if cfg.report_plots:
-        from engine.report_render import write_report_files
+        from engine.report.render import write_report_files
 
         write_report_files(cfg.output, report.data)
     log.info("wrote %s (%.1f s, peak RSS %.0f MB)", cfg.output, report.wall_time_s, memory.peak_rss_mb())

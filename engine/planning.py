@@ -9,7 +9,7 @@ import torch
 
 from engine.arch import adapter_for
 from engine.config import RunConfig, UnstructuredStage, name_selected
-from engine.experts_stage import make_experts_job, plan_summary
+from engine.stages.experts import make_experts_job, plan_summary
 from sharding.reader import CheckpointReader
 from solvers.registry import needs_gram
 

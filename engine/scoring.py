@@ -50,10 +50,10 @@ from torch import Tensor, nn
 from engine.arch import ArchAdapter, LinearSpec
 from engine.config import name_selected
 from solvers.allocation import interpolate_log, standardize_energy
+from solvers.group_prune import groups_contiguous
+from solvers.masks import magnitude_prune, wanda_prune, wanda_scores
 from solvers.scores import block_influence, group_scores
 from solvers.stats import InputStats, accumulate, col_norm_sq, init_stats
-from solvers.structured import groups_contiguous
-from solvers.unstructured import magnitude_prune, wanda_prune, wanda_scores
 
 log = logging.getLogger(__name__)
 
@@ -306,7 +306,7 @@ def _prunable(adapter: ArchAdapter, block: nn.Module, i: int, settings: ScoringS
 
 
 def _consumer_inputs(adapter: ArchAdapter, block: nn.Module, i: int, settings: ScoringSettings) -> set[str]:
-    from engine.structured import consumer_inputs
+    from engine.stages.structured import consumer_inputs
 
     return consumer_inputs(adapter, block, i, list(settings.units))
 
@@ -440,7 +440,7 @@ def _structured_scores(
 ) -> tuple[list[_Order], dict, dict]:
     """Per selected unit group: the removal order by the stage's score, the score sums per kind, and the layer's
     channel error curve `channel_error` (normalised by Σ‖y‖²; `head_error` is measured by the caller)."""
-    from engine.structured import UNIT_KINDS
+    from engine.stages.structured import UNIT_KINDS
 
     specs = {s.name: s for s in adapter.linears(block, i)}
     kinds = {k for u in settings.units for k in UNIT_KINDS[u]}

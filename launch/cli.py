@@ -110,7 +110,7 @@ def _cmd_plan(args) -> int:
 
 
 def _cmd_inspect(args) -> int:
-    from engine.inspect import format_inspection, inspect_checkpoint
+    from engine.report.inspect_ckpt import format_inspection, inspect_checkpoint
 
     info = inspect_checkpoint(args.checkpoint, verify=not args.no_verify)
     print(json.dumps(info, indent=2) if args.json else format_inspection(info))
@@ -118,7 +118,7 @@ def _cmd_inspect(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from engine.evaluate import evaluate, format_eval
+    from engine.report.evaluate import evaluate, format_eval
 
     res = evaluate(
         args.model,
@@ -149,7 +149,7 @@ def _cmd_distill(args) -> int:
     under torchrun/deepspeed (WORLD_SIZE set) or with one process: run this rank's worker."""
     import subprocess
 
-    from engine.distill import distill, load_distill_recipe
+    from engine.distill.run import distill, load_distill_recipe
 
     cfg = load_distill_recipe(args.recipe, args.overrides)  # fail here, before any process is spawned
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:

@@ -11,10 +11,10 @@ log = logging.getLogger(__name__)
 
 
 def demo(out_dir: str | None = None, samples: int = 64, seq_len: int = 512) -> int:
-    from engine.assets import CALIBRATION_TEXT, EVAL_TEXT, real_text, smollm2_checkpoint
     from engine.config import config_from_dict
-    from engine.evaluate import evaluate_one, format_eval
     from engine.pipeline import run
+    from engine.report.evaluate import evaluate_one, format_eval
+    from launch.assets import CALIBRATION_TEXT, EVAL_TEXT, real_text, smollm2_checkpoint
     from sharding.reader import CheckpointReader
 
     model = smollm2_checkpoint()

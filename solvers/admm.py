@@ -9,7 +9,7 @@ input columns being nonzero. Split ``W = Z`` with ``Z`` in the group-sparse set 
 
 ``ρ`` grows geometrically (``ρ ← γρ``, ``U ← U/γ`` so that the unscaled dual is kept) which drives ``W`` onto the
 support; the run stops once the support has stayed the same for ``patience`` iterations with a small primal residual,
-and finishes with the exact closed form on the final support (:func:`solvers.structured.closed_form_reconstruct`).
+and finishes with the exact closed form on the final support (:func:`solvers.group_prune.closed_form_reconstruct`).
 
 Two choices, and why:
 - The iterations run in column-normalised coordinates ``W̃ = W D``, ``H̃ = D⁻¹ H D⁻¹`` with ``D = diag(H)^½`` (unit
@@ -21,7 +21,7 @@ Two choices, and why:
 Plain ADMM stops at a fixed point that is often not the best support (on 10-group test problems it is within 1% of
 the brute-force optimum in only ~75% of cases). Two cheap finishing steps fix most of that: the best support seen
 along the path (exact least-squares error; the start ``init_keep`` included, so the result is never worse than the
-closed form on it), then single-swap local search (:func:`solvers.structured.swap_refine`); together ~98%.
+closed form on it), then single-swap local search (:func:`solvers.group_prune.swap_refine`); together ~98%.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from solvers.structured import (
+from solvers.group_prune import (
     _check_k,
     _check_w_h,
     check_groups,
@@ -120,7 +120,7 @@ def admm_group_prune(
     (sorted group ids) starts ``Z`` on that support (default: the ``k_keep`` groups of largest ``‖W_G D_G‖``).
     Stops after ``iters`` iterations, or once the support has been stable for ``patience`` iterations and
     ``‖W̃ − Z‖ ≤ tol·‖W̃‖``. ``best_of_path`` picks the best support visited rather than the last; ``max_swaps``
-    rounds of :func:`solvers.structured.swap_refine` follow (``0``: none). Iterations run in float32 (float64 for
+    rounds of :func:`solvers.group_prune.swap_refine` follow (``0``: none). Iterations run in float32 (float64 for
     float64 weights); the eigendecomposition and the final solve in float64. Returns ``(keep_groups, W_new)``: sorted kept ids and the full-width ``[d_out, d_in]``
     closed-form weight on the kept columns (removed columns exactly zero), in ``W.dtype``.
     """

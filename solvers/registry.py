@@ -19,9 +19,9 @@ from typing import Any
 
 from torch import Tensor
 
+from solvers.masks import PruneResult, magnitude_prune, wanda_prune
 from solvers.sparsegpt import sparsegpt_prune
 from solvers.stats import InputStats, col_norm_sq, layer_error
-from solvers.unstructured import PruneResult, magnitude_prune, wanda_prune
 
 __all__ = [
     "SolverFn",

@@ -1,7 +1,7 @@
 """Importance of groups of input channels, FLAP bias compensation and depth scores (DESIGN.md §4).
 
 Notation: consumer ``W [d_out, d_in]``, calibration inputs ``X [n, d_in]`` summarised by :class:`InputStats`
-(``H = XᵀX``, ``Σx``, ``Σx²``, ``n``); a group ``G`` is a set of input columns (see :mod:`solvers.structured`).
+(``H = XᵀX``, ``Σx``, ``Σx²``, ``n``); a group ``G`` is a set of input columns (see :mod:`solvers.group_prune`).
 Low score = cheap to remove. Scores per group (``‖X_j‖ = √H_jj``, ``x̄ = Σx / n``):
 
 - ``magnitude``:   ``Σ_{i, j∈G} W_ij²`` (squared Frobenius norm of the group's columns)
@@ -10,7 +10,7 @@ Low score = cheap to remove. Scores per group (``‖X_j‖ = √H_jj``, ``x̄ = 
   one channel: the channel's value, a head group: the mean over its columns); standardise with
   :func:`standardize` before comparing layers.
 - ``obs``:         ``tr(W_{:,G}([H_λ⁻¹]_{GG})⁻¹W_{:,G}ᵀ) / n``: the per-token error increase of removing ``G`` alone
-  with optimal reconstruction of the rest (single shot; :func:`solvers.structured.obs_group_prune` is greedy).
+  with optimal reconstruction of the rest (single shot; :func:`solvers.group_prune.obs_group_prune` is greedy).
 
 Worked example (one output row, two single-column groups): ``W = [[2, −1]]``, ``X = [[1, 0], [1, 2]]``:
 ``magnitude = [4, 1]``, ``wanda = [2·√2, 1·2] = [2.83, 2]``, ``Var = [0, 1]`` so ``fluctuation = [0, 1]``.
@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from solvers.group_prune import SCORES, check_groups, obs_group_costs
 from solvers.stats import InputStats, col_norm_sq
-from solvers.structured import SCORES, check_groups, obs_group_costs
 
 __all__ = [
     "SCORES",

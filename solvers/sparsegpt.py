@@ -28,7 +28,7 @@ import logging
 import torch
 from torch import Tensor
 
-from solvers.unstructured import PruneResult, check_inputs, n_pruned, nm_mask, parse_pattern, prune_lowest
+from solvers.masks import PruneResult, check_inputs, n_pruned, nm_mask, parse_pattern, prune_lowest
 
 __all__ = ["sparsegpt_prune", "sparsegpt_prune_many", "inverse_hessian_cholesky"]
 

@@ -29,7 +29,7 @@ from engine.coordinator import (
 from engine.loader import load_pruned
 from engine.pipeline import run
 from engine.scoring import CHANNEL_GRID, _cumulative_error, _outlier_ratio, error_at, layer_energies
-from engine.structured import layer_inventory, selected_kinds, split_units
+from engine.stages.structured import layer_inventory, selected_kinds, split_units
 from sharding.reader import CheckpointReader
 from solvers.allocation import outlier_ratio
 from solvers.stats import accumulate, init_stats
@@ -167,7 +167,7 @@ def test_structured_softmax_follows_energies(structured_runs):
 
 
 def test_owl_report_and_plots(structured_runs):
-    from engine.report_render import ALLOCATION_PNG, render_report
+    from engine.report.render import ALLOCATION_PNG, render_report
 
     rep = structured_runs["qwen2_moe"][2]
     a = rep["allocation"]
@@ -306,7 +306,7 @@ def test_coordinator_is_pure_and_lands_with_rounding():
 def test_plan_layer_proportional_is_the_uniform_split(tiny_ckpt):
     """One layer's proportional plan at budget S·P_l is what the uniform plan removes per layer."""
     from engine.config import StructuredStage
-    from engine.structured import plan_uniform
+    from engine.stages.structured import plan_uniform
 
     adapter = adapter_for(CheckpointReader(_layers4(tiny_ckpt, "llama")).config)
     job = make_allocation(
@@ -355,7 +355,7 @@ def test_cumulative_error_and_outlier_ratio_match_references():
     for sid, d in (("in", 12), ("in2", 7)):
         stats[sid] = init_stats(d, gram=False)
         accumulate(stats[sid], torch.randn(20, d, generator=g) * torch.linspace(0.1, 8, d))
-    from solvers.unstructured import wanda_scores
+    from solvers.masks import wanda_scores
 
     ref = outlier_ratio([wanda_scores(block[s.name], stats[s.input_id].sumsq) for s in specs], M=1.5)
     assert _outlier_ratio(_Adapter(), block, specs, stats, 1.5) == pytest.approx(ref)

@@ -1,4 +1,4 @@
-"""engine.assets: the cache helpers on small fakes, and (marked ``real``) the SmolLM2 checkpoint and real texts.
+"""launch.assets: the cache helpers on small fakes, and (marked ``real``) the SmolLM2 checkpoint and real texts.
 
 The ``real`` tests use the shared cache (``$BLOCKPRUNE_CACHE`` or ``~/.cache/blockprune``): the first run builds
 it (~1 min), later runs reuse it.
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import assets
+from launch import assets
 
 # ---------------------------------------------------------------- helpers on fakes (no network, no model)
 
@@ -97,7 +97,7 @@ def test_killed_build_is_never_trusted(tmp_path):
     """A process killed mid-build leaves only its temp folder; the next build removes it and builds afresh."""
     target = tmp_path / "ckpt"
     code = (
-        "import os, sys\nfrom pathlib import Path\nfrom engine import assets\n"
+        "import os, sys\nfrom pathlib import Path\nfrom launch import assets\n"
         "def build(out):\n    out.mkdir(); (out / 'config.json').write_text('{}'); os._exit(9)\n"
         f"assets.build_atomically(Path({str(target)!r}), build)\n"
     )

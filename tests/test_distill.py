@@ -18,17 +18,17 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from engine.config import ConfigError, config_from_dict
-from engine.distill import (
+from engine.distill.data import rank_micro_batches, step_indices, training_windows
+from engine.distill.keep_masks import partition_slice
+from engine.distill.loss import distill_loss, kd_loss, lm_loss
+from engine.distill.run import (
     DistillConfig,
     check_inputs,
     distill_config_from_dict,
     load_distill_recipe,
     lr_factor,
 )
-from engine.distill_data import rank_micro_batches, step_indices, training_windows
-from engine.distill_loss import distill_loss, kd_loss, lm_loss
-from engine.distill_masks import partition_slice
-from engine.distill_zero import deep_merge, student_ds_config, teacher_ds_config
+from engine.distill.zero import deep_merge, student_ds_config, teacher_ds_config
 from engine.pipeline import run
 from tests.tiny_models import recipe, tiny_tokenizer
 

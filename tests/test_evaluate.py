@@ -1,4 +1,4 @@
-"""`engine.evaluate` / `blockprune eval`: perplexity against an independent stock-transformers loop, speed and
+"""`engine.report.evaluate` / `blockprune eval`: perplexity against an independent stock-transformers loop, speed and
 size fields, `--compare`, the CLI's JSON, and clear errors."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from engine.evaluate import (
+from engine.report.evaluate import (
     SpeedConfig,
     eval_windows,
     evaluate,

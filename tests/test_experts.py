@@ -1,4 +1,4 @@
-"""Tests of solvers.experts: distances, complete-linkage clustering (vs a brute-force loop), representatives."""
+"""Tests of solvers.clustering: distances, complete-linkage clustering (vs a brute-force loop), representatives."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from solvers.experts import (
+from solvers.clustering import (
     choose_representatives,
     cluster_experts,
     coactivation_counts,

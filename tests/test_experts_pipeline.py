@@ -16,9 +16,9 @@ from transformers import AutoModelForCausalLM
 
 from engine.arch import adapter_for
 from engine.config import ConfigError, config_from_dict
-from engine.experts_stage import allocate_per_layer, expert_count_field, routing_stats
 from engine.loader import load_pruned
 from engine.pipeline import run
+from engine.stages.experts import allocate_per_layer, expert_count_field, routing_stats
 from launch.benchmarks.moe_planted import (
     build_planted,
     experts_logits,
@@ -27,7 +27,7 @@ from launch.benchmarks.moe_planted import (
     whole_clusters_removed,
 )
 from sharding.reader import CheckpointReader
-from solvers.experts import coactivation_counts
+from solvers.clustering import coactivation_counts
 from tests.test_structured_pipeline import remote_logits
 from tests.tiny_models import build_tiny_checkpoint, recipe, run_killed_before
 
@@ -200,7 +200,7 @@ def test_top_k_clipped_to_kept_experts(calib_file, tmp_path, caplog):
     """4 experts, top-2, target 0.75: one expert is left, so num_experts_per_tok becomes 1 (logged and reported)."""
     src, out = tmp_path / "src", tmp_path / "out"
     build_planted("mixtral", src, [2, 2], top_k=2, layers=2)
-    with caplog.at_level(logging.WARNING, logger="engine.experts_stage"):
+    with caplog.at_level(logging.WARNING, logger="engine.stages.experts"):
         rep = run(config_from_dict(recipe(src, out, calib_file, [{**STUN, "target": 0.75}])))
     assert "top_k is clipped" in caplog.text
     assert rep["experts"]["top_k_clipped_layers"] == [0, 1]

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from engine.config import config_from_dict
-from engine.inspect import count_nonzero, format_inspection, inspect_checkpoint
 from engine.pipeline import run
+from engine.report.inspect_ckpt import count_nonzero, format_inspection, inspect_checkpoint
 from sharding.errors import CheckpointError
 from sharding.reader import CheckpointReader
 from tests.tiny_models import recipe, tiny_text

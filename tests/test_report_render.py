@@ -12,7 +12,7 @@ from PIL import Image
 
 from engine.config import config_from_dict
 from engine.pipeline import run
-from engine.report_render import (
+from engine.report.render import (
     ERROR_PNG,
     REPORT_MD,
     SPARSITY_PNG,

@@ -12,8 +12,8 @@ from engine import sequential as seq_mod
 from engine.calibration import load_calibration
 from engine.config import config_from_dict
 from engine.pipeline import run
+from solvers.masks import wanda_prune
 from solvers.sparsegpt import sparsegpt_prune
-from solvers.unstructured import wanda_prune
 from tests.test_arch import block_tensors, load
 from tests.test_pipeline import all_tensors
 from tests.tiny_models import DENSE_ARCHS, MOE_ARCHS, recipe

@@ -1,4 +1,4 @@
-"""Tests of solvers.structured, solvers.scores and solvers.admm against float64 references (explicit X, lstsq)."""
+"""Tests of solvers.group_prune, solvers.scores and solvers.admm against float64 references (explicit X, lstsq)."""
 
 from __future__ import annotations
 
@@ -12,17 +12,7 @@ from torch.testing import assert_close
 
 from solvers import structured
 from solvers.admm import admm_group_prune
-from solvers.scores import (
-    block_influence,
-    flap_bias_compensation,
-    group_scores,
-    input_mean,
-    output_change,
-    select_lowest,
-    standardize,
-)
-from solvers.stats import accumulate, init_stats, layer_error
-from solvers.structured import (
+from solvers.group_prune import (
     closed_form_reconstruct,
     closed_form_with_bias,
     group_columns,
@@ -33,6 +23,16 @@ from solvers.structured import (
     support_error,
     swap_refine,
 )
+from solvers.scores import (
+    block_influence,
+    flap_bias_compensation,
+    group_scores,
+    input_mean,
+    output_change,
+    select_lowest,
+    standardize,
+)
+from solvers.stats import accumulate, init_stats, layer_error
 
 log = logging.getLogger(__name__)
 F64 = torch.float64

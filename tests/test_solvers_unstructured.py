@@ -1,4 +1,4 @@
-"""Tests of solvers.stats, solvers.unstructured, solvers.sparsegpt and solvers.registry against float64 references."""
+"""Tests of solvers.stats, solvers.masks, solvers.sparsegpt and solvers.registry against float64 references."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from solvers.masks import PruneResult, magnitude_prune, nm_mask, parse_pattern, wanda_prune
 from solvers.registry import available_solvers, get_solver, needs_gram, needs_stats
 from solvers.sparsegpt import sparsegpt_prune
 from solvers.stats import accumulate, col_norm_sq, init_stats, layer_error, merge
-from solvers.unstructured import PruneResult, magnitude_prune, nm_mask, parse_pattern, wanda_prune
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -14,10 +14,10 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from engine import structured as st_mod
 from engine.arch import adapter_for, embed, final_hidden_to_logits
 from engine.config import ConfigError, config_from_dict
 from engine.pipeline import run
+from engine.stages import structured as st_mod
 from sharding.reader import CheckpointReader
 from tests.test_structured_pipeline import STRUCT, adapter_logits, block_param_count, ids_for_test, stock_logits
 from tests.tiny_models import ARCHS, recipe, save_tiny, tiny_model
@@ -28,7 +28,7 @@ MAGNITUDE = {**STRUCT, "score": "magnitude", "solver": "none"}
 
 @pytest.fixture
 def pruned_blocks(monkeypatch) -> dict[int, nn.Module]:
-    """Copies of the blocks `engine.structured.prune_block` returns during a run (the in-memory pruned model), by
+    """Copies of the blocks `engine.stages.structured.prune_block` returns during a run (the in-memory pruned model), by
     source layer index. The real function runs; only its results are recorded."""
     blocks: dict[int, nn.Module] = {}
     real = st_mod.prune_block
@@ -172,7 +172,7 @@ def test_unrouted_experts_fall_back_to_magnitude(tmp_path, calib_file, pruned_bl
     """Experts that get no calibration token are pruned by magnitude without reconstruction (warned); routed ones
     by the stage's score and solver; the output still equals the in-memory model."""
     src, out = routed_to_two(tmp_path), tmp_path / "out"
-    with caplog.at_level(logging.WARNING, logger="engine.structured"):
+    with caplog.at_level(logging.WARNING, logger="engine.stages.structured"):
         rep = run(config_from_dict(recipe(src, out, calib_file, [STRUCT])))
     warned = [r.getMessage() for r in caplog.records if "no calibration tokens" in r.getMessage()]
     assert len(warned) == 3 * 2 and all(".experts.2." in m or ".experts.3." in m for m in warned)

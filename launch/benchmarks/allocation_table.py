@@ -95,12 +95,12 @@ def prune_all(args: argparse.Namespace) -> list[dict]:
 
 
 def evaluate(path: Path, args: argparse.Namespace) -> float:
-    """Perplexity of `path` on the evaluation text (`engine.evaluate`'s windows, loaded by `engine.load_pruned`)."""
+    """Perplexity of `path` on the evaluation text (`engine.report.evaluate`'s windows, loaded by `engine.load_pruned`)."""
     import torch
     from transformers import AutoTokenizer
 
-    from engine.evaluate import eval_windows, perplexity
     from engine.loader import load_pruned
+    from engine.report.evaluate import eval_windows, perplexity
 
     tok = AutoTokenizer.from_pretrained(str(path))
     ids = eval_windows(tok, args.eval_path.read_text(encoding="utf-8"), args.eval_windows, args.eval_seq_len)

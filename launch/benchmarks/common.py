@@ -134,13 +134,13 @@ def add_common_args(p: argparse.ArgumentParser, work_name: str) -> None:
     p.add_argument(
         "--calib-text",
         default=None,
-        help="calibration text: a path or a name in engine.assets.TEXTS "
+        help="calibration text: a path or a name in launch.assets.TEXTS "
         "(default: CALIBRATION_TEXT, Shakespeare's comedies)",
     )
     p.add_argument(
         "--eval-text",
         default=None,
-        help="evaluation text: a path or a name in engine.assets.TEXTS (default: EVAL_TEXT, Hamlet)",
+        help="evaluation text: a path or a name in launch.assets.TEXTS (default: EVAL_TEXT, Hamlet)",
     )
     p.add_argument("--samples", type=int, default=64, help="calibration samples")
     p.add_argument("--seq-len", type=int, default=512, help="calibration tokens per sample")
@@ -154,7 +154,7 @@ def add_common_args(p: argparse.ArgumentParser, work_name: str) -> None:
 
 def resolve_inputs(args: argparse.Namespace) -> None:
     """Set ``args.model``, ``args.calib_path`` and ``args.eval_path`` (cached assets unless paths were given)."""
-    from engine.assets import CALIBRATION_TEXT, EVAL_TEXT, TEXTS, real_text, smollm2_checkpoint
+    from launch.assets import CALIBRATION_TEXT, EVAL_TEXT, TEXTS, real_text, smollm2_checkpoint
 
     def text(spec: str | None, default: str) -> Path:
         spec = spec or default
@@ -170,8 +170,8 @@ def resolve_inputs(args: argparse.Namespace) -> None:
 
 
 def evaluate_all(paths: dict[str, Path], args: argparse.Namespace) -> dict[str, dict]:
-    """`engine.evaluate.evaluate_one` of every checkpoint on the evaluation text (one after the other)."""
-    from engine.evaluate import evaluate_one
+    """`engine.report.evaluate.evaluate_one` of every checkpoint on the evaluation text (one after the other)."""
+    from engine.report.evaluate import evaluate_one
 
     text = args.eval_path.read_text(encoding="utf-8")
     out = {}

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     depths = [int(d) for d in args.depths.split(",") if d.strip()]
     common.setup_logging()
     load_before = common.load_average()
-    from engine.assets import CALIBRATION_TEXT, real_text
+    from launch.assets import CALIBRATION_TEXT, real_text
 
     work = args.work_dir
     work.mkdir(parents=True, exist_ok=True)

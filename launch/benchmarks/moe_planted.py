@@ -71,7 +71,7 @@ def plant_clusters(
     Per layer the experts are assigned to clusters in a random order; each member's fused gate/up/down tensors and
     router row are its cluster's base (the tensors of one expert; down_proj times `down_scale`, router row times
     `router_scale`) plus Gaussian noise of `noise` times the base's RMS. Returns {layer: planted cluster id per expert}, numbered by each cluster's
-    smallest expert (the numbering of `solvers.experts.cluster_experts`)."""
+    smallest expert (the numbering of `solvers.clustering.cluster_experts`)."""
     g = torch.Generator().manual_seed(seed)
     truth = {}
     for i, layer in enumerate(model.model.layers):
@@ -98,10 +98,10 @@ def plant_clusters(
 @torch.no_grad()
 def experts_logits(path: str | Path, ids: torch.Tensor, keep: dict[int, list[int]] | None = None) -> torch.Tensor:
     """Logits of the checkpoint in `path` run block by block by blockprune's adapter (float32, CPU), with only the
-    routed experts `keep[i]` (ascending source ids) in block i: `engine.experts_stage.select_experts` into the stock
+    routed experts `keep[i]` (ascending source ids) in block i: `engine.stages.experts.select_experts` into the stock
     layer of the config with that many experts (top_k clipped)."""
     from engine.arch import adapter_for, embed, final_hidden_to_logits
-    from engine.experts_stage import adapter_with_experts, select_experts
+    from engine.stages.experts import adapter_with_experts, select_experts
     from sharding.reader import CheckpointReader
 
     reader = CheckpointReader(path)

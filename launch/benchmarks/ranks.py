@@ -34,7 +34,7 @@ def build_model(path: Path, layers: int, hidden: int, seed: int = 0) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from engine.assets import smollm2_checkpoint
+    from launch.assets import smollm2_checkpoint
 
     if (path / "model.safetensors.index.json").exists() or (path / "model.safetensors").exists():
         return path
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     common.setup_logging()
     load_before = common.load_average()
-    from engine.assets import CALIBRATION_TEXT, real_text
+    from launch.assets import CALIBRATION_TEXT, real_text
 
     work = args.work_dir
     work.mkdir(parents=True, exist_ok=True)

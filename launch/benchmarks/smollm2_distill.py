@@ -8,7 +8,7 @@
    child. `--reuse-pruned` skips this when the work directory already holds an output of the same recipe.
 2. Distill it against the dense model with `python -m launch distill --nproc N` (DeepSpeed ZeRO-3 over gloo) on
    real text that is not Hamlet (the comedies by default; `--train-text`).
-3. Evaluate dense, pruned and distilled on Hamlet (`engine.evaluate.evaluate_one`, the same windows for all).
+3. Evaluate dense, pruned and distilled on Hamlet (`engine.report.evaluate.evaluate_one`, the same windows for all).
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--train-text",
         default="shakespeare-comedies",
-        help="distillation text (a name in engine.assets.TEXTS or a path; not the evaluation text)",
+        help="distillation text (a name in launch.assets.TEXTS or a path; not the evaluation text)",
     )
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--train-seq-len", type=int, default=256)
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     common.setup_logging()
     load_before = common.load_average()
     common.resolve_inputs(args)
-    from engine.assets import TEXTS, real_text
+    from launch.assets import TEXTS, real_text
 
     args.train_path = real_text(args.train_text) if args.train_text in TEXTS else Path(args.train_text)
     if args.train_path.resolve() == args.eval_path.resolve():

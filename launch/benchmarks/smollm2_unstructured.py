@@ -6,7 +6,7 @@
 Each run prunes the float32 checkpoint on the CPU with ``samples x seq_len`` calibration tokens of real text
 (Shakespeare's comedies by default) in its own ``python -m launch run`` subprocess, one after the other; the dense
 model and every output are then evaluated on a different text (Hamlet by default) with
-``engine.evaluate.evaluate_one``. Reported per run: perplexity, achieved decoder-linear sparsity, the run's own
+``engine.report.evaluate.evaluate_one``. Reported per run: perplexity, achieved decoder-linear sparsity, the run's own
 ``wall_time_s``, the process wall time and the peak RSS (VmHWM) from ``blockprune_report.json``.
 """
 

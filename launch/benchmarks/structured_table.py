@@ -8,7 +8,7 @@ Each run removes ``target`` of the decoder-block parameters (uniform allocation:
 groups and MLP channels; stock Llama output) with one score (``magnitude``, ``wanda``, ``fluctuation`` with FLAP's
 bias compensation, ``obs``) and one solver (``none``, ``closed_form``, ``admm``), in its own
 ``python -m launch run`` subprocess, one after the other. The dense model and every output are then evaluated on a
-different text (Hamlet by default) with ``engine.evaluate.evaluate_one``. Reported per run: perplexity, the plan's
+different text (Hamlet by default) with ``engine.report.evaluate.evaluate_one``. Reported per run: perplexity, the plan's
 achieved share of block parameters and the output widths, the run's ``wall_time_s`` and the part of it spent in
 the per-block solves, the process wall time and the peak RSS (VmHWM).
 

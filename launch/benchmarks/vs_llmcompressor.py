@@ -9,7 +9,7 @@ Same on both sides: the checkpoint (SmolLM2-135M, float32), the calibration toke
 config), float32 on the CPU, 50% unstructured sparsity on every decoder-block Linear (lm_head excluded), SparseGPT
 block size 128 and damping 0.01 (both tools' defaults), sequential propagation. Each tool runs in its own
 subprocess, one after the other; llm-compressor in its own venv (``.bench/llmc-venv``, created when missing).
-The dense model and both outputs are then evaluated with ``engine.evaluate.evaluate_one`` on a different text.
+The dense model and both outputs are then evaluated with ``engine.report.evaluate.evaluate_one`` on a different text.
 
 Targets (issue 3): perplexity <= llm-compressor's x 1.02 and process wall time <= 0.5 x llm-compressor's.
 

@@ -5,9 +5,9 @@
 
 One step: the global batch of `batch_size` sequences is split over the ranks and into micro-batches; per
 micro-batch the partitioned teacher gives logits under `no_grad`, the partitioned student is trained on
-`(1 − lm_loss_weight)·T²·KL(teacher || student) + lm_loss_weight·CE` (`engine.distill_loss`); after the optimizer
-step the sparsity masks are re-applied (`engine.distill_masks`). The output is the student's checkpoint format with
-the trained weights (`engine.distill_zero.write_gathered`), the per-step log `distill_log.jsonl`, the resolved recipe
+`(1 − lm_loss_weight)·T²·KL(teacher || student) + lm_loss_weight·CE` (`engine.distill.loss`); after the optimizer
+step the sparsity masks are re-applied (`engine.distill.keep_masks`). The output is the student's checkpoint format with
+the trained weights (`engine.distill.zero.write_gathered`), the per-step log `distill_log.jsonl`, the resolved recipe
 `blockprune_distill.yaml` and a summary `distill_report.json`. Recipe keys: docs/distill.md.
 """
 
@@ -213,7 +213,7 @@ class _Job:
 def distill(cfg: DistillConfig) -> dict:
     """Run the distillation on this process's rank (a world of one without torchrun); returns the summary (also
     written to `distill_report.json` by rank 0)."""
-    from engine.distill_zero import init_process_group
+    from engine.distill.zero import init_process_group
 
     t0 = time.perf_counter()
     cfg.validate()
@@ -235,9 +235,9 @@ def _prepare(cfg: DistillConfig, rank: int, world: int, micro: int) -> _Job:
     import deepspeed
     from transformers import AutoTokenizer
 
-    from engine.distill_data import training_windows
-    from engine.distill_masks import record_masks
-    from engine.distill_zero import load_partitioned, student_ds_config, teacher_ds_config, zero3_loading
+    from engine.distill.data import training_windows
+    from engine.distill.keep_masks import record_masks
+    from engine.distill.zero import load_partitioned, student_ds_config, teacher_ds_config, zero3_loading
 
     t0 = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(cfg.student)
@@ -295,7 +295,7 @@ def _scheduler_factory(cfg: DistillConfig):
 def _train(job: _Job) -> None:
     from tqdm.auto import tqdm
 
-    from engine.distill_data import rank_micro_batches, step_indices
+    from engine.distill.data import rank_micro_batches, step_indices
 
     cfg = job.cfg
     bar = tqdm(
@@ -323,8 +323,8 @@ def _step(job: _Job, step: int, micro_batches: list[torch.Tensor]) -> dict:
     """One optimizer step over this rank's micro-batches; returns the step's log record (averaged over ranks)."""
     import torch.distributed as dist
 
-    from engine.distill_loss import distill_loss
-    from engine.distill_masks import apply_masks
+    from engine.distill.keep_masks import apply_masks
+    from engine.distill.loss import distill_loss
 
     cfg, engine = job.cfg, job.engine
     t0 = time.perf_counter()
@@ -380,7 +380,7 @@ def _batch(job: _Job, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     """`(ids, valid, generation seconds)`: the windows themselves, or with self_data the teacher's continuations."""
     if not job.cfg.self_data:
         return windows, None, 0.0
-    from engine.distill_data import self_data_batch
+    from engine.distill.data import self_data_batch
 
     t = time.perf_counter()
     ids, valid = self_data_batch(
@@ -430,7 +430,7 @@ def _save(job: _Job, summary: dict, t0: float) -> None:
     """Gather and write the checkpoint (rank 0 writes), then the config, carried files, log, recipe and summary."""
     import torch.distributed as dist
 
-    from engine.distill_zero import write_gathered
+    from engine.distill.zero import write_gathered
     from sharding.writer import CheckpointWriter
 
     cfg = job.cfg

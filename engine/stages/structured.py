@@ -19,7 +19,7 @@ parameters and `R_k` the parameters held by units of kind k, the split is::
 Routed experts' kept widths are also multiples of 8 (`EXPERT_ALIGN`): the fused expert tensors run through torch's
 grouped matmul, which needs 16-byte strides.
 
-Surgery: the consumer (o_proj / down_proj) is pruned by `solvers.structured.prune_groups` (score, solver, bias
+Surgery: the consumer (o_proj / down_proj) is pruned by `solvers.group_prune.prune_groups` (score, solver, bias
 compensation); the producing rows (q/k/v, gate/up) of removed units are dropped; the block is then rebuilt as the
 stock decoder layer of the shrunk config (`build_meta_block` + `assign=True` load), so every module (and the
 attention's head bookkeeping) is exactly what `from_pretrained` builds from the exported config. Nothing is masked.
@@ -40,8 +40,8 @@ from transformers import PretrainedConfig
 from engine.arch import ArchAdapter, LinearSpec, UnitGroup
 from engine.blocks import DISK_LAYOUT_ATTR, FUSED_DOWN, FUSED_GATE_UP, build_meta_block, load_assign
 from engine.config import ConfigError
+from solvers.group_prune import groups_contiguous, prune_groups
 from solvers.stats import InputStats
-from solvers.structured import groups_contiguous, prune_groups
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ Per MoE block, in the one dense statistics forward the pipeline already does (no
 Then, with no further forward (:func:`prune_experts`)::
 
     D        = router_distance(W_gate) | coactivation_distance(a) | α·D_router/max + (1−α)·D_coact/max
-    clusters = complete-linkage clustering of D into n_keep clusters              (solvers.experts)
+    clusters = complete-linkage clustering of D into n_keep clusters              (solvers.clustering)
     keep     = per cluster the member closest to the centroid of the experts' weights (gate, up, down)
     block'   = the stock decoder layer of the config with n_keep experts (top_k ≤ n_keep), loaded with the kept
                experts' tensors and router rows (and DeepSeek's score-correction bias): routing, its normalisation
@@ -47,9 +47,9 @@ from transformers import PretrainedConfig
 from engine.arch import ArchAdapter
 from engine.blocks import DISK_LAYOUT_ATTR, FUSED_DOWN, FUSED_GATE_UP, build_meta_block, load_assign, num_experts_of
 from engine.config import ConfigError, ExpertsStage, RunConfig
-from engine.structured import shrunk_config
+from engine.stages.structured import shrunk_config
 from sharding.reader import CheckpointReader
-from solvers.experts import (
+from solvers.clustering import (
     choose_representatives,
     cluster_experts,
     coactivation_counts,

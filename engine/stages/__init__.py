@@ -1,0 +1,1 @@
+"""One file per pruning method, each implementing `engine.stage.BlockStage`."""
