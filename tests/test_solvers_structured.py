@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from solvers import structured
+from solvers import group_prune as structured
 from solvers.admm import admm_group_prune
 from solvers.group_prune import (
     closed_form_reconstruct,
