@@ -16,8 +16,8 @@ import torch
 from safetensors import safe_open
 
 from engine.arch import adapter_for
-from engine.config import ConfigError, config_from_dict
 from engine.budget import error_at, layer_energies, model_params, outlier_ratio
+from engine.config import ConfigError, config_from_dict
 from engine.coordinator import Coordinator, LayerModel, UnitKind, plan_layer, removed_params
 from engine.loader import load_pruned
 from engine.pipeline import run
