@@ -27,12 +27,13 @@ from typing import Any, ClassVar
 import yaml
 
 from engine.calibration import CalibrationConfig
+from sharding.errors import BlockpruneError
 
 CONFIG_VERSION = 1
 
 
-class ConfigError(ValueError):
-    """A recipe that cannot run: the message names the key and what is allowed."""
+class ConfigError(BlockpruneError, ValueError):
+    """A recipe that cannot run: the message is one line naming the key and what is allowed."""
 
 
 @dataclass

@@ -16,13 +16,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 log = logging.getLogger("blockprune")
 
 
-def _known_errors() -> tuple[type[BaseException], ...]:
-    from engine.calibration import CalibrationError
-    from engine.config import ConfigError
-    from sharding.errors import CheckpointError
-    from sharding.writer import WriterError
+def _mapped_errors() -> tuple[type[BaseException], ...]:
+    """What `main` turns into one line: every `BlockpruneError` (config, checkpoint, calibration, writer), and the
+    few stdlib errors that bad input raises outside our own checks: `OSError` (a path that is missing, unreadable
+    or a directory; a full disk) and `ValueError` (e.g. an unsupported `model_type` from the adapter table). Anything
+    else is a bug and keeps its traceback."""
+    from sharding.errors import BlockpruneError
 
-    return (ConfigError, CheckpointError, CalibrationError, WriterError, FileNotFoundError, ValueError)
+    return (BlockpruneError, OSError, ValueError)
+
+
+def _one_line(err: BaseException) -> str:
+    """The error's message on one line (a path or value may hold newlines), or its type when it has none."""
+    text = " ".join(str(err).splitlines()).strip()
+    return text or type(err).__name__
 
 
 def _spawn_torchrun(nproc: int, argv: list[str]) -> int:
@@ -272,10 +279,10 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger().setLevel(logging.WARNING)  # rank 0 narrates a multi-rank run
     try:
         return args.func(args)
-    except _known_errors() as e:
+    except _mapped_errors() as e:
         if args.verbose:
             raise
-        print(f"blockprune: error: {e}  (run with -v for the traceback)", file=sys.stderr)
+        print(f"blockprune: error: {_one_line(e)}  (run with -v for the traceback)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("blockprune: interrupted", file=sys.stderr)
