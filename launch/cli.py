@@ -52,10 +52,12 @@ def _spawn_torchrun(nproc: int, argv: list[str]) -> int:
 
 def _cmd_run(args) -> int:
     from engine.config import load_recipe
+    from engine.model_check import open_checked
     from engine.pipeline import run
     from sharding import dist
 
     cfg = load_recipe(args.recipe, args.overrides)  # fail here, before any process is spawned
+    open_checked(cfg.model)
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _spawn_torchrun(
             args.nproc,
@@ -84,8 +86,11 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_submit(args) -> int:
+    from engine.config import load_recipe
+    from engine.model_check import open_checked
     from launch.submit import SubmitOptions, submit
 
+    open_checked(load_recipe(args.recipe, args.overrides).model)  # fail here, before anything is queued
     opts = SubmitOptions(
         nodes=args.nodes,
         gpus_per_node=args.gpus_per_node,
@@ -109,24 +114,31 @@ def _cmd_submit(args) -> int:
 
 def _cmd_plan(args) -> int:
     from engine.config import load_recipe
+    from engine.model_check import open_checked
     from engine.planning import format_plan, make_plan
 
     cfg = load_recipe(args.recipe, args.overrides)
+    open_checked(cfg.model)
     print(format_plan(make_plan(cfg)))
     return 0
 
 
 def _cmd_inspect(args) -> int:
+    from engine.model_check import open_checked
     from engine.report.inspect_ckpt import format_inspection, inspect_checkpoint
 
+    open_checked(args.checkpoint, require_supported=False)
     info = inspect_checkpoint(args.checkpoint, verify=not args.no_verify)
     print(json.dumps(info, indent=2) if args.json else format_inspection(info))
     return 0 if info.get("ok", True) else 1
 
 
 def _cmd_eval(args) -> int:
-    from engine.report.evaluate import evaluate, format_eval
+    from engine.model_check import open_checked
+    from engine.report.evaluate import check_checkpoint, evaluate, format_eval
 
+    for path in (args.model, args.compare) if args.compare else (args.model,):
+        open_checked(check_checkpoint(path), require_supported=False)  # headers only, before transformers loads it
     res = evaluate(
         args.model,
         data=args.data,
@@ -157,8 +169,11 @@ def _cmd_distill(args) -> int:
     import subprocess
 
     from engine.distill.run import distill, load_distill_recipe
+    from engine.model_check import open_checked
 
     cfg = load_distill_recipe(args.recipe, args.overrides)  # fail here, before any process is spawned
+    for path in (cfg.student, cfg.teacher):
+        open_checked(path, require_supported=False)
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         cmd = [
             sys.executable,
