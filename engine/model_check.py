@@ -100,7 +100,7 @@ def open_checked(model_dir: str | Path, *, require_supported: bool = True) -> Ch
     if model_type not in SUPPORTED_ARCHS:
         if require_supported:
             raise CheckpointError(
-                f"model_type = {model_type!r} is not supported; supported: {', '.join(SUPPORTED_ARCHS)}",
+                f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_ARCHS)}",
                 reader.model_dir / CONFIG_NAME,
             )
         return reader

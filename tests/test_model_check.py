@@ -133,7 +133,7 @@ def test_open_checked_refuses_pickle_without_suggesting_a_flag_we_lack(tiny_ckpt
 
 def test_open_checked_and_unsupported_architectures(tiny_ckpt, tmp_path):
     other = _copy(tiny_ckpt("llama"), tmp_path / "gpt", lambda c: {**c, "model_type": "gpt2", "hidden_size": "x"})
-    with pytest.raises(CheckpointError, match="model_type = 'gpt2' is not supported"):
+    with pytest.raises(CheckpointError, match="unsupported model_type 'gpt2'; supported: llama"):
         open_checked(other)
     assert open_checked(other, require_supported=False).config["model_type"] == "gpt2"  # inspect and eval
     lying = _copy(tiny_ckpt("llama"), tmp_path / "lying", lambda c: {**c, "hidden_size": "64"})
