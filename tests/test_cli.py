@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,7 +17,7 @@ import yaml
 
 from engine.calibration import CalibrationError
 from engine.config import ConfigError
-from launch.cli import main
+from launch.cli import build_parser, main, version
 from sharding.errors import BlockpruneError, CheckpointError
 from sharding.writer import WriterError
 
@@ -198,3 +200,55 @@ def test_verbose_shows_the_traceback_of_a_table_row(bad):
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
     )
     assert p.returncode != 0 and "Traceback" in p.stderr and "CheckpointError" in p.stderr, p.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------- a CLI that explains itself
+
+
+def _subparsers() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(action.choices)
+
+
+def test_every_option_of_every_subcommand_has_help():
+    subs = _subparsers()
+    assert set(subs) >= {"run", "submit", "plan", "inspect", "eval", "demo", "distill"}
+    for name, sub in [("blockprune", build_parser()), *subs.items()]:
+        for action in sub._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                continue
+            label = action.option_strings or [action.dest]
+            assert action.help and action.help != argparse.SUPPRESS and action.help.strip(), (name, label)
+
+
+def test_every_subcommand_has_a_description_and_an_example():
+    for name, sub in _subparsers().items():
+        assert sub.description and len(sub.description) > 40, name
+        assert sub.epilog and f"blockprune {name} " in sub.epilog, name
+        assert isinstance(sub.formatter_class, type) and issubclass(
+            sub.formatter_class, argparse.RawDescriptionHelpFormatter
+        )
+        assert sub.format_help()  # renders
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"blockprune {version()}"
+    assert re.fullmatch(r"\d+\.\d+\.\d+.*", version())
+
+
+def test_verbose_is_also_accepted_after_the_subcommand(tmp_path):
+    with pytest.raises(ConfigError):
+        main(["plan", str(tmp_path / "missing.yaml"), "-v"])
+    assert build_parser().parse_args(["plan", "r.yaml"]).verbose is False
+
+
+def test_run_dry_run_prints_the_plan_and_writes_nothing(bad, capsys):
+    assert main(["plan", str(bad["recipe"]), "calibration.samples=3"]) == 0
+    plan = capsys.readouterr().out
+    assert main(["run", str(bad["recipe"]), "calibration.samples=3", "--dry-run", "--nproc", "2"]) == 0
+    assert capsys.readouterr().out == plan and "estimated peak memory" in plan
+    assert not bad["out"].exists()
