@@ -540,7 +540,7 @@ def parse_size(size: str | int) -> int:
 # aliases (a 700-byte "billion laughs" file is a DAG that expands to gigabytes when copied), at most
 # MAX_RECIPE_NODES values nested at most MAX_RECIPE_DEPTH deep, string keys, finite numbers, no duplicate keys.
 
-MAX_RECIPE_BYTES = 1 << 20
+MAX_RECIPE_BYTES = 1 << 18  # 256 KiB: parsed in about 0.2 s at worst; real recipes are a few hundred bytes
 MAX_RECIPE_NODES = 10_000
 MAX_RECIPE_DEPTH = 32
 
@@ -565,13 +565,8 @@ class _RecipeLoader(yaml.SafeLoader):
                 event.start_mark,
             )
         self._nodes += 1
-        if self._nodes > MAX_RECIPE_NODES or self._depth >= MAX_RECIPE_DEPTH:
-            raise yaml.composer.ComposerError(
-                None,
-                None,
-                f"more than {MAX_RECIPE_NODES} values or {MAX_RECIPE_DEPTH} levels of nesting; not a recipe",
-                event.start_mark,
-            )
+        if self._depth >= MAX_RECIPE_DEPTH or self._nodes > MAX_RECIPE_NODES:
+            raise yaml.composer.ComposerError(None, None, _too_big(self._depth), event.start_mark)
         self._depth += 1
         try:
             return super().compose_node(parent, index)
@@ -590,6 +585,12 @@ class _RecipeLoader(yaml.SafeLoader):
                     )
                 seen.add(key)
         return mapping
+
+
+def _too_big(depth: int) -> str:
+    if depth >= MAX_RECIPE_DEPTH:
+        return f"more than {MAX_RECIPE_DEPTH} levels of nesting; not a recipe"
+    return f"more than {MAX_RECIPE_NODES} values; not a recipe"
 
 
 def load_yaml_text(text: str, where: str) -> Any:
@@ -645,10 +646,8 @@ def check_plain_data(data: Any, where: str = "recipe") -> None:
 
     def walk(node: Any, key: str, depth: int) -> None:
         budget[0] -= 1
-        if budget[0] < 0 or depth > MAX_RECIPE_DEPTH:
-            raise ConfigError(
-                f"{where}: more than {MAX_RECIPE_NODES} values or {MAX_RECIPE_DEPTH} levels of nesting; not a recipe"
-            )
+        if depth >= MAX_RECIPE_DEPTH or budget[0] < 0:
+            raise ConfigError(f"{where}: {_too_big(depth)}")
         if isinstance(node, dict):
             for k, v in node.items():
                 if not isinstance(k, str):

@@ -94,6 +94,12 @@ def test_deep_nesting_is_one_line_not_a_recursion_error(tmp_path, depth):
     _one_line_error(read_recipe, _write(tmp_path, "x: " + "[" * depth + "]" * depth + "\n"), match="nesting")
 
 
+def test_too_many_values_are_refused_while_parsing(tmp_path):
+    text = "x: [" + ", ".join(["1"] * 20_000) + "]\n"
+    assert len(text) < MAX_RECIPE_BYTES
+    _one_line_error(read_recipe, _write(tmp_path, text), match="more than 10000 values")
+
+
 def test_a_key_written_twice_is_refused(tmp_path):
     _one_line_error(load_recipe, _write(tmp_path, RECIPE + "output: /other\n"), match="'output' is written twice")
 
