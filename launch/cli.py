@@ -142,6 +142,7 @@ def _cmd_eval(args) -> int:
     from engine.model_check import open_checked
     from engine.report.evaluate import check_checkpoint, evaluate, format_eval
 
+    _check_device(args.device)
     for path in (args.model, args.compare) if args.compare else (args.model,):
         open_checked(check_checkpoint(path), require_supported=False)  # headers only, before transformers loads it
     res = evaluate(
@@ -160,6 +161,21 @@ def _cmd_eval(args) -> int:
     )
     print(json.dumps(res, indent=2) if args.json else format_eval(res))
     return 0
+
+
+def _check_device(device: str) -> None:
+    """ConfigError for an evaluation device this machine lacks (torch would fail deep inside with a traceback)."""
+    import torch
+
+    from engine.config import ConfigError
+
+    m = re.fullmatch(r"auto|cpu|cuda(?::(\d+))?", device)
+    if m is None:
+        raise ConfigError(f"--device {device!r}: choose auto, cpu, cuda or cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine")
+    if m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def _cmd_demo(args) -> int:

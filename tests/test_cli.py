@@ -167,6 +167,8 @@ ROWS = [
     ("eval-string-hidden-size", ["eval", "{good}", "--compare", "{str_hidden}", "--data", "{calib}"], "hidden_size"),
     ("eval-missing-data", ["eval", "{good}", "--data", "{out}/none.txt"], "evaluation text not found"),
     ("eval-missing-model", ["eval", "{out}/nowhere", "--data", "{calib}"], "not a checkpoint directory"),
+    ("eval-bogus-device", ["eval", "{good}", "--data", "{calib}", "--device", "bogus"], "choose auto, cpu, cuda"),
+    ("eval-device-out-of-range", ["eval", "{good}", "--data", "{calib}", "--device", "cuda:99"], "--device cuda:99"),
     ("distill-missing-recipe", ["distill", "{out}/nope.yaml"], "distill recipe"),
     ("distill-alias-bomb", ["distill", "{distill_bomb}"], "not allowed"),
     ("distill-lr-nan", ["distill", "{distill}", "lr=.nan"], "lr = nan: must be a finite number"),
