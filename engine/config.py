@@ -21,7 +21,9 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import re
+import reprlib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
@@ -432,6 +434,8 @@ def _to_float(value: Any) -> float:
 
 
 def _to_str(value: Any) -> str:
+    if isinstance(value, os.PathLike):  # library callers pass pathlib paths
+        value = os.fspath(value)
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise TypeError(value)  # `data: yes` is a YAML bool, not the path "yes"
     return str(value)
@@ -658,7 +662,7 @@ def check_plain_data(data: Any, where: str = "recipe") -> None:
                 walk(v, f"{key}.{i}" if key else str(i), depth + 1)
         elif isinstance(node, float) and not math.isfinite(node):
             raise ConfigError(f"{key or where} = {node}: must be a finite number")
-        elif not (node is None or isinstance(node, (str, int, float))):  # bool is an int
+        elif not (node is None or isinstance(node, (str, int, float, os.PathLike))):  # bool is an int
             raise ConfigError(f"{key or where} = {_short(node)}: a {type(node).__name__} is not a recipe value")
 
     walk(data, "", 0)
@@ -729,9 +733,14 @@ def _kind(value: Any) -> str:
     return {str: "a string", dict: "a mapping", list: "a list"}.get(type(value), f"a {type(value).__name__}")
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 3, 4, 4, 60, 60
+
+
 def _short(value: Any, keep: int = 80) -> str:
-    """`repr(value)` cut to `keep` characters (messages stay one short line whatever the recipe holds)."""
-    text = repr(value)
+    """A bounded `repr(value)` of at most `keep` characters: messages stay one short line, and building one costs
+    O(1) even for a value that shares sub-objects (a full repr of a reference bomb would never finish)."""
+    text = _REPR.repr(value)
     return text if len(text) <= keep else text[: keep - 3] + "..."
 
 

@@ -188,6 +188,19 @@ def test_library_recipes_get_the_same_strict_values():
     _one_line_error(config_from_dict, recipe, match="finite")
 
 
+def test_library_recipes_take_paths_and_refuse_a_reference_bomb_quickly(tmp_path):
+    recipe = yaml.safe_load(RECIPE)
+    recipe["output"] = tmp_path / "out"  # a pathlib.Path
+    assert config_from_dict(recipe).output == str(tmp_path / "out")
+    leaf: list = ["lol"] * 9
+    for _ in range(9):
+        leaf = [leaf] * 9
+    recipe["prune"][0]["targets"] = leaf
+    t0 = time.perf_counter()
+    _one_line_error(config_from_dict, recipe, match="prune[0].targets = [[[")
+    assert time.perf_counter() - t0 < 0.5
+
+
 def test_saved_recipe_omits_how_the_run_was_started_and_loads_back(tmp_path):
     cfg = load_recipe(_write(tmp_path, RECIPE))
     fresh = config_to_yaml(cfg)
