@@ -43,6 +43,7 @@ def check_model(
     tensor_dtypes: Mapping[str, str],
     *,
     source: str | Path | None = None,
+    require_float: bool = True,
 ) -> None:
     """CheckpointError (one line naming the key or tensor) unless `config` (a config.json dict) agrees with the
     tensors (`name -> shape`, `name -> safetensors dtype code` such as "BF16"):
@@ -54,7 +55,8 @@ def check_model(
     - the embedding is `[vocab_size, hidden_size]`, as are `lm_head` (when present) and the final norm `[hidden]`;
     - dense MLP projections match `intermediate_size` (stock configs; non-uniform blockprune outputs, which carry
       a `blockprune` section, have per-layer widths and may lack whole blocks);
-    - every tensor is float64/32/16 or bfloat16 (FP8 and integer checkpoints are not supported yet).
+    - every tensor is float64/32/16 or bfloat16 (FP8 and integer checkpoints cannot be pruned yet), unless
+      `require_float` is False (inspect and eval read such checkpoints fine).
 
     `source` (the checkpoint directory) prefixes the messages."""
     where = Path(source) / CONFIG_NAME if source is not None else Path(CONFIG_NAME)
@@ -64,10 +66,11 @@ def check_model(
     _check_embedding(config, ints, tensor_shapes, where, source)
     if uniform:
         _check_mlp(ints["intermediate_size"], tensor_shapes, where, source)
-    _check_dtypes(tensor_dtypes, source)
+    if require_float:
+        _check_dtypes(tensor_dtypes, source)
 
 
-def check_reader(reader: CheckpointReader) -> None:
+def check_reader(reader: CheckpointReader, *, require_float: bool = True) -> None:
     """`check_model` of a reader's config and headers (reads no tensor data)."""
     infos = {name: reader.info(name) for name in reader.names()}
     check_model(
@@ -75,15 +78,20 @@ def check_reader(reader: CheckpointReader) -> None:
         {n: i.shape for n, i in infos.items()},
         {n: i.dtype for n, i in infos.items()},
         source=reader.model_dir,
+        require_float=require_float,
     )
 
 
-def open_checked(model_dir: str | Path, *, require_supported: bool = True) -> CheckpointReader:
+def open_checked(
+    model_dir: str | Path, *, require_supported: bool = True, require_float: bool = True
+) -> CheckpointReader:
     """A validated `CheckpointReader` of `model_dir` whose config passed `check_model`.
 
     A pickle-only directory is refused in words that fit the CLI (convert it; there is no flag to unpickle).
-    `require_supported=False` (inspect, eval) skips the config checks for a `model_type` blockprune does not
-    prune, whose config may name its fields differently; the headers are still validated."""
+    The defaults are for checkpoints about to be pruned (run, plan, submit; distill's student and teacher).
+    Read-only commands (inspect, eval) pass `require_supported=False`, which skips the config checks for a
+    `model_type` blockprune does not prune (its config may name its fields differently; the headers are still
+    validated), and `require_float=False`, which lets FP8 and integer weights through."""
     from engine.arch import SUPPORTED_ARCHS
 
     try:
@@ -104,7 +112,7 @@ def open_checked(model_dir: str | Path, *, require_supported: bool = True) -> Ch
                 reader.model_dir / CONFIG_NAME,
             )
         return reader
-    check_reader(reader)
+    check_reader(reader, require_float=require_float)
     return reader
 
 

@@ -132,7 +132,7 @@ def _cmd_inspect(args) -> int:
     from engine.model_check import open_checked
     from engine.report.inspect_ckpt import format_inspection, inspect_checkpoint
 
-    open_checked(args.checkpoint, require_supported=False)
+    open_checked(args.checkpoint, require_supported=False, require_float=False)
     info = inspect_checkpoint(args.checkpoint, verify=not args.no_verify)
     print(json.dumps(info, indent=2) if args.json else format_inspection(info))
     return 0 if info.get("ok", True) else 1
@@ -144,7 +144,8 @@ def _cmd_eval(args) -> int:
 
     _check_device(args.device)
     for path in (args.model, args.compare) if args.compare else (args.model,):
-        open_checked(check_checkpoint(path), require_supported=False)  # headers only, before transformers loads it
+        # headers only, before transformers loads it
+        open_checked(check_checkpoint(path), require_supported=False, require_float=False)
     res = evaluate(
         args.model,
         data=args.data,

@@ -159,7 +159,8 @@ ROWS = [
     ("plan-sparsity-inf", ["plan", "{recipe}", "prune.0.sparsity=.inf"], "sparsity = inf"),
     ("plan-alias-bomb", ["plan", "{bomb}"], "not allowed"),
     ("inspect-string-hidden-size", ["inspect", "{str_hidden}"], "hidden_size = '64'"),
-    ("inspect-fp8", ["inspect", "{fp8}"], "tensor 'model.layers.0.self_attn.q_proj.weight': dtype F8_E4M3"),
+    ("plan-fp8", ["plan", "{recipe}", "model={fp8}"], "tensor 'model.layers.0.self_attn.q_proj.weight': dtype F8_E4M3"),
+    ("inspect-extra-layer", ["inspect", "{extra_layer}"], "but the checkpoint has block 2"),
     ("inspect-missing-dir", ["inspect", "{out}/nowhere"], "not a checkpoint directory"),
     ("inspect-pickle-only", ["inspect", "{pickle}"], "pickle checkpoint refused"),
     ("eval-pickle-only", ["eval", "{pickle}", "--data", "{calib}"], "convert it to safetensors first"),
@@ -186,6 +187,11 @@ def test_bad_input_is_one_line_on_stderr_with_exit_code_2(bad, capsys, argv, mat
     assert captured.err.count("\n") == 1 and captured.err.startswith("blockprune: error: "), captured.err
     assert "Traceback" not in captured.err and match in captured.err, captured.err
     assert not bad["out"].exists()  # nothing was written
+
+
+def test_inspect_reads_fp8_checkpoints_it_cannot_prune(bad, capsys):
+    assert main(["inspect", str(bad["fp8"]), "--no-verify"]) == 0
+    assert "model.layers.0" in capsys.readouterr().out
 
 
 def test_the_table_covers_every_command_and_enough_rows():

@@ -111,6 +111,7 @@ def test_non_float_weights_are_refused_naming_the_tensor(llama, code, match):
     name = "model.layers.0.self_attn.q_proj.weight"
     msg = _fails(config, shapes, {**dtypes, name: code}, match)
     assert f"tensor {name!r}" in msg and code in msg
+    check_model(config, shapes, {**dtypes, name: code}, require_float=False)  # inspect, eval
 
 
 def _copy(src, dst, edit):
