@@ -154,6 +154,8 @@ ROWS = [
     ("run-fp8", ["run", "{recipe}", "model={fp8}"], "FP8 checkpoints are not supported yet"),
     ("run-extra-layer", ["run", "{recipe}", "model={extra_layer}"], "but the checkpoint has block 2"),
     ("run-pickle-only", ["run", "{recipe}", "model={pickle}"], "convert it to safetensors first"),
+    ("submit-alias-bomb", ["submit", "{bomb}", "--local"], "not allowed"),
+    ("submit-string-hidden-size", ["submit", "{recipe}", "model={str_hidden}", "--local"], "hidden_size = '64'"),
     ("plan-string-hidden-size", ["plan", "{recipe}", "model={str_hidden}"], "hidden_size = '64'"),
     ("plan-missing-block", ["plan", "{recipe}", "model={missing_block}"], "no tensor of block 3"),
     ("plan-sparsity-inf", ["plan", "{recipe}", "prune.0.sparsity=.inf"], "sparsity = inf"),
@@ -195,7 +197,7 @@ def test_inspect_reads_fp8_checkpoints_it_cannot_prune(bad, capsys):
 
 
 def test_the_table_covers_every_command_and_enough_rows():
-    assert len(ROWS) >= 25 and {r[1][0] for r in ROWS} >= {"run", "plan", "inspect", "eval", "distill"}
+    assert len(ROWS) >= 25 and {r[1][0] for r in ROWS} >= {"run", "submit", "plan", "inspect", "eval", "distill"}
 
 
 def test_verbose_shows_the_traceback_of_a_table_row(bad):
