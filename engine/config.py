@@ -591,6 +591,34 @@ class _RecipeLoader(yaml.SafeLoader):
         return mapping
 
 
+class _PlainDumper(yaml.SafeDumper):
+    """Writes every value out (no `&anchor`/`*alias` for shared objects), so the saved recipe loads with the recipe
+    loader, which refuses aliases; quotes a string that either the recipe loader or a stock YAML 1.1 reader would
+    take for a number."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+# YAML 1.2 numbers in recipes: PyYAML (YAML 1.1) reads an unquoted `2:4` as the base-60 integer 124 (so
+# `pattern: 2:4` became "124") and `1e-4` (no dot) as a string; the recipe loader keeps `2:4` a string and reads
+# `1e-4` as a float. The dumper knows both rules, so what it writes reads back the same in either.
+_INT_TAG, _FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_INT_RE = re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$")
+_FLOAT_RE = re.compile(
+    r"^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+"
+    r"|[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+)
+_RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (_INT_TAG, _FLOAT_TAG)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_PlainDumper.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeDumper.yaml_implicit_resolvers.items()}
+for _cls in (_RecipeLoader, _PlainDumper):
+    _cls.add_implicit_resolver(_INT_TAG, _INT_RE, list("-+0123456789"))
+    _cls.add_implicit_resolver(_FLOAT_TAG, _FLOAT_RE, list("-+0123456789."))
+
+
 def _too_big(depth: int) -> str:
     if depth >= MAX_RECIPE_DEPTH:
         return f"more than {MAX_RECIPE_DEPTH} levels of nesting; not a recipe"
@@ -767,14 +795,6 @@ def config_to_dict(obj: Any) -> Any:
 # Keys of how a run was started, not of what it writes: left out of the saved recipe, so that a resumed or
 # overwriting run saves the same `blockprune_recipe.yaml` as a fresh one.
 RUN_ONLY_KEYS: tuple[str, ...] = ("overwrite", "resume")
-
-
-class _PlainDumper(yaml.SafeDumper):
-    """Writes every value out (no `&anchor`/`*alias` for shared objects), so the saved recipe loads with the recipe
-    loader, which refuses aliases."""
-
-    def ignore_aliases(self, data: Any) -> bool:
-        return True
 
 
 def config_to_yaml(cfg: RunConfig) -> str:

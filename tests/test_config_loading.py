@@ -57,6 +57,27 @@ def test_a_valid_recipe_loads(tmp_path):
     assert cfg.prune[0].sparsity == 0.6 and cfg.prune[0].percdamp == 0.01 and cfg.runtime.threads == 2
 
 
+def test_yaml_1_2_numbers_nm_patterns_stay_strings_and_1e_minus_4_is_a_float(tmp_path):
+    """PyYAML alone reads `2:4` as the base-60 integer 124 and `1e-4` as a string."""
+    text = RECIPE.replace("percdamp: 1e-2}", "percdamp: 1e-2, pattern: 2:4}")
+    cfg = load_recipe(_write(tmp_path, text), ["calibration.seed=1e1"])
+    assert cfg.prune[0].pattern == "2:4" and cfg.calibration.seed == 10
+    assert read_recipe(_write(tmp_path, "x: 1e-4\ny: 12\nz: 0x10\nw: 1.5\n", "n.yaml")) == {
+        "x": 1e-4,
+        "y": 12,
+        "z": 16,
+        "w": 1.5,
+    }
+    assert load_recipe(_write(tmp_path, RECIPE), ["prune.0.pattern=2:4"]).prune[0].pattern == "2:4"
+
+
+def test_saved_recipe_reads_back_the_same_in_our_loader_and_in_stock_yaml(tmp_path):
+    cfg = load_recipe(_write(tmp_path, RECIPE), ["prune.0.pattern=2:4", "calibration.text_field=1e-4"])
+    saved = config_to_yaml(cfg)
+    assert yaml.safe_load(saved) == read_recipe(_write(tmp_path, saved, "saved.yaml"))
+    assert yaml.safe_load(saved)["prune"][0]["pattern"] == "2:4"
+
+
 def test_alias_bomb_is_rejected_in_well_under_a_second(tmp_path):
     path = _write(tmp_path, BOMB)
     assert path.stat().st_size < 700
