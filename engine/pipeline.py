@@ -37,6 +37,7 @@ from engine.config import ConfigError, RunConfig, config_to_yaml, parse_size
 from engine.dense_pass import BlockBuilder, BlockRunner, StatsCollector, free_block
 from engine.distributed import RankWriter, run_sharded
 from engine.export import MODELING_FILE, kept_layers, nonuniform_config, output_config
+from engine.model_check import check_reader
 from engine.prepass import scoring_pass
 from engine.report.run_report import RunReport
 from engine.runtime import Runtime, resolve_runtime
@@ -128,6 +129,7 @@ def run(cfg: RunConfig) -> dict:
     """Prune `cfg.model` into `cfg.output`; returns the report (also written as blockprune_report.json)."""
     t_start = time.perf_counter()
     reader = CheckpointReader(cfg.model)
+    check_reader(reader)  # config.json against the tensor headers, before any weight is read
     check_input(reader.config)
     adapter = adapter_for(reader.config)
     stages, budget = make_stages(cfg, adapter, dict(reader.config))

@@ -11,6 +11,7 @@ from engine.arch import adapter_for
 from engine.blocks import build_meta_block
 from engine.budget import ERROR_GRID, SCORES_FILE
 from engine.config import RunConfig
+from engine.model_check import check_reader
 from engine.stage import BlockVisit, StatsRequest
 from sharding.reader import CheckpointReader
 
@@ -33,6 +34,7 @@ def make_plan(cfg: RunConfig) -> Plan:
     from engine.pipeline import check_input, make_stages
 
     reader = CheckpointReader(cfg.model)
+    check_reader(reader)
     check_input(reader.config)
     adapter = adapter_for(reader.config)
     stages, _ = make_stages(cfg, adapter, dict(reader.config))  # the run's own checks

@@ -6,12 +6,15 @@ imports neither.
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 from typing import Any
 
+from sharding.errors import BlockpruneError
 
-class ConfigError(ValueError):
-    """A recipe that cannot run: the message names the key and what is allowed."""
+
+class ConfigError(BlockpruneError, ValueError):
+    """A recipe that cannot run: the message is one line naming the key and what is allowed."""
 
 
 ALLOCATION_RULES: tuple[str, ...] = ("uniform", "owl", "softmax")
@@ -54,6 +57,8 @@ def resolve_allocation(alloc: Any, where: str, *, structured: bool) -> dict[str,
             out[key] = float(out[key])
         except (TypeError, ValueError):
             raise ConfigError(f"{where}.{key} = {out[key]!r}: expected a number") from None
+        if not math.isfinite(out[key]):
+            raise ConfigError(f"{where}.{key} = {out[key]!r}: must be a finite number")
     if not out["temperature"] > 0:
         raise ConfigError(f"{where}.temperature = {out['temperature']}: must be > 0 (use a large value for uniform)")
     if not 0.0 <= out["min"] <= out["max"] <= 1.0:

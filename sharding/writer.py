@@ -31,6 +31,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from sharding.errors import BlockpruneError
+
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "blockprune_manifest.json"
@@ -77,7 +79,7 @@ _ERRNO_KIND = {
 _IO_ERRORS = (OSError, SafetensorError)
 
 
-class WriterError(RuntimeError):
+class WriterError(BlockpruneError, RuntimeError):
     """A checkpoint could not be written, resumed or finalized; the message names the file, unit or tensor."""
 
 

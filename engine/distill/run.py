@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import torch
 import yaml
 
-from engine.config import ConfigError, _build, apply_overrides, config_to_dict, parse_size
+from engine.config import ConfigError, _build, config_to_dict, parse_size, read_recipe
 
 log = logging.getLogger(__name__)
 
@@ -132,15 +132,9 @@ def distill_config_from_dict(data: dict) -> DistillConfig:
 
 def load_distill_recipe(path: str | Path, overrides: list[str] | None = None) -> DistillConfig:
     """A distill recipe from YAML with `key=value` overrides (as `blockprune run`, e.g. `steps=50`,
-    `deepspeed.zero_optimization.stage3_param_persistence_threshold=0`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"recipe {path}: no such file")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"recipe {path}: not valid YAML: {str(e).splitlines()[0]}") from None
-    return distill_config_from_dict(apply_overrides(data, overrides or []))
+    `deepspeed.zero_optimization.stage3_param_persistence_threshold=0`), read by the same loader as run recipes
+    (`engine.config.read_recipe`: size-checked, no YAML aliases, plain finite data)."""
+    return distill_config_from_dict(read_recipe(path, overrides, what="distill recipe"))
 
 
 def lr_factor(step: int, cfg: DistillConfig) -> float:
