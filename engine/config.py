@@ -570,9 +570,9 @@ def config_to_dict(obj: Any) -> Any:
 RUN_ONLY_KEYS: tuple[str, ...] = ("overwrite", "resume")
 
 
-def config_to_yaml(cfg: RunConfig) -> str:
-    """The resolved recipe saved beside the output (`blockprune_recipe.yaml`): every default filled in, without
-    RUN_ONLY_KEYS. Loads back with `load_recipe` to the same run."""
+def config_to_yaml(cfg: Any) -> str:
+    """A resolved recipe saved beside its output (`blockprune_recipe.yaml`, `blockprune_distill.yaml`): every
+    default filled in, without RUN_ONLY_KEYS, no YAML aliases. Loads back with its loader to the same run."""
     d = cfg.to_dict()
     for key in RUN_ONLY_KEYS:
         d.pop(key, None)

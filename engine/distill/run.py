@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-import yaml
 
-from engine.config import ConfigError, _build, config_to_dict, parse_size, read_recipe
+from engine.config import ConfigError, _build, config_to_dict, config_to_yaml, parse_size, read_recipe
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +122,8 @@ def distill_config_from_dict(data: dict) -> DistillConfig:
     if not isinstance(data, dict):
         raise ConfigError("distill recipe: expected a mapping at the top level")
     for key in ("student", "teacher", "output", "data"):
-        if not data.get(key):
-            raise ConfigError(f"distill recipe: `{key}` is required")
+        if not str(data.get(key) or "").strip():
+            raise ConfigError(f"distill recipe: `{key}` is required (a non-empty path)")
     cfg = _build(DistillConfig, {**data, "deepspeed": data.get("deepspeed") or {}}, "distill")
     cfg.validate()
     return cfg
@@ -438,7 +437,7 @@ def _save(job: _Job, summary: dict, t0: float) -> None:
         summary["wall_time_s"] = round(time.perf_counter() - t0, 2)
         student = Path(cfg.student)
         extra = {name: (student / name).read_bytes() for name in CARRIED_FILES if (student / name).is_file()}
-        extra[RECIPE_FILE] = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+        extra[RECIPE_FILE] = config_to_yaml(cfg)
         extra[LOG_FILE] = "".join(json.dumps(r) + "\n" for r in job.records)
         extra[REPORT_FILE] = json.dumps(summary, indent=2) + "\n"
         config = json.loads((student / "config.json").read_text())
