@@ -33,8 +33,10 @@ from engine.cache import ActivationCache
 from engine.distributed import reduce_stats
 from engine.modeling_blockprune import remove_sublayers
 from engine.runtime import Runtime
+from engine.schema import PruningError
 from engine.stage import LayerShape, StatsRequest
 from sharding import dist
+from sharding.errors import CheckpointError
 from sharding.reader import CheckpointReader
 from solvers.scores import block_influence
 from solvers.stats import InputStats, accumulate, init_stats
@@ -60,6 +62,7 @@ class BlockBuilder:
         """Source block `i` on the device in the compute dtype, its removed sublayers (of `shape`) taken out, and
         the disk dtype of each of its tensors."""
         disk = self.reader.read(self.reader.names_with_prefix(self.adapter.block_prefix(i)), device=self.rt.device)
+        check_finite(disk)
         dtypes = {n: t.dtype for n, t in disk.items()}
         block = self.adapter.build_block(i, disk, device=self.rt.device, dtype=self.rt.dtype)
         del disk
@@ -81,6 +84,15 @@ class BlockBuilder:
         block = load_assign(meta, cast_state(state, adapter.spec, device=self.rt.device, dtype=self.rt.dtype), prefix)
         setattr(block, DISK_LAYOUT_ATTR, layout)
         return block
+
+
+def check_finite(tensors: dict[str, Tensor]) -> None:
+    """CheckpointError naming the first floating tensor that holds a NaN or an infinity: nothing computed from it
+    (statistics, scores, the next blocks' inputs) would mean anything."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(f"{name}: {bad} NaN/Inf value(s) in the input checkpoint; refusing to prune it")
 
 
 class StatsCollector:
@@ -181,6 +193,11 @@ class BlockRunner:
                     out.influence_sum += block_influence(x, y) * n
                     out.norm += float(y.double().square().sum())
                     out.tokens += n
+                if not bool(torch.isfinite(y).all()):
+                    raise PruningError(
+                        f"block {i}: its dense outputs hold NaN/Inf (micro-batch {b}); the calibration activations "
+                        "or the block's computation overflow in this dtype"
+                    )
                 self.cache.put(b, y)
         out.stats = collect.reduced(self.rt)
         if measure:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,13 +35,14 @@ from engine.budget import Budget, make_budget
 from engine.cache import ActivationCache
 from engine.calibration import load_calibration
 from engine.config import ConfigError, RunConfig, config_to_yaml, parse_size
-from engine.dense_pass import BlockBuilder, BlockRunner, StatsCollector, free_block
+from engine.dense_pass import BlockBuilder, BlockRunner, StatsCollector, check_finite, free_block
 from engine.distributed import RankWriter, run_sharded
 from engine.export import MODELING_FILE, kept_layers, nonuniform_config, output_config
 from engine.model_check import check_reader
 from engine.prepass import scoring_pass
 from engine.report.run_report import RunReport
 from engine.runtime import Runtime, resolve_runtime
+from engine.schema import PruningError
 from engine.stage import (
     BlockRecord,
     BlockStage,
@@ -297,9 +299,10 @@ class BlockLoop:
         del block
         times = {"load": time.perf_counter() - t0}
         if self._one_pass_ok(visit, shape):
-            record, tensors = self._one_pass(visit, targets, src_dtypes, times)
+            record, tensors, results = self._one_pass(visit, targets, src_dtypes, times)
         else:
-            record, tensors = self._two_forwards(visit, targets, src_dtypes, shape, times)
+            record, tensors, results = self._two_forwards(visit, targets, src_dtypes, shape, times)
+        self._verify(record, tensors, results, targets)
         self._write(unit, record, tensors, decision, t0)
         del tensors
         free_block(visit.block)
@@ -308,7 +311,7 @@ class BlockLoop:
     # ---- the two-forward path -----------------------------------------------------------------------------------
     def _two_forwards(
         self, visit: BlockVisit, targets: dict, src_dtypes: dict, shape: LayerShape, times: dict
-    ) -> tuple[BlockRecord, dict[str, torch.Tensor]]:
+    ) -> tuple[BlockRecord, dict[str, torch.Tensor], dict[str, StageResult]]:
         t = time.perf_counter()
         request = StatsRequest.union([s.stats(visit, targets[s.key]) for s in self.stages])
         observers = [s.observe(visit) for s in self.stages]
@@ -327,7 +330,7 @@ class BlockLoop:
         if self.cfg.sequential and changed:
             out_err = self.runner.propagate(visit.block, compare=True)
         times["forward"] = time.perf_counter() - t
-        return self._record(visit, results, tensors, times, out_err), tensors
+        return self._record(visit, results, tensors, times, out_err), tensors, results
 
     def _as_written(self, visit: BlockVisit, src_dtypes: dict, shape: LayerShape) -> dict[str, torch.Tensor]:
         """The block's tensors as written (on-disk names of output block j, the source's dtypes). When those differ
@@ -363,6 +366,19 @@ class BlockLoop:
         record.nonzero = sum(int(torch.count_nonzero(t)) for t in tensors.values())
         record.time_s = {k: round(v, 4) for k, v in times.items()}
         return record
+
+    def _verify(
+        self, record: BlockRecord, tensors: dict[str, torch.Tensor], results: dict[str, StageResult], targets: dict
+    ) -> None:
+        """Before the block is committed: every stage achieved its plan (`BlockStage.verify`), every written tensor
+        is finite, and so is the block's output error. A PruningError stops the run; the block is not written."""
+        for s in self.stages:
+            s.verify(results[s.key], targets[s.key])
+        for name, t in tensors.items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise PruningError(f"block {record.block}: the pruned {name} holds NaN/Inf; nothing was written")
+        if record.output_error is not None and not math.isfinite(record.output_error):
+            raise PruningError(f"block {record.block}: its output error is {record.output_error}; nothing was written")
 
     def _write(self, unit: str, record: BlockRecord, tensors: dict[str, torch.Tensor], decision, t0: float) -> None:
         """Complete the record (memory, its allocation record), write the block as `unit` with the record as its
@@ -441,7 +457,7 @@ class BlockLoop:
 
     def _one_pass(
         self, visit: BlockVisit, targets: dict, src_dtypes: dict, times: dict
-    ) -> tuple[BlockRecord, dict[str, torch.Tensor]]:
+    ) -> tuple[BlockRecord, dict[str, torch.Tensor], dict[str, StageResult]]:
         """The block through `engine.sequential.run`: each input group's statistics gathered after the groups
         before it are pruned, then solved by every stage (weights rounded to the checkpoint's dtype at once)."""
         t_pass = time.perf_counter()
@@ -502,7 +518,7 @@ class BlockLoop:
         # the one-pass path never computes the dense outputs of all samples: the error is on the first one
         err = num / den if den > 0 else None
         record = self._record(visit, results, tensors, times, err, output_error_on="first sample", true_sequential=True)
-        return record, tensors
+        return record, tensors, results
 
 
 _DECOMPOSITION_OK: dict[type, bool] = {}  # block class -> its pieces compose to its forward (checked once per process)
@@ -534,7 +550,9 @@ def _copy_non_block(reader: CheckpointReader, adapter: ArchAdapter, writer: Rank
     if writer.is_committed(NON_BLOCK_UNIT) or writer.writer is None:
         return
     names = adapter.non_block_keys(reader.names())
-    writer.write_unit(NON_BLOCK_UNIT, reader.read(names))
+    tensors = reader.read(names)
+    check_finite(tensors)
+    writer.write_unit(NON_BLOCK_UNIT, tensors)
 
 
 def _embed(reader: CheckpointReader, adapter: ArchAdapter, ids: torch.Tensor, cache: ActivationCache, rt: Runtime):

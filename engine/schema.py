@@ -17,6 +17,11 @@ class ConfigError(BlockpruneError, ValueError):
     """A recipe that cannot run: the message is one line naming the key and what is allowed."""
 
 
+class PruningError(BlockpruneError, RuntimeError):
+    """A block whose result differs from what the recipe asked (or that cannot be computed from its inputs, e.g.
+    NaN/Inf): the run stops before the block is committed; the message names the block, the tensor or the linear."""
+
+
 ALLOCATION_RULES: tuple[str, ...] = ("uniform", "owl", "softmax")
 ALLOCATION_ENERGIES: tuple[str, ...] = ("error", "influence", "score")
 ALLOCATION_OF: tuple[str, ...] = ("prunable", "total")

@@ -12,6 +12,7 @@ calls, in recipe order::
     stats(visit, target)      the input statistics it needs from the block's dense forward
     observe(visit)            extra hooks during that forward (e.g. MoE routing counts)
     apply(visit, target)      prune the block in `visit` (may replace `visit.block` / `visit.stats`) -> StageResult
+    verify(result, target)    before the block is committed: did it achieve what was planned? (else an error)
     output()                  after the loop: config fields, removed layers, per-layer entries, report section
 
 `target` is this layer's share of a global budget when an allocation policy (`engine.budget`) drives the stage,
@@ -278,6 +279,8 @@ class BlockStage(Protocol):
 
     def apply(self, visit: BlockVisit, target: LayerDecision | None) -> StageResult: ...
 
+    def verify(self, result: StageResult, target: LayerDecision | None) -> None: ...
+
     def solve_linears(
         self, visit: BlockVisit, specs: list[LinearSpec], stats: dict[str, InputStats], target: LayerDecision | None
     ) -> StageResult: ...
@@ -321,6 +324,9 @@ class StageBase:
 
     def apply(self, visit: BlockVisit, target: LayerDecision | None) -> StageResult:
         return StageResult()
+
+    def verify(self, result: StageResult, target: LayerDecision | None) -> None:
+        return None
 
     def solve_linears(
         self, visit: BlockVisit, specs: list[LinearSpec], stats: dict[str, InputStats], target: LayerDecision | None

@@ -24,9 +24,9 @@ from torch import Tensor, nn
 
 from engine.arch import ArchAdapter, LinearSpec
 from engine.coordinator import LayerDecision, LayerModel
-from engine.schema import ConfigError, compile_pattern, name_selected, parse_nm, resolve_allocation
+from engine.schema import ConfigError, PruningError, compile_pattern, name_selected, parse_nm, resolve_allocation
 from engine.stage import BlockVisit, ModelInfo, StageBase, StageResult, StatsRequest, register_stage
-from solvers.masks import magnitude_prune, wanda_prune, wanda_scores
+from solvers.masks import magnitude_prune, n_pruned, wanda_prune, wanda_scores
 from solvers.registry import (
     available_solvers,
     get_group_solver,
@@ -221,6 +221,22 @@ class UnstructuredStage(StageBase):
                 out.linears[spec.name] = rec
                 out.removed += rec["zeros"]
         return out
+
+    def verify(self, result: StageResult, target: LayerDecision | None) -> None:
+        """Every pruned linear holds at least the zeros its sparsity asks for, up to the rounding of the solvers'
+        selections (per row, per column block): a linear whose statistics were NaN/Inf (which no solver prunes
+        from) or that a solver skipped fails here, before anything is written."""
+        for name, rec in result.linears.items():
+            d_out, d_in = rec["shape"]
+            planned = float(rec["planned"])
+            need = min(n_pruned(planned, d_out * d_in), d_out * n_pruned(planned, d_in))
+            slack = d_out + -(-d_in // 16)  # one per row, one per 16-column sub-block
+            if rec["zeros"] < need - slack:
+                raise PruningError(
+                    f"{self.key} ({self.config.method}) {name}: {rec['zeros']} zeros of {d_out * d_in} "
+                    f"(sparsity {rec['sparsity']:.4f}) but the plan is {planned:.4f}; NaN/Inf in this block's "
+                    "calibration activations or weights?"
+                )
 
     def _solve(self, group: list[LinearSpec], Ws: list[Tensor], st: InputStats | None, s: float) -> list[Tensor]:
         method, pattern = self.config.method, self.config.pattern
