@@ -62,6 +62,8 @@ class RuntimeConfig:
     spill_dir: str | None = None  # where the disk tier of the activation cache lives (None: the output dir)
     threads: int | None = None  # torch intra-op threads (None: torch's default)
     progress: bool = True  # progress bar on stderr
+    device_memory_gb: float | None = None  # memory the run may use on the device (None: what the device reports)
+    host_memory_gb: float | None = None  # host memory the run may use (None: what the machine has available)
 
     _ALLOWED: ClassVar[dict[str, tuple[str, ...]]] = {
         "dtype": ("auto", "float32", "bfloat16", "float16"),
@@ -77,7 +79,7 @@ class RuntimeConfig:
             raise ConfigError(f"{where}.micro_batch = {self.micro_batch}: must be >= 1")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"{where}.threads = {self.threads}: must be >= 1 (or empty for torch's default)")
-        for key in ("device_budget_gb", "host_budget_gb"):
+        for key in ("device_budget_gb", "host_budget_gb", "device_memory_gb", "host_memory_gb"):
             if getattr(self, key) is not None and getattr(self, key) < 0:
                 raise ConfigError(f"{where}.{key} = {getattr(self, key)}: must be >= 0 (or empty for the default)")
         if self.spill_dir is not None and not self.spill_dir.strip():

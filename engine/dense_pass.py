@@ -86,6 +86,15 @@ class BlockBuilder:
         return block
 
 
+def stats_to(st: InputStats, device: torch.device) -> InputStats:
+    """`st` with its tensors on `device` (the same object when they are there already)."""
+    tensors = [t for t in (st.H, st.sum, st.sumsq) if t is not None]
+    if all(t.device == device for t in tensors):
+        return st
+    move = lambda t: None if t is None else t.to(device)
+    return InputStats(H=move(st.H), n=st.n, sum=move(st.sum), sumsq=move(st.sumsq))
+
+
 def check_finite(tensors: dict[str, Tensor]) -> None:
     """CheckpointError naming the first floating tensor that holds a NaN or an infinity: nothing computed from it
     (statistics, scores, the next blocks' inputs) would mean anything."""
@@ -174,11 +183,12 @@ class BlockRunner:
         *,
         observers: Sequence[contextlib.AbstractContextManager] = (),
         measure: bool = False,
+        write_outputs: bool = True,
     ) -> DenseResult:
         """One forward over every micro-batch: the input statistics `request` names (reduced over ranks), the
         outputs into the cache (the next block's inputs, or the reference a pruned block is compared with), with
         `observers` (context managers attaching their own hooks) active. `measure`: also the influence and norm
-        sums (the scoring pass)."""
+        sums (the scoring pass). `write_outputs=False`: statistics only (a further chunk of a chunked gather)."""
         widths = {s.input_id: s.d_in for s in self.adapter.linears(block, i)}
         collect = StatsCollector(widths, request)
         out = DenseResult()
@@ -198,7 +208,8 @@ class BlockRunner:
                         f"block {i}: its dense outputs hold NaN/Inf (micro-batch {b}); the calibration activations "
                         "or the block's computation overflow in this dtype"
                     )
-                self.cache.put(b, y)
+                if write_outputs:
+                    self.cache.put(b, y)
         out.stats = collect.reduced(self.rt)
         if measure:
             out.influence_sum, out.norm, tokens = dist.all_reduce_floats(

@@ -35,9 +35,10 @@ from engine.budget import Budget, make_budget
 from engine.cache import ActivationCache
 from engine.calibration import load_calibration
 from engine.config import ConfigError, RunConfig, config_to_yaml, parse_size
-from engine.dense_pass import BlockBuilder, BlockRunner, StatsCollector, check_finite, free_block
+from engine.dense_pass import BlockBuilder, BlockRunner, StatsCollector, check_finite, free_block, stats_to
 from engine.distributed import RankWriter, run_sharded
 from engine.export import MODELING_FILE, kept_layers, nonuniform_config, output_config
+from engine.memory_plan import MemoryPlan, plan_for_run
 from engine.model_check import check_reader
 from engine.prepass import scoring_pass
 from engine.report.run_report import RunReport
@@ -141,6 +142,12 @@ def run(cfg: RunConfig) -> dict:
         s.prepare(reader)  # e.g. expert counts per layer from the router rows
     if budget is not None:
         budget.prepare(model)
+    memory_plan = plan_for_run(cfg, reader, adapter, stages)  # the same budget `blockprune plan` prints
+    if not memory_plan.fits:
+        message = "; ".join(memory_plan.advice) or "the memory plan does not fit"
+        if memory_plan.device.startswith("cuda"):
+            raise PruningError(f"the run does not fit: {message} (see `blockprune plan`)")
+        log.warning("the memory plan exceeds this machine's available memory: %s", message)
     rt = resolve_runtime(cfg, reader)
     log.info(
         "blockprune: %s (%s, %d blocks) -> %s on %s/%s",
@@ -179,13 +186,12 @@ def run(cfg: RunConfig) -> dict:
         dtype=rt.dtype,
         device=rt.device,
         micro_batch=rt.micro_batch,
-        device_budget_bytes=rt.device_budget,
-        host_budget_bytes=rt.host_budget,
+        **_cache_budgets(rt, memory_plan),
         spill_dir=rt.spill_dir,
     ) as cache:
         report.cache_tier = cache.tier
         runner = BlockRunner(adapter, cache, rt)
-        loop = BlockLoop(cfg, stages, budget, builder, runner, writer, rt)
+        loop = BlockLoop(cfg, stages, budget, builder, runner, writer, rt, memory_plan)
 
         def embed() -> None:
             _embed(reader, adapter, ids, cache, rt)
@@ -269,6 +275,7 @@ class BlockLoop:
     runner: BlockRunner
     writer: RankWriter
     rt: Runtime
+    memory: MemoryPlan | None = None
 
     @property
     def adapter(self) -> ArchAdapter:
@@ -314,8 +321,7 @@ class BlockLoop:
     ) -> tuple[BlockRecord, dict[str, torch.Tensor], dict[str, StageResult]]:
         t = time.perf_counter()
         request = StatsRequest.union([s.stats(visit, targets[s.key]) for s in self.stages])
-        observers = [s.observe(visit) for s in self.stages]
-        visit.stats = self.runner.dense(visit.block, visit.i, request, observers=observers).stats  # dense -> cache
+        visit.stats = self._gather(visit, request)  # the dense outputs -> the cache (the reference)
         times["stats"] = time.perf_counter() - t
         t = time.perf_counter()
         dense_block = visit.block
@@ -331,6 +337,25 @@ class BlockLoop:
             out_err = self.runner.propagate(visit.block, compare=True)
         times["forward"] = time.perf_counter() - t
         return self._record(visit, results, tensors, times, out_err), tensors, results
+
+    def _gather(self, visit: BlockVisit, request: StatsRequest) -> dict:
+        """The statistics of `request` from the dense block: one forward, or, when the memory plan chunks this
+        block, one forward per chunk of inputs with each chunk's statistics moved to the host (exactly what one
+        forward gives; the stages' solvers move each back to the device when they solve it)."""
+        observers = [s.observe(visit) for s in self.stages]
+        plan = self.memory.block(visit.i) if self.memory is not None else None
+        if plan is None or plan.stats_chunks <= 1:
+            return self.runner.dense(visit.block, visit.i, request, observers=observers).stats
+        stats: dict = {}
+        for k, chunk in enumerate(plan.chunks):
+            ids = set(chunk)
+            part = StatsRequest(request.gram & ids, request.moments & ids, request.track & ids)
+            dense = self.runner.dense(
+                visit.block, visit.i, part, observers=observers if k == 0 else (), write_outputs=k == 0
+            )
+            stats.update({name: stats_to(st, torch.device("cpu")) for name, st in dense.stats.items()})
+            del dense
+        return stats
 
     def _as_written(self, visit: BlockVisit, src_dtypes: dict, shape: LayerShape) -> dict[str, torch.Tensor]:
         """The block's tensors as written (on-disk names of output block j, the source's dtypes). When those differ
@@ -525,6 +550,17 @@ _DECOMPOSITION_OK: dict[type, bool] = {}  # block class -> its pieces compose to
 
 
 # --------------------------------------------------------------------------------------------- helpers
+
+
+def _cache_budgets(rt: Runtime, plan: MemoryPlan) -> dict:
+    """The activation cache's budgets: on a CUDA device the memory plan chooses its tier (device when it fits beside
+    the widest block, else pinned host memory, else disk), capped by the recipe's budgets; on a CPU the recipe's
+    (or the default) budgets choose."""
+    if not plan.device.startswith("cuda"):
+        return {"device_budget_bytes": rt.device_budget, "host_budget_bytes": rt.host_budget}
+    if plan.cache_tier == "device":
+        return {"device_budget_bytes": rt.device_budget, "host_budget_bytes": rt.host_budget}
+    return {"device_budget_bytes": 0, "host_budget_bytes": rt.host_budget if plan.cache_tier == "host" else 0}
 
 
 def _dtypes_for(names, src: dict[str, torch.dtype]) -> dict[str, torch.dtype]:

@@ -1,18 +1,16 @@
-"""`blockprune plan`: per-block shapes, parameter counts and the estimated peak memory, from the checkpoint's
-headers only (no tensor data is read)."""
+"""`blockprune plan`: what a run will do and whether it fits, from the checkpoint's headers only (no tensor data is
+read). It validates the recipe against the model exactly as `run` does (the same `engine.pipeline.make_stages`:
+every refusal happens here) and budgets memory with the same code the run uses (`engine.memory_plan`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from engine.arch import adapter_for
-from engine.blocks import build_meta_block
 from engine.budget import ERROR_GRID, SCORES_FILE
 from engine.config import RunConfig
+from engine.memory_plan import GiB, MemoryPlan, plan_for_run
 from engine.model_check import check_reader
-from engine.stage import BlockVisit, StatsRequest
 from sharding.reader import CheckpointReader
 
 
@@ -21,6 +19,7 @@ class Plan:
     model: str
     model_type: str
     dtype: str
+    memory: MemoryPlan
     blocks: list[dict] = field(default_factory=list)
     non_block_params: int = 0
     activations_bytes: int = 0
@@ -28,6 +27,21 @@ class Plan:
     bytes_read: int = 0
     allocation: str | None = None  # the global allocation's scoring pass, in words (None without one)
     experts: str | None = None  # the experts stage's counts, in words (None without one)
+
+    def to_json(self) -> dict:
+        """`blockprune plan --json`: the memory plan (`device_peak_gb`, `host_peak_gb`, `fits`, `device_memory_gb`,
+        per-block budgets) with the model, its block shapes and the notes of the text form."""
+        return {
+            "model": self.model,
+            "model_type": self.model_type,
+            **self.memory.to_json(),
+            "non_block_params": self.non_block_params,
+            "block_params": sum(b["params"] for b in self.blocks),
+            "bytes_read": self.bytes_read,
+            "allocation": self.allocation,
+            "experts": self.experts,
+            "linears": {b["block"]: b["linears"] for b in self.blocks},
+        }
 
 
 def make_plan(cfg: RunConfig) -> Plan:
@@ -38,56 +52,28 @@ def make_plan(cfg: RunConfig) -> Plan:
     check_input(reader.config)
     adapter = adapter_for(reader.config)
     stages, _ = make_stages(cfg, adapter, dict(reader.config))  # the run's own checks
-    one_pass_stages = cfg.sequential and cfg.true_sequential and bool(stages) and all(s.linear_wise for s in stages)
-    dtype = torch.float32 if cfg.runtime.dtype == "auto" else getattr(torch, cfg.runtime.dtype)
-    item = torch.empty((), dtype=dtype).element_size()
-    c = cfg.calibration
-    hidden = adapter.config.hidden_size
-    plan = Plan(cfg.model, adapter.model_type, str(dtype).replace("torch.", ""))
-    # inputs + outputs of the activation cache
-    plan.activations_bytes = 2 * c.samples * c.seq_len * hidden * item
-    names = reader.names()
-    block_names = set()
-    for i in range(adapter.num_layers):
-        own = reader.names_with_prefix(adapter.block_prefix(i))
+    memory = plan_for_run(cfg, reader, adapter, stages)
+    plan = Plan(cfg.model, adapter.model_type, memory.dtype, memory)
+    plan.activations_bytes = memory.cache_bytes
+    block_names: set[str] = set()
+    for b in memory.blocks:
+        own = reader.names_with_prefix(adapter.block_prefix(b.block))
         block_names.update(own)
-        params = sum(_numel(reader.info(n).shape) for n in own)
-        meta = build_meta_block(adapter.spec, adapter.config, i)
-        specs = adapter.linears(meta, i)
-        visit = BlockVisit(i, i, adapter, adapter, meta, rt=None, run_sharded=None)  # type: ignore[arg-type]
-        request = StatsRequest.union([s.stats(visit, None) for s in stages])
-        widths = {s.input_id: s.d_in for s in specs}
-        gram_bytes = sum(4 * widths[k] * widths[k] for k in request.gram)
-        widest = max([hidden] + [s.d_out for s in specs])
-        heads = getattr(adapter.config, "num_attention_heads", 1)
-        mb = min(cfg.runtime.micro_batch, c.samples)
-        transient = mb * c.seq_len * (4 * widest + heads * c.seq_len) * item
-        block_bytes = params * item
-        # the one-pass true-sequential path holds o_proj's and then down_proj's inputs of all tokens (engine.sequential;
-        # down_proj's only where it fits the budget, else it is recomputed: counted here as held)
-        one_pass = one_pass_stages and not any(s.expert is not None for s in specs) and adapter.spec.attention == "gqa"
-        side = (
-            c.samples
-            * c.seq_len
-            * max((s.d_in for s in specs if s.input_id in ("attn_out", "mlp_out")), default=0)
-            * item
-            if one_pass
-            else 0
-        )
+        specs = adapter.meta_linears(b.block)
         plan.blocks.append(
             {
-                "block": i,
-                "params": params,
+                "block": b.block,
+                "params": sum(_numel(reader.info(n).shape) for n in own),
                 "linears": {s.name: [s.d_out, s.d_in] for s in specs},
-                "gram_mb": gram_bytes / 2**20,
-                "weights_mb": block_bytes / 2**20,
-                "held_mb": side / 2**20,
-                "peak_mb": (block_bytes * 2 + gram_bytes + transient + side) / 2**20,
+                "gram_mb": b.stats / 2**20,
+                "weights_mb": b.weights / 2**20,
+                "held_mb": b.side / 2**20,
+                "peak_mb": (b.device_peak if memory.device.startswith("cuda") else b.host_peak) / 2**20,
+                "chunks": b.stats_chunks,
             }
         )
-    plan.non_block_params = sum(_numel(reader.info(n).shape) for n in names if n not in block_names)
-    embed = _numel(reader.info(adapter.embed_key).shape) * item
-    plan.peak_bytes = int(max(b["peak_mb"] for b in plan.blocks) * 2**20 + plan.activations_bytes + embed)
+    plan.non_block_params = sum(_numel(reader.info(n).shape) for n in reader.names() if n not in block_names)
+    plan.peak_bytes = memory.device_peak if memory.device.startswith("cuda") else memory.host_peak
     plan.bytes_read = reader.bytes_read
     plan.allocation = _allocation_note(cfg, int(getattr(adapter.config, "num_key_value_heads", 1) or 1))
     for st in stages:
@@ -118,25 +104,34 @@ def _allocation_note(cfg: RunConfig, n_kv: int) -> str | None:
 
 
 def format_plan(plan: Plan) -> str:
+    m = plan.memory
+    cuda = m.device.startswith("cuda")
+    where = "device" if cuda else "host"
     lines = [
-        f"model {plan.model} ({plan.model_type}), compute dtype {plan.dtype}",
-        f"{'block':>5} {'params':>12} {'weights MB':>11} {'Gram MB':>9} {'peak MB':>9}  linears",
+        f"model {plan.model} ({plan.model_type}), compute dtype {plan.dtype} on {m.device}",
+        f"{'block':>5} {'params':>14} {'weights MB':>11} {'stats MB':>9} {'chunks':>6} {'peak MB':>10}  linears",
     ]
     for b in plan.blocks:
-        lin = ", ".join(f"{k.split('.')[-1]}{v[0]}x{v[1]}" for k, v in list(b["linears"].items())[:8])
-        more = len(b["linears"]) - 8
+        lin = ", ".join(f"{k.split('.')[-1]}{v[0]}x{v[1]}" for k, v in list(b["linears"].items())[:6])
+        more = len(b["linears"]) - 6
         lin += f", +{more} more" if more > 0 else ""
         lin = f"experts {b['experts']}; {lin}" if "experts" in b else lin
         lines.append(
-            f"{b['block']:>5} {b['params']:>12,} {b['weights_mb']:>11.1f} {b['gram_mb']:>9.1f} "
-            f"{b['peak_mb']:>9.1f}  {lin}"
+            f"{b['block']:>5} {b['params']:>14,} {b['weights_mb']:>11.1f} {b['gram_mb']:>9.1f} {b['chunks']:>6} "
+            f"{b['peak_mb']:>10.1f}  {lin}"
         )
     total = sum(b["params"] for b in plan.blocks)
     lines.append(f"block params {total:,}; non-block params {plan.non_block_params:,}")
     lines.append(
-        f"activation cache {plan.activations_bytes / 2**20:.1f} MB; "
-        f"estimated peak memory {plan.peak_bytes / 2**20:.1f} MB; tensor bytes read: {plan.bytes_read}"
+        f"activation cache {plan.activations_bytes / 2**20:.1f} MB ({m.cache_tier}); "
+        f"estimated peak memory {plan.peak_bytes / 2**20:.1f} MB ({where}); tensor bytes read: {plan.bytes_read}"
     )
+    dev = f"device peak {m.device_peak / GiB:.2f} GiB of {m.device_memory / GiB:.1f} GiB; " if cuda else ""
+    lines.append(
+        f"{dev}host peak {m.host_peak / GiB:.2f} GiB of {m.host_memory / GiB:.1f} GiB available "
+        f"(process baseline {m.baseline / GiB:.2f} GiB): {'fits' if m.fits else 'DOES NOT FIT'}"
+    )
+    lines += [f"note: {a}" for a in m.advice]
     if plan.allocation:
         lines.append(plan.allocation)
     if plan.experts:

@@ -13,6 +13,8 @@ calls, in recipe order::
     observe(visit)            extra hooks during that forward (e.g. MoE routing counts)
     apply(visit, target)      prune the block in `visit` (may replace `visit.block` / `visit.stats`) -> StageResult
     verify(result, target)    before the block is committed: did it achieve what was planned? (else an error)
+    solve_bytes(visit, target) the largest transient `apply` allocates beyond the block and its statistics (the
+                              memory plan, engine/memory_plan.py; shapes only: `visit.block` may be a meta block)
     output()                  after the loop: config fields, removed layers, per-layer entries, report section
 
 `target` is this layer's share of a global budget when an allocation policy (`engine.budget`) drives the stage,
@@ -281,6 +283,8 @@ class BlockStage(Protocol):
 
     def verify(self, result: StageResult, target: LayerDecision | None) -> None: ...
 
+    def solve_bytes(self, visit: BlockVisit, target: LayerDecision | None) -> int: ...
+
     def solve_linears(
         self, visit: BlockVisit, specs: list[LinearSpec], stats: dict[str, InputStats], target: LayerDecision | None
     ) -> StageResult: ...
@@ -327,6 +331,9 @@ class StageBase:
 
     def verify(self, result: StageResult, target: LayerDecision | None) -> None:
         return None
+
+    def solve_bytes(self, visit: BlockVisit, target: LayerDecision | None) -> int:
+        return 0
 
     def solve_linears(
         self, visit: BlockVisit, specs: list[LinearSpec], stats: dict[str, InputStats], target: LayerDecision | None

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from engine.arch import ArchAdapter, LinearSpec, UnitGroup
 from engine.blocks import DISK_LAYOUT_ATTR, FUSED_DOWN, FUSED_GATE_UP, build_meta_block, load_assign
+from engine.dense_pass import stats_to
 from engine.units import consumer
 from solvers.clustering import merge_average
 from solvers.group_prune import groups_contiguous, prune_groups
@@ -107,6 +108,8 @@ def _solve(
     st: InputStats | None,
 ):
     W = adapter.get_weight(block, cons).float()
+    if st is not None:
+        st = stats_to(st, W.device)  # statistics of a chunked gather wait on the host
     width = next(w for _, axis, w in g.members if axis == 1)
     groups = groups_contiguous(W.shape[1], width)
     if st is None or st.n == 0:  # an expert that received no calibration token

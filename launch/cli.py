@@ -124,7 +124,8 @@ def _cmd_plan(args) -> int:
 
     cfg = load_recipe(args.recipe, args.overrides)
     open_checked(cfg.model)
-    print(format_plan(make_plan(cfg)))
+    plan = make_plan(cfg)
+    print(json.dumps(plan.to_json(), indent=1) if getattr(args, "json", False) else format_plan(plan))
     return 0
 
 
@@ -323,12 +324,17 @@ def build_parser() -> argparse.ArgumentParser:
     pl = _subcommand(
         sub,
         "plan",
-        "print per-block shapes, parameter counts and peak memory; reads no weights",
-        "Check the recipe and the model, then print per block its linears, parameters, statistics and estimated "
-        "peak memory, from the checkpoint's headers only (no tensor data is read).",
-        "blockprune plan recipe.yaml calibration.samples=256",
+        "check the recipe against the model and budget device and host memory; reads no weights",
+        "Check the recipe and the model exactly as `run` does, then print per block its linears, parameters, "
+        "statistics, chunking and peak memory, the device and host peaks and whether they fit, from the "
+        "checkpoint's headers only (no tensor data is read). Plan for a GPU from anywhere with "
+        "runtime.device=cuda runtime.device_memory_gb=80.",
+        "blockprune plan recipe.yaml runtime.device=cuda runtime.device_memory_gb=80 --json",
     )
     pl.add_argument("recipe", help="the recipe YAML file")
+    pl.add_argument(
+        "--json", action="store_true", help="print one JSON object (device_peak_gb, host_peak_gb, fits, ...)"
+    )
     pl.add_argument("overrides", nargs="*", help=_OVERRIDES_HELP)
     pl.set_defaults(func=_cmd_plan)
 

@@ -30,6 +30,7 @@ __all__ = [
     "get_solver",
     "get_group_solver",
     "solver_options",
+    "workspace_bytes",
     "needs_gram",
     "needs_stats",
     "available_solvers",
@@ -52,6 +53,7 @@ class SolverSpec:
     needs_stats: bool
     needs_gram: bool
     many: GroupSolverFn | None = None
+    workspace: Callable[[int, int], int] | None = None
 
 
 def _with_error(W: Tensor, stats: InputStats | None, res: PruneResult, compute_error: bool) -> PruneResult:
@@ -129,18 +131,40 @@ _REGISTRY: dict[str, SolverSpec] = {}
 
 
 def register_solver(
-    name: str, fn: SolverFn, *, needs_stats: bool, needs_gram: bool, many: GroupSolverFn | None = None
+    name: str,
+    fn: SolverFn,
+    *,
+    needs_stats: bool,
+    needs_gram: bool,
+    many: GroupSolverFn | None = None,
+    workspace: Callable[[int, int], int] | None = None,
 ) -> None:
-    """Add a solver under ``name`` (and optionally its shared-input group form ``many``); a name can be registered
+    """Add a solver under ``name`` (and optionally its shared-input group form ``many``, and ``workspace(d_out,
+    d_in)``: the bytes it allocates beyond ``W`` and the statistics, for the memory plan); a name can be registered
     only once."""
     if name in _REGISTRY:
         raise ValueError(f"solver '{name}' is already registered")
-    _REGISTRY[name] = SolverSpec(name=name, fn=fn, needs_stats=needs_stats, needs_gram=needs_gram, many=many)
+    _REGISTRY[name] = SolverSpec(
+        name=name, fn=fn, needs_stats=needs_stats, needs_gram=needs_gram, many=many, workspace=workspace
+    )
 
 
-register_solver("magnitude", _magnitude, needs_stats=False, needs_gram=False)
-register_solver("wanda", _wanda, needs_stats=True, needs_gram=False)
-register_solver("sparsegpt", _sparsegpt, needs_stats=True, needs_gram=True, many=_sparsegpt_many)
+def _mask_workspace(d_out: int, d_in: int) -> int:
+    """A float32 copy of W, its scores and the selection's index / mask tensors."""
+    return 16 * d_out * d_in
+
+
+def _sparsegpt_workspace(d_out: int, d_in: int) -> int:
+    """A float32 copy of H, its Cholesky factor, the inverse and its upper factor (4·d² floats), and the float32
+    weights, the block copy, errors and mask (~3·d_out·d_in floats)."""
+    return 4 * (4 * d_in * d_in + 3 * d_out * d_in)
+
+
+register_solver("magnitude", _magnitude, needs_stats=False, needs_gram=False, workspace=_mask_workspace)
+register_solver("wanda", _wanda, needs_stats=True, needs_gram=False, workspace=_mask_workspace)
+register_solver(
+    "sparsegpt", _sparsegpt, needs_stats=True, needs_gram=True, many=_sparsegpt_many, workspace=_sparsegpt_workspace
+)
 
 
 def available_solvers() -> tuple[str, ...]:
@@ -173,6 +197,13 @@ def needs_gram(name: str) -> bool:
 def get_group_solver(name: str) -> GroupSolverFn | None:
     """The shared-input group form of ``name`` (None when it has none: its matrices are solved one by one)."""
     return _spec(name).many
+
+
+def workspace_bytes(name: str, d_out: int, d_in: int) -> int:
+    """Bytes ``name`` allocates solving one ``[d_out, d_in]`` matrix (or a stacked group of that many rows) beyond
+    the weights and statistics it is given (0 when the solver does not say)."""
+    ws = _spec(name).workspace
+    return int(ws(d_out, d_in)) if ws is not None else 0
 
 
 def solver_options(name: str) -> tuple[str, ...]:

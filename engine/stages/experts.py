@@ -329,6 +329,17 @@ class ExpertsStage(StageBase):
         a uniform run's layers all have one shape (a stock config)."""
         return LayerShape.of(self.layer_fields(self.n_keep.get(i, max(self.n_keep.values()))))
 
+    def solve_bytes(self, visit: BlockVisit, target=None) -> int:
+        """The kept experts' tensors, copied into the rebuilt block (and, for `average`, their merged copies)."""
+        block = visit.block
+        if not num_experts_of(block):
+            return 0
+        experts = sum(
+            t.numel() * t.element_size() for t in (block.mlp.experts.gate_up_proj, block.mlp.experts.down_proj)
+        )
+        kept = self.n_keep.get(visit.i, self.num_experts) / max(self.num_experts, 1)
+        return int(experts * kept * (2 if self.config.representative == "average" else 1))
+
     @contextlib.contextmanager
     def observe(self, visit: BlockVisit) -> Iterator[None]:
         with routing_stats(visit.block) as routing:

@@ -241,6 +241,14 @@ class StructuredStage(StageBase):
             return StatsRequest(gram=inputs, track=inputs)
         return StatsRequest(moments=inputs, track=inputs)
 
+    def solve_bytes(self, visit: BlockVisit, target: LayerDecision | None) -> int:
+        """The widest consumer's float64 solve (scores, inverse, closed form: about 13 float32-sized d²) plus the
+        rebuilt block's new tensors."""
+        inputs = consumer_inputs(visit.adapter, visit.block, visit.i, self.config.units)
+        widths = [s.d_in for s in visit.specs() if s.input_id in inputs]
+        block = sum(p.numel() * p.element_size() for p in visit.block.parameters())
+        return 52 * max(widths, default=0) ** 2 + block
+
     def apply(self, visit: BlockVisit, target: LayerDecision | None) -> StageResult:
         before = sum(p.numel() for p in visit.block.parameters())
         block, records = prune_block(

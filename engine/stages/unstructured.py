@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from engine.arch import ArchAdapter, LinearSpec
 from engine.coordinator import LayerDecision, LayerModel
+from engine.dense_pass import stats_to
 from engine.schema import ConfigError, PruningError, compile_pattern, name_selected, parse_nm, resolve_allocation
 from engine.stage import BlockVisit, ModelInfo, StageBase, StageResult, StatsRequest, register_stage
 from solvers.masks import magnitude_prune, n_pruned, wanda_prune, wanda_scores
@@ -34,6 +35,7 @@ from solvers.registry import (
     needs_gram,
     needs_stats,
     solver_options,
+    workspace_bytes,
 )
 from solvers.stats import InputStats, col_norm_sq, layer_error
 
@@ -240,6 +242,8 @@ class UnstructuredStage(StageBase):
 
     def _solve(self, group: list[LinearSpec], Ws: list[Tensor], st: InputStats | None, s: float) -> list[Tensor]:
         method, pattern = self.config.method, self.config.pattern
+        if st is not None:
+            st = stats_to(st, Ws[0].device)  # statistics of a chunked gather wait on the host
         if len(Ws) > 1:
             many = get_group_solver(method)
             assert many is not None
@@ -248,6 +252,18 @@ class UnstructuredStage(StageBase):
             log.warning("%s: no calibration tokens reached this linear; using magnitude", group[0].name)
             return [get_solver("magnitude")(Ws[0], None, s, pattern).weight]
         return [get_solver(method)(Ws[0], st, s, pattern, **self.options).weight]
+
+    def solve_bytes(self, visit: BlockVisit, target: LayerDecision | None) -> int:
+        """The largest task's solver workspace (a shared-input group counts its stacked rows)."""
+        groups: dict[str, list[LinearSpec]] = {}
+        shared = get_group_solver(self.config.method) is not None
+        for spec in visit.specs():
+            if self.config.selects(spec.name):
+                groups.setdefault(spec.input_id if shared else spec.name, []).append(spec)
+        return max(
+            (workspace_bytes(self.config.method, sum(s.d_out for s in g), g[0].d_in) for g in groups.values()),
+            default=0,
+        )
 
     def _cost(self, group: list[LinearSpec]) -> float:
         """Estimated flops: a Gram solver ~ d_in³ (factorisation) + d_out·d_in² (updates); others ~ d_out·d_in."""
