@@ -18,6 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 import sharding.writer as writer_mod
+from sharding.lock import LOCK_NAME
 from sharding.writer import (
     INDEX_NAME,
     MANIFEST_NAME,
@@ -222,18 +223,24 @@ def test_multiple_shards_and_unit_split(llama_src, tmp_path):
 # ---- refusal rules --------------------------------------------------------------------------------------------
 
 
-def test_refuses_non_empty_output_and_overwrite_clears(tmp_path):
+def test_refuses_non_empty_output_and_overwrite_clears_only_ours(tmp_path):
     out = tmp_path / "out"
     (out / "sub").mkdir(parents=True)
     (out / "old.txt").write_text("x")
-    with pytest.raises(WriterError, match=r"not empty.*overwrite=True"):
+    with pytest.raises(WriterError, match=r"not empty.*not a blockprune output"):
         CheckpointWriter(out)
     with pytest.raises(WriterError, match=f"holds no {MANIFEST_NAME}"):
         CheckpointWriter(out, resume=True)
-    CheckpointWriter(out, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == [MANIFEST_NAME]
+    with pytest.raises(WriterError, match="refusing to overwrite .*not a blockprune output; nothing was removed"):
+        CheckpointWriter(out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["old.txt", "sub"]
+    (out / "old.txt").unlink()
+    (out / "sub").rmdir()
+    CheckpointWriter(out).close()
     with pytest.raises(WriterError, match="not empty"):  # a manifest alone still needs resume or overwrite
         CheckpointWriter(out)
+    CheckpointWriter(out, overwrite=True).close()
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST_NAME]
 
 
 def test_resume_on_missing_dir_or_temporaries_is_a_new_run(tmp_path):
@@ -308,9 +315,10 @@ def test_invalid_writes_are_refused(llama_src, tmp_path):
         w.finalize({}, extra_files={"config.json": "y"})
     assert w.committed_units() == [units[0][0]]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
-        [MANIFEST_NAME] + [s["file"] for s in manifest_of(tmp_path / "out")["units"][0]["shards"]]
+        [MANIFEST_NAME, LOCK_NAME] + [s["file"] for s in manifest_of(tmp_path / "out")["units"][0]["shards"]]
     )
     w.finalize({"model_type": "llama"})
+    assert not (tmp_path / "out" / LOCK_NAME).exists()  # finalize releases the lock
     assert (tmp_path / "out" / "model.safetensors").is_file()  # one shard: the unsharded name
     assert json.loads((tmp_path / "out" / INDEX_NAME).read_text())["weight_map"][name] == "model.safetensors"
     with pytest.raises(WriterError, match="finalized"):
