@@ -19,19 +19,23 @@ A lock found in place is *stale*, and is taken over with a warning, only when th
 - same process: the lock was left by a writer object of this process that no longer holds it (an interrupted open
   or release), or is held by a live writer object of this process, which then loses it (its next write refuses).
 
-A lock from another host is never taken over: pids there mean nothing here, and on a shared filesystem that run
-may be alive. The error names the holder and says how to remove the lock if that run is dead. An unreadable lock
-file is refused the same way. Release removes the file only if it still holds our token.
+A stale lock is removed under a short-lived ``blockprune.lock.break`` file (``O_EXCL``), after re-reading that it
+still is the stale one, so of several processes taking it over at once exactly one wins and the others see the
+winner's lock. A lock from another host is never taken over: pids there mean nothing here, and on a shared
+filesystem that run may be alive. The error names the holder and says how to remove the lock if that run is dead.
+An unreadable lock file is refused the same way. Release removes the file only if it still holds our token.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,7 +46,9 @@ logger = logging.getLogger(__name__)
 LOCK_NAME = "blockprune.lock"
 LOCK_FORMAT = "blockprune-lock"
 _TMP_SUFFIX = ".tmp"
-_MAX_TRIES = 5
+_BREAK_SUFFIX = ".break"
+_TAKEOVER_SECONDS = 10.0  # how long acquire keeps retrying while other processes race for a stale lock
+_BREAK_STALE_SECONDS = 30.0
 
 # token -> OutputLock, for the locks held by live objects of this process (in-process takeover, see module doc)
 _HELD: dict[str, OutputLock] = {}
@@ -105,9 +111,11 @@ class OutputLock:
         """Create the lock file, taking over a stale one (with a warning); LockError if another run holds it."""
         if self.held:
             return
-        for _ in range(_MAX_TRIES):
+        deadline = time.monotonic() + _TAKEOVER_SECONDS
+        while time.monotonic() < deadline:
             if self._create():
                 self._register()
+                self._remove_old_temporaries()
                 return
             holder = self.read_holder()
             if holder is None:
@@ -115,8 +123,10 @@ class OutputLock:
             why = self._stale_reason(holder)
             if why is None:
                 raise LockError(self._held_message(holder))
-            logger.warning("output %s: taking over a stale lock (%s): %s", self.out_dir, describe_holder(holder), why)
-            self._remove_stale(holder)
+            if self._remove_stale(holder):
+                logger.warning("output %s: took over a stale lock (%s): %s", self.out_dir, describe_holder(holder), why)
+            else:
+                time.sleep(0.01)  # another process is breaking the same stale lock
         raise LockError(f"could not lock output {self.out_dir}: {self.path} keeps changing (another run starting?)")
 
     def release(self) -> None:
@@ -178,7 +188,7 @@ class OutputLock:
             try:
                 os.link(tmp, self.path)
                 created = True
-            except FileExistsError:
+            except (FileExistsError, FileNotFoundError):  # exists; or our temporary was removed as a stray
                 created = False
             except OSError as e:
                 if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
@@ -213,6 +223,13 @@ class OutputLock:
         if holder is not None and holder.get("token") == self.token:
             self.path.unlink(missing_ok=True)
 
+    def _remove_old_temporaries(self) -> None:
+        """Temporaries of acquirers killed between writing and removing them (one lives microseconds)."""
+        for p in self.out_dir.glob(f"{LOCK_NAME}.*{_TMP_SUFFIX}"):
+            with contextlib.suppress(OSError):
+                if time.time() - p.stat().st_mtime > _BREAK_STALE_SECONDS:
+                    p.unlink()
+
     def _register(self) -> None:
         with _HELD_GUARD:
             _HELD[self.token] = self
@@ -245,25 +262,25 @@ class OutputLock:
             return f"pid {pid} now belongs to another process (started at another time)"
         return None
 
-    def _remove_stale(self, holder: dict[str, Any]) -> None:
-        """Remove the stale lock file if it still is the one we judged (same token): rename it to a private name
-        first, so that of two processes taking it over at once only one removes it, and a fresh lock created in
-        between is put back rather than removed."""
-        aside = self.out_dir / f"{LOCK_NAME}.{self.token}.stale{_TMP_SUFFIX}"
+    def _remove_stale(self, holder: dict[str, Any]) -> bool:
+        """Remove the stale lock file if it still is the one we judged (same token). Breakers serialise on a
+        ``blockprune.lock.break`` file (O_EXCL): without it, of two processes breaking one stale lock, the slower
+        could remove the fresh lock the faster had just created. Returns False if another breaker is at work."""
+        guard = self.out_dir / f"{LOCK_NAME}{_BREAK_SUFFIX}"
         try:
-            os.rename(self.path, aside)
-        except FileNotFoundError:
-            return  # someone else removed it: retry creation
+            os.close(os.open(guard, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        except FileExistsError:
+            with contextlib.suppress(OSError):  # a breaker killed mid-way (microseconds) leaves an old guard
+                if time.time() - guard.stat().st_mtime > _BREAK_STALE_SECONDS:
+                    guard.unlink()
+            return False
         try:
-            moved = json.loads(aside.read_bytes())
-        except (OSError, ValueError, UnicodeDecodeError):
-            moved = {}
-        if isinstance(moved, dict) and moved.get("token") != holder.get("token"):
-            try:  # we moved a lock created after our judgement: put it back unless yet another exists
-                os.link(aside, self.path)
-            except OSError:
-                logger.warning("output %s: a lock changed hands during a stale-lock takeover", self.out_dir)
-        aside.unlink(missing_ok=True)
+            current = self.read_holder()
+            if current is not None and current.get("token") == holder.get("token"):
+                self.path.unlink(missing_ok=True)
+        finally:
+            guard.unlink(missing_ok=True)
+        return True
 
     def _held_message(self, holder: dict[str, Any]) -> str:
         if "unreadable" in holder:

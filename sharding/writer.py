@@ -69,7 +69,6 @@ SOURCE_FILES = (
 _PART_RE = re.compile(r"blockprune-part-\d{5}-\d{3}\.safetensors")
 _FINAL_RE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
 _SAFETENSORS_TMP_RE = re.compile(r"\.tmp[A-Za-z0-9]{6}")  # save_file writes `.tmpXXXXXX` and renames it
-_LOCK_TMP_RE = re.compile(re.escape(LOCK_NAME) + r"\.[0-9a-f]{32}(\.stale)?" + re.escape(TMP_SUFFIX))
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _HASH_CHUNK = 16 << 20
 _SIZE_UNITS = {
@@ -234,9 +233,9 @@ def _is_reserved(name: str) -> bool:
 
 
 def _is_our_temp(name: str, ours: set[str]) -> bool:
-    """A temporary this writer (or safetensors inside it, or the lock) makes: ``<one of ours>.tmp``,
-    ``blockprune-part-...safetensors.tmp``, ``.tmpXXXXXX`` (save_file's own) or a lock's temporary."""
-    if _SAFETENSORS_TMP_RE.fullmatch(name) or _LOCK_TMP_RE.fullmatch(name):
+    """A temporary this writer (or safetensors inside it) makes: ``<one of ours>.tmp``,
+    ``blockprune-part-...safetensors.tmp`` or ``.tmpXXXXXX`` (save_file's own)."""
+    if _SAFETENSORS_TMP_RE.fullmatch(name):
         return True
     stem = name[: -len(TMP_SUFFIX)] if name.endswith(TMP_SUFFIX) else None
     fixed = (MANIFEST_NAME, MEASUREMENTS_NAME)
@@ -584,10 +583,11 @@ class CheckpointWriter:
     # ---- opening: new run or resume -------------------------------------------------------------------------
 
     def _entries(self) -> list[Path]:
-        """The directory's entries, sorted, without the lock and its temporaries (another run's or ours)."""
+        """The directory's entries, sorted, without the lock's files (``blockprune.lock*``: another run's or ours;
+        only `sharding.lock` manages them)."""
         if not self.out_dir.is_dir():
             return []
-        return sorted(p for p in self.out_dir.iterdir() if p.name != LOCK_NAME and not _LOCK_TMP_RE.fullmatch(p.name))
+        return sorted(p for p in self.out_dir.iterdir() if not p.name.startswith(LOCK_NAME))
 
     def _refuse_foreign(self, entries: list[Path], overwrite: bool, resume: bool) -> None:
         """Refuse a non-empty directory that is not ours to take: without a manifest it is not a blockprune output
