@@ -22,6 +22,7 @@ from sharding.lock import LOCK_NAME
 from sharding.writer import (
     INDEX_NAME,
     MANIFEST_NAME,
+    MEASUREMENTS_NAME,
     CheckpointWriter,
     WriterError,
     parse_size,
@@ -497,3 +498,28 @@ def test_read_only_output_dir(llama_src, tmp_path):
         out.chmod(0o755)
     assert tree_hashes(out) == before
     CheckpointWriter(out, resume=True, run_id=RUN_ID).write_unit(*units[1])
+
+
+# ---- determinism: the manifest holds no measurements -------------------------------------------------------------
+
+
+def test_manifest_is_deterministic_and_measurements_live_beside_it(llama_src, tmp_path, caplog):
+    """Two uninterrupted runs whose timings differ: every file is byte-identical except the measurements file."""
+    outs = [tmp_path / "a", tmp_path / "b"]
+    for out, seconds in zip(outs, (1.25, 7.5)):
+        with CheckpointWriter(out, run_id=RUN_ID) as w:
+            for unit, tensors in source_units(llama_src)[:2]:
+                w.write_unit(unit, tensors, metadata=unit_report(unit), measurements={"time_s": seconds})
+            w.finalize({"model_type": "llama"})
+    a, b = tree_hashes(outs[0]), tree_hashes(outs[1])
+    assert sorted(a) == sorted(b) and [k for k in a if a[k] != b[k]] == [MEASUREMENTS_NAME]
+    assert "time_s" not in (outs[0] / MANIFEST_NAME).read_text()
+    with CheckpointWriter(outs[0], resume=True, run_id=RUN_ID) as w:
+        assert w.unit_measurements("model.layers.0.") == {"time_s": 1.25}
+        assert w.unit_metadata("model.layers.0.") == unit_report("model.layers.0.")
+    with CheckpointWriter(tmp_path / "c") as w, pytest.raises(WriterError, match="measurements is not JSON-ser"):
+        w.write_unit("x", {}, measurements={"t": object()})
+    (outs[0] / MEASUREMENTS_NAME).write_text("{")  # lost measurements never block a resume
+    with caplog.at_level("WARNING"), CheckpointWriter(outs[0], resume=True, run_id=RUN_ID) as w:
+        assert w.unit_measurements("model.layers.0.") == {}
+    assert "ignoring unreadable" in caplog.text
