@@ -104,6 +104,7 @@ class OutputLock:
         self.token = uuid.uuid4().hex
         self.held = False
         self.lost_to: str | None = None  # set when another object of this process took the lock over
+        self._pid = os.getpid()  # a forked child inherits this object: only the acquiring process releases
 
     # ---- public -----------------------------------------------------------------------------------------------
 
@@ -130,7 +131,10 @@ class OutputLock:
         raise LockError(f"could not lock output {self.out_dir}: {self.path} keeps changing (another run starting?)")
 
     def release(self) -> None:
-        """Remove the lock file if it is still ours. Safe to call twice; never raises for a vanished file."""
+        """Remove the lock file if it is still ours. Safe to call twice; never raises for a vanished file. In a
+        forked child (which inherited this object and its exit hooks) it does nothing: the parent holds the lock."""
+        if os.getpid() != self._pid:
+            return
         with _HELD_GUARD:
             _HELD.pop(self.token, None)
         if not self.held:
@@ -195,7 +199,7 @@ class OutputLock:
                     raise
                 created = self._create_excl(data)
             if created:
-                self.held = True
+                self.held, self._pid = True, os.getpid()
             return created
         except BaseException:
             if not self.held:

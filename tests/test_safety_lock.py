@@ -266,3 +266,18 @@ def test_slow_breaker_never_removes_a_fresh_lock(tmp_path):
     assert a._remove_stale(b.read_holder()) is False
     assert a.read_holder()["token"] == b.token
     b.release()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_forked_child_never_releases_the_parents_lock(tmp_path):
+    w = CheckpointWriter(tmp_path / "out", run_id=RUN_ID)
+    pid = os.fork()
+    if pid == 0:  # the child: what its exit hooks would do
+        try:
+            w.close()
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert json.loads((tmp_path / "out" / LOCK_NAME).read_text())["token"] == w._lock.token
+    w.close()
+    assert not (tmp_path / "out" / LOCK_NAME).exists()
