@@ -390,7 +390,9 @@ def _removal_refusal(out_dir: Path, protected: list[tuple[Path, str]]) -> str | 
             return f"it is inside {label} ({p})"
     if real == Path(real.anchor):
         return "it is a filesystem root"
-    places = [("the current directory", Path.cwd())]
+    places = []
+    with contextlib.suppress(OSError):  # a deleted cwd cannot be inside the output
+        places.append(("the current directory", Path.cwd()))
     with contextlib.suppress(RuntimeError, KeyError):  # no HOME and no passwd entry: no home to protect
         places.append(("the home directory", Path.home()))
     for label, place in places:
@@ -597,6 +599,8 @@ class CheckpointWriter:
         d = self.out_dir
         what = f"not empty ({len(entries)} entries, e.g. {entries[0].name!r})"
         if any(p.name == MANIFEST_NAME for p in entries):
+            if not (d / MANIFEST_NAME).is_file():
+                raise WriterError(f"{d / MANIFEST_NAME} is not a regular file; choose another output directory")
             if overwrite or resume:
                 return
             raise WriterError(
@@ -643,8 +647,11 @@ class CheckpointWriter:
         if (d / MANIFEST_NAME).is_file():
             ours |= _manifest_names(self._manifest_for_clearing())
         remove: list[Path] = []
-        kept: list[str] = []
+        kept: list[Path] = []
         for p in entries:
+            if not overwrite:  # a new run over a kill before the first manifest: only our temporaries go
+                (remove if p.is_file() and _is_our_temp(p.name, set()) else kept).append(p)
+                continue
             if p.is_dir() and not p.is_symlink():
                 inner = {n.split("/", 1)[1] for n in ours if n.startswith(p.name + "/")}
                 for q in sorted(p.iterdir()) if inner else []:

@@ -39,6 +39,8 @@ def snapshot(root: Path) -> dict[str, str]:
                 out[rel] = f"link -> {os.readlink(p)}"
             elif p.is_dir():
                 out[rel] = "dir"
+            elif not p.is_file():
+                out[rel] = "special"  # a FIFO: reading it would block
             else:
                 out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
@@ -250,3 +252,16 @@ def test_own_file_names_are_checked(tmp_path, name):
     with pytest.raises(WriterError, match="own_files entry"):
         CheckpointWriter(tmp_path / "out", own_files=[name])
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_manifest_that_is_not_a_regular_file_is_refused(tmp_path, overwrite):
+    """A FIFO named like our manifest must neither hang a resume nor turn it into a silent new run."""
+    out = tmp_path / "out"
+    out.mkdir()
+    os.mkfifo(out / MANIFEST_NAME)
+    (out / "blockprune-part-00000-000.safetensors").write_bytes(b"x")
+    before = snapshot(tmp_path)
+    with pytest.raises(WriterError, match="is not a regular file"):
+        CheckpointWriter(out, resume=True, overwrite=overwrite, run_id=RUN_ID)
+    assert snapshot(tmp_path) == before
