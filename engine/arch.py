@@ -44,6 +44,7 @@ from engine.blocks import (
     memory_to_disk_state,
     num_experts_of,
 )
+from engine.modeling_blockprune import RemovedAttention, RemovedMLP
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +132,10 @@ class ArchAdapter:
         self.lm_head_key: str | None = None if self.config.tie_word_embeddings else "lm_head.weight"
         self._rotary: dict[str, nn.Module] = {}
 
+    def with_overrides(self, overrides: dict) -> ArchAdapter:
+        """The adapter of this architecture for the config with `overrides` set (a shrunk or regrouped layer)."""
+        return ArchAdapter(self.spec, shrunk_config(self.config, overrides)) if overrides else self
+
     # ---- names -------------------------------------------------------------------------------------------------
     def block_prefix(self, i: int) -> str:
         """On-disk name prefix of block `i`: "model.layers.{i}."."""
@@ -181,8 +186,10 @@ class ArchAdapter:
     # ---- prunable linears --------------------------------------------------------------------------------------
     def linears(self, block: nn.Module, i: int) -> list[LinearSpec]:
         """The prunable 2-D weights of block `i` (attention, MLP or each expert's three, shared expert), with shapes
-        read from the block itself. Routers and the shared-expert gate are not included."""
-        return self._attention_linears(block) + self._mlp_linears(block)
+        read from the block itself. Routers and the shared-expert gate are not included; a removed sublayer
+        (depth pruning) has none."""
+        attention = [] if isinstance(block.self_attn, RemovedAttention) else self._attention_linears(block)
+        return attention + ([] if isinstance(block.mlp, RemovedMLP) else self._mlp_linears(block))
 
     def meta_linears(self, i: int) -> list[LinearSpec]:
         """`linears()` of block `i` from the config alone (a `meta` block; no weight is read)."""
@@ -426,6 +433,14 @@ def _experts_hook(callback: InputCallback) -> Callable:
                 callback(f"expert{e}_out", module.act_fn(gate_up[:, :inter]) * gate_up[:, inter:])
 
     return hook
+
+
+def shrunk_config(config: PretrainedConfig, overrides: dict) -> PretrainedConfig:
+    """A deep copy of `config` with `overrides` set."""
+    out = copy.deepcopy(config)
+    for k, v in overrides.items():
+        setattr(out, k, v)
+    return out
 
 
 def _spec_for(model_type: str) -> ArchSpec:

@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from sharding.errors import BlockpruneError
+
 logger = logging.getLogger(__name__)
 
 CHUNK_CHARS = 1 << 18  # longest text piece handed to the tokenizer (a long document is cut at a line/space)
@@ -66,7 +68,7 @@ SUPPORTED = "a text file, a directory of .txt files, JSONL, or a datasets.save_t
 Documents = Iterator[Iterator[str]]  # documents, each an iterator of text pieces of at most ~CHUNK_CHARS
 
 
-class CalibrationError(ValueError):
+class CalibrationError(BlockpruneError, ValueError):
     """A calibration source that cannot give the requested windows; the message is one line naming the source."""
 
 

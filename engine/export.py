@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine.config import ConfigError
+from engine.schema import ConfigError
 
 
 def kept_layers(num_layers: int, removed: list[int]) -> list[int]:

@@ -8,10 +8,12 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.arch import adapter_for
-from engine.config import RunConfig, UnstructuredStage, name_selected
-from engine.stages.experts import make_experts_job, plan_summary
+from engine.blocks import build_meta_block
+from engine.budget import ERROR_GRID, SCORES_FILE
+from engine.config import RunConfig
+from engine.model_check import check_reader
+from engine.stage import BlockVisit, StatsRequest
 from sharding.reader import CheckpointReader
-from solvers.registry import needs_gram
 
 
 @dataclass
@@ -29,11 +31,14 @@ class Plan:
 
 
 def make_plan(cfg: RunConfig) -> Plan:
-    from engine.pipeline import check_input
+    from engine.pipeline import check_input, make_stages
 
     reader = CheckpointReader(cfg.model)
+    check_reader(reader)
     check_input(reader.config)
     adapter = adapter_for(reader.config)
+    stages, _ = make_stages(cfg, adapter, dict(reader.config))  # the run's own checks
+    one_pass_stages = cfg.sequential and cfg.true_sequential and bool(stages) and all(s.linear_wise for s in stages)
     dtype = torch.float32 if cfg.runtime.dtype == "auto" else getattr(torch, cfg.runtime.dtype)
     item = torch.empty((), dtype=dtype).element_size()
     c = cfg.calibration
@@ -47,16 +52,12 @@ def make_plan(cfg: RunConfig) -> Plan:
         own = reader.names_with_prefix(adapter.block_prefix(i))
         block_names.update(own)
         params = sum(_numel(reader.info(n).shape) for n in own)
-        specs = adapter.meta_linears(i)
-        gram = {}
-        for s in specs:
-            for st in cfg.prune:
-                if isinstance(st, UnstructuredStage):
-                    if name_selected(s.name, st.targets, st.ignore) and needs_gram(st.method):
-                        gram[s.input_id] = s.d_in
-                elif st.method == "structured" and s.input_id.endswith("_out"):
-                    gram[s.input_id] = s.d_in  # reconstruction of the consumer (o_proj / down_proj) inputs
-        gram_bytes = sum(4 * d * d for d in gram.values())
+        meta = build_meta_block(adapter.spec, adapter.config, i)
+        specs = adapter.linears(meta, i)
+        visit = BlockVisit(i, i, adapter, adapter, meta, rt=None, run_sharded=None)  # type: ignore[arg-type]
+        request = StatsRequest.union([s.stats(visit, None) for s in stages])
+        widths = {s.input_id: s.d_in for s in specs}
+        gram_bytes = sum(4 * widths[k] * widths[k] for k in request.gram)
         widest = max([hidden] + [s.d_out for s in specs])
         heads = getattr(adapter.config, "num_attention_heads", 1)
         mb = min(cfg.runtime.micro_batch, c.samples)
@@ -64,14 +65,7 @@ def make_plan(cfg: RunConfig) -> Plan:
         block_bytes = params * item
         # the one-pass true-sequential path holds o_proj's and then down_proj's inputs of all tokens (engine.sequential;
         # down_proj's only where it fits the budget, else it is recomputed: counted here as held)
-        one_pass = (
-            cfg.sequential
-            and cfg.true_sequential
-            and cfg.prune
-            and all(isinstance(st, UnstructuredStage) for st in cfg.prune)
-            and not any(s.expert is not None for s in specs)
-            and adapter.spec.attention == "gqa"
-        )
+        one_pass = one_pass_stages and not any(s.expert is not None for s in specs) and adapter.spec.attention == "gqa"
         side = (
             c.samples
             * c.seq_len
@@ -96,18 +90,18 @@ def make_plan(cfg: RunConfig) -> Plan:
     plan.peak_bytes = int(max(b["peak_mb"] for b in plan.blocks) * 2**20 + plan.activations_bytes + embed)
     plan.bytes_read = reader.bytes_read
     plan.allocation = _allocation_note(cfg, int(getattr(adapter.config, "num_key_value_heads", 1) or 1))
-    per_block, plan.experts = plan_summary(make_experts_job(cfg, adapter))
-    for b in plan.blocks:
-        if b["block"] in per_block:
-            b["experts"] = per_block[b["block"]]  # routed experts before -> after
+    for st in stages:
+        if hasattr(st, "plan_summary"):
+            per_block, plan.experts = st.plan_summary()
+            for b in plan.blocks:
+                if b["block"] in per_block:
+                    b["experts"] = per_block[b["block"]]  # routed experts before -> after
     return plan
 
 
 def _allocation_note(cfg: RunConfig, n_kv: int) -> str | None:
-    """What a global allocation adds to the run (engine/coordinator.py, engine/scoring.py): a scoring pass over every
+    """What a global allocation adds to the run (engine/budget.py, engine/prepass.py): a scoring pass over every
     block before the main pass (same peak: one block, its statistics, the activation cache), cached in the output."""
-    from engine.scoring import ERROR_GRID, SCORES_FILE
-
     for k, st in enumerate(cfg.prune):
         alloc = getattr(st, "allocation", None) or {}
         if alloc.get("rule", "uniform") == "uniform":

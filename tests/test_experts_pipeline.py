@@ -286,7 +286,7 @@ def test_routing_stats_match_the_router(tiny_ckpt):
         weights.append(out[1])
 
     h = block.mlp.gate.register_forward_hook(record)
-    with routing_stats(object(), block) as routing:
+    with routing_stats(block) as routing:
         for x in xs:
             adapter.block_forward(block, x, ctx)
     h.remove()

@@ -136,12 +136,12 @@ def test_recomputing_the_mlp_hidden_gives_the_same_bytes(tiny_ckpt, calib_file, 
     tokens = 8 * 32
     core = tokens * adapter.config.num_attention_heads * adapter.config.head_dim * 4
     assert tokens * inter * 4 > core
-    monkeypatch.setattr(pipeline, "_side_budget", lambda cache, rt: core)
+    monkeypatch.setattr(pipeline.BlockLoop, "_side_budget", lambda self: core)
     rep = run(config_from_dict(recipe(src, tmp_path / "recomputed", calib_file, stage)))
     assert all(b.get("true_sequential") for b in rep["blocks"])
     a, b = all_tensors(tmp_path / "kept"), all_tensors(tmp_path / "recomputed")
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
-    monkeypatch.setattr(pipeline, "_side_budget", lambda cache, rt: core - 1)
+    monkeypatch.setattr(pipeline.BlockLoop, "_side_budget", lambda self: core - 1)
     rep = run(config_from_dict(recipe(src, tmp_path / "fallback", calib_file, stage)))
     assert not any(b.get("true_sequential") for b in rep["blocks"])
 

@@ -18,6 +18,7 @@ from engine.arch import adapter_for, embed, final_hidden_to_logits
 from engine.config import ConfigError, config_from_dict
 from engine.pipeline import run
 from engine.stages import structured as st_mod
+from engine.units import EXPERT_ALIGN
 from sharding.reader import CheckpointReader
 from tests.test_structured_pipeline import STRUCT, adapter_logits, block_param_count, ids_for_test, stock_logits
 from tests.tiny_models import ARCHS, recipe, save_tiny, tiny_model
@@ -103,7 +104,7 @@ def test_structured_30_every_arch_stock_equals_in_memory(arch, tiny_ckpt, calib_
     if arch in ("mixtral", "qwen2_moe", "qwen3_moe"):
         assert plan["remove_per_layer"]["expert_channel"] > 0
         kept = model.model.layers[0].mlp.experts.down_proj.shape[-1]
-        assert kept % st_mod.EXPERT_ALIGN == 0 and kept < dense.model.layers[0].mlp.experts.down_proj.shape[-1]
+        assert kept % EXPERT_ALIGN == 0 and kept < dense.model.layers[0].mlp.experts.down_proj.shape[-1]
         for b in rep["blocks"]:  # one solve per routed expert
             assert sum(".experts." in name for name in b["structured"]) == 4
     if arch == "qwen2_moe":

@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-import yaml
 
-from engine.config import ConfigError, _build, apply_overrides, config_to_dict, parse_size
+from engine.config import ConfigError, _build, config_to_dict, config_to_yaml, parse_size, read_recipe
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +122,8 @@ def distill_config_from_dict(data: dict) -> DistillConfig:
     if not isinstance(data, dict):
         raise ConfigError("distill recipe: expected a mapping at the top level")
     for key in ("student", "teacher", "output", "data"):
-        if not data.get(key):
-            raise ConfigError(f"distill recipe: `{key}` is required")
+        if not str(data.get(key) or "").strip():
+            raise ConfigError(f"distill recipe: `{key}` is required (a non-empty path)")
     cfg = _build(DistillConfig, {**data, "deepspeed": data.get("deepspeed") or {}}, "distill")
     cfg.validate()
     return cfg
@@ -132,15 +131,9 @@ def distill_config_from_dict(data: dict) -> DistillConfig:
 
 def load_distill_recipe(path: str | Path, overrides: list[str] | None = None) -> DistillConfig:
     """A distill recipe from YAML with `key=value` overrides (as `blockprune run`, e.g. `steps=50`,
-    `deepspeed.zero_optimization.stage3_param_persistence_threshold=0`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"recipe {path}: no such file")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"recipe {path}: not valid YAML: {str(e).splitlines()[0]}") from None
-    return distill_config_from_dict(apply_overrides(data, overrides or []))
+    `deepspeed.zero_optimization.stage3_param_persistence_threshold=0`), read by the same loader as run recipes
+    (`engine.config.read_recipe`: size-checked, no YAML aliases, plain finite data)."""
+    return distill_config_from_dict(read_recipe(path, overrides, what="distill recipe"))
 
 
 def lr_factor(step: int, cfg: DistillConfig) -> float:
@@ -444,7 +437,7 @@ def _save(job: _Job, summary: dict, t0: float) -> None:
         summary["wall_time_s"] = round(time.perf_counter() - t0, 2)
         student = Path(cfg.student)
         extra = {name: (student / name).read_bytes() for name in CARRIED_FILES if (student / name).is_file()}
-        extra[RECIPE_FILE] = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+        extra[RECIPE_FILE] = config_to_yaml(cfg)
         extra[LOG_FILE] = "".join(json.dumps(r) + "\n" for r in job.records)
         extra[REPORT_FILE] = json.dumps(summary, indent=2) + "\n"
         config = json.loads((student / "config.json").read_text())

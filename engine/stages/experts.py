@@ -8,7 +8,7 @@ Per MoE block, in the one dense statistics forward the pipeline already does (no
 - the adapter's input hooks already give each expert's input statistics on its routed tokens (``expert{e}_in``:
   gate/up input, ``expert{e}_out``: down_proj input), Grams for SparseGPT and column norms for Wanda.
 
-Then, with no further forward (:func:`prune_experts`)::
+Then, with no further forward (`ExpertsStage.apply`)::
 
     D        = router_distance(W_gate) | coactivation_distance(a) | α·D_router/max + (1−α)·D_coact/max
     clusters = complete-linkage clustering of D into n_keep clusters              (solvers.clustering)
@@ -36,7 +36,8 @@ import re
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from scipy.cluster.hierarchy import linkage
@@ -45,16 +46,17 @@ from torch import Tensor, nn
 from transformers import PretrainedConfig
 
 from engine.arch import ArchAdapter
-from engine.blocks import DISK_LAYOUT_ATTR, FUSED_DOWN, FUSED_GATE_UP, build_meta_block, load_assign, num_experts_of
-from engine.config import ConfigError, ExpertsStage, RunConfig
-from engine.stages.structured import shrunk_config
+from engine.blocks import build_meta_block, num_experts_of
+from engine.schema import ConfigError, choice
+from engine.stage import BlockVisit, LayerShape, ModelInfo, OutputChanges, StageBase, StageResult, register_stage
+from engine.surgery import ROUTER_WEIGHT, cluster_averages, members, select_experts
+from sharding import dist
 from sharding.reader import CheckpointReader
 from solvers.clustering import (
     choose_representatives,
     cluster_experts,
     coactivation_counts,
     coactivation_distance,
-    merge_average,
     mixed_distance,
     n_keep_for_target,
     router_distance,
@@ -65,39 +67,38 @@ log = logging.getLogger(__name__)
 
 COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts")  # as serialised by transformers 5
 TOP_K_FIELD = "num_experts_per_tok"
-ROUTER_WEIGHT = "mlp.gate.weight"
 _EXPERT_KEY = re.compile(r"^expert(\d+)_(in|out)$")
 
 
 @dataclass
-class ExpertsJob:
-    """What the experts stage does to the whole model: the stage, the source adapter, the config field holding the
-    routed-expert count, `E` and `top_k` of the source, the MoE layers and the experts each keeps (`n_keep`, set by
-    :func:`allocate`)."""
+class ExpertsConfig:
+    """MoE expert pruning (STUN; docs/moe.md): cluster the routed experts of every MoE block by behaviour and keep one
+    expert per cluster, with its router row. Shared experts are never removed.
 
-    stage: ExpertsStage
-    adapter: ArchAdapter
-    count_field: str
-    num_experts: int
-    top_k: int
-    moe_layers: list[int]
-    n_keep: dict[int, int] = field(default_factory=dict)
-    allocation: dict = field(default_factory=dict)
-    _adapters: dict[int, ArchAdapter] = field(default_factory=dict, repr=False)
+    `target`: fraction of the routed experts removed. `similarity`: `router` (distance between router rows),
+    `coactivation` (how often two experts share a token's top-k) or `both` (`alpha`·router + (1−`alpha`)·coactivation,
+    each scaled to [0, 1]). `representative`: `centroid` (the member closest to the cluster's weight centroid) or
+    `average` (that slot receives the token-weighted cluster average). `per_layer`: per-layer counts from one global
+    threshold on the router-row merge heights (same total; non-uniform output), else every layer keeps the same
+    number (stock config)."""
 
-    def layer_fields(self, i: int) -> dict[str, int]:
-        """Config fields of MoE layer `i` in the output: its expert count and `top_k ≤` that count."""
-        n = self.n_keep[i]
-        return {self.count_field: n, TOP_K_FIELD: min(self.top_k, n)}
+    method: str = "experts"
+    target: float = 0.25
+    similarity: str = "router"
+    alpha: float = 0.5
+    representative: str = "centroid"
+    per_layer: bool = False
 
-    def layer_adapter(self, i: int) -> ArchAdapter:
-        """The adapter that builds output block `i` (the source's for dense layers)."""
-        if i not in self.n_keep:
-            return self.adapter
-        n = self.n_keep[i]
-        if n not in self._adapters:
-            self._adapters[n] = adapter_with_experts(self.adapter, n)
-        return self._adapters[n]
+    SIMILARITIES: ClassVar[tuple[str, ...]] = ("router", "coactivation", "both")
+    REPRESENTATIVES: ClassVar[tuple[str, ...]] = ("centroid", "average")
+
+    def validate(self, where: str) -> None:
+        if not 0.0 < self.target < 1.0:
+            raise ConfigError(f"{where}.target = {self.target}: must be in (0, 1)")
+        choice([self.similarity], self.SIMILARITIES, f"{where}.similarity")
+        choice([self.representative], self.REPRESENTATIVES, f"{where}.representative")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"{where}.alpha = {self.alpha}: must be in [0, 1]")
 
 
 def expert_count_field(config: PretrainedConfig) -> str:
@@ -113,73 +114,10 @@ def expert_count_field(config: PretrainedConfig) -> str:
 def adapter_with_experts(adapter: ArchAdapter, n: int) -> ArchAdapter:
     """`adapter` for the config with `n` routed experts and `num_experts_per_tok` clipped to `n`."""
     top_k = min(int(getattr(adapter.config, TOP_K_FIELD)), n)
-    return ArchAdapter(
-        adapter.spec, shrunk_config(adapter.config, {expert_count_field(adapter.config): n, TOP_K_FIELD: top_k})
-    )
+    return adapter.with_overrides({expert_count_field(adapter.config): n, TOP_K_FIELD: top_k})
 
 
 # ------------------------------------------------------------------------------------------------ planning
-
-
-def make_experts_job(cfg: RunConfig, adapter: ArchAdapter) -> ExpertsJob | None:
-    """The job of the recipe's experts stage (None without one). ConfigError, before any weight is read, when the
-    model has no MoE block, routes by expert groups (DeepSeek `n_group > 1`: removing experts would regroup them), or
-    routes top-1 under `similarity: coactivation` (no co-activations to compare)."""
-    stage = next((s for s in cfg.prune if isinstance(s, ExpertsStage)), None)
-    if stage is None:
-        return None
-    config = adapter.config
-    counts = {i: num_experts_of(build_meta_block(adapter.spec, config, i)) for i in range(adapter.num_layers)}
-    moe_layers = [i for i, n in counts.items() if n]
-    if not moe_layers:
-        raise ConfigError(f"experts stage: the {adapter.model_type} model has no MoE block")
-    if int(getattr(config, "n_group", None) or 1) > 1:
-        raise ConfigError(
-            f"experts stage: {adapter.model_type} with n_group = {config.n_group} routes by expert "
-            "groups; removing experts would regroup them (only n_group = 1 is supported)"
-        )
-    if stage.similarity == "coactivation" and int(getattr(config, TOP_K_FIELD)) < 2:
-        raise ConfigError(
-            "experts stage: similarity coactivation needs num_experts_per_tok >= 2 (with top-1 routing "
-            "no two experts share a token); use router or both"
-        )
-    return ExpertsJob(
-        stage=stage,
-        adapter=adapter,
-        count_field=expert_count_field(config),
-        num_experts=counts[moe_layers[0]],
-        top_k=int(getattr(config, TOP_K_FIELD)),
-        moe_layers=moe_layers,
-    )
-
-
-def allocate(job: ExpertsJob | None, reader: CheckpointReader) -> None:
-    """Set `job.n_keep`: `E − round(target·E)` in every MoE layer, or with `per_layer` the counts of
-    :func:`allocate_per_layer` on the router rows (read from `reader`; a few KB per layer, no forward)."""
-    if job is None:
-        return
-    E, stage = job.num_experts, job.stage
-    n_uniform = n_keep_for_target(E, stage.target)
-    if stage.per_layer:
-        D = {i: router_distance(_router_rows(reader, job.adapter, i)) for i in job.moe_layers}
-        job.n_keep, job.allocation = allocate_per_layer(D, (E - n_uniform) * len(job.moe_layers))
-    else:
-        job.n_keep = {i: n_uniform for i in job.moe_layers}
-    clipped = sorted(i for i, n in job.n_keep.items() if n < job.top_k)
-    if clipped:
-        log.warning(
-            "experts: layers %s keep fewer experts than num_experts_per_tok = %d; top_k is clipped to the "
-            "experts kept there",
-            clipped,
-            job.top_k,
-        )
-    log.info(
-        "experts: %s similarity, %s representative; experts kept per MoE layer %s (of %d)",
-        stage.similarity,
-        stage.representative,
-        [job.n_keep[i] for i in job.moe_layers],
-        E,
-    )
 
 
 def _router_rows(reader: CheckpointReader, adapter: ArchAdapter, i: int) -> Tensor:
@@ -225,14 +163,14 @@ def allocate_per_layer(distances: dict[int, Tensor], n_remove: int) -> tuple[dic
 
 
 @contextlib.contextmanager
-def routing_stats(job: ExpertsJob | None, block: nn.Module) -> Iterator[dict[str, Tensor]]:
+def routing_stats(block: nn.Module) -> Iterator[dict[str, Tensor]]:
     """While active, every forward of `block` adds its routing to the yielded dict (CPU tensors, sums over tokens):
     "coactivation" int64 `[E, E]` (`a_ij`, tokens whose top-k holds i and j; `a_ii` tokens routed to i),
     "routing_weight" float64 `[E]` (sum of the routing weights each expert received), "tokens" int64 `[]`.
-    Empty (no hook) without a job or for a dense block. The hook is removed on exit, also on error."""
+    Empty (no hook) for a dense block. The hook is removed on exit, also on error."""
     stats: dict[str, Tensor] = {}
     E = num_experts_of(block)
-    if job is None or not E:
+    if not E:
         yield stats
         return
     stats.update(
@@ -259,7 +197,7 @@ def routing_stats(job: ExpertsJob | None, block: nn.Module) -> Iterator[dict[str
 # ------------------------------------------------------------------------------------------------ decision
 
 
-def expert_distance(stage: ExpertsStage, W_gate: Tensor, routing: dict[str, Tensor]) -> Tensor:
+def expert_distance(stage: ExpertsConfig, W_gate: Tensor, routing: dict[str, Tensor]) -> Tensor:
     """`D [E, E]` (float64) of the stage's `similarity` from the router rows `W_gate [E, H]` and the routing sums."""
     if stage.similarity == "router":
         return router_distance(W_gate)
@@ -284,69 +222,7 @@ def expert_weight_distance(experts: nn.Module, chunk: int = 64) -> Tensor:
     return (d[:, None] + d[None, :] - 2 * G).clamp_min(0).sqrt().fill_diagonal_(0.0)
 
 
-def _members(clusters: Tensor, e: int) -> list[int]:
-    return torch.nonzero(clusters == clusters[e]).reshape(-1).tolist()
-
-
-def cluster_averages(block: nn.Module, clusters: Tensor, keep: list[int], counts: Tensor) -> dict[str, Tensor]:
-    """The fused expert tensors and router rows of the kept slots replaced by their clusters' averages, weighted
-    by `counts [E]` (tokens per expert; plain mean where a cluster got none): `{state name: [n_keep, ...]}`."""
-    tensors = {
-        FUSED_GATE_UP: block.mlp.experts.gate_up_proj,
-        FUSED_DOWN: block.mlp.experts.down_proj,
-        ROUTER_WEIGHT: block.mlp.gate.weight,
-    }
-    out = {}
-    for name, T in tensors.items():
-        rows = []
-        for e in keep:
-            m = torch.tensor(_members(clusters, e))
-            rows.append(merge_average(T.detach()[m.to(T.device)], torch.zeros(len(m), dtype=torch.int64), counts[m])[0])
-        out[name] = torch.stack(rows)
-    return out
-
-
 # ------------------------------------------------------------------------------------------------ surgery
-
-
-def select_experts(
-    adapter: ArchAdapter,
-    block: nn.Module,
-    i: int,
-    keep: list[int],
-    out_adapter: ArchAdapter,
-    replace: dict[str, Tensor] | None = None,
-) -> nn.Module:
-    """Block `i` with only the routed experts `keep` (ascending source indices), as the stock decoder layer of
-    `out_adapter.config` (which must have `len(keep)` experts): every tensor of the adapter's "expert" unit group
-    (router rows, score-correction bias, fused expert tensors) indexed along its expert axis; `replace`
-    ({state name: tensor}) then overrides tensors (cluster averages). The old block is not modified.
-    ValueError for a bad `keep` or a tensor whose shape the output config does not take."""
-    group = next((g for g in adapter.units(block, i) if g.kind == "expert"), None)
-    if group is None:
-        raise ValueError(f"select_experts: block {i} has no routed experts")
-    if not keep or keep != sorted(set(keep)) or keep[0] < 0 or keep[-1] >= group.count:
-        raise ValueError(
-            f"select_experts: block {i}: keep must be ascending distinct ids in [0, {group.count}), got {keep}"
-        )
-    state = {n: t.detach() for n, t in block.state_dict().items()}
-    idx = torch.tensor(keep, dtype=torch.int64)
-    for name, axis, _ in group.members:
-        state[name] = state[name].index_select(axis, idx.to(state[name].device))
-    state.update(replace or {})
-    meta = build_meta_block(out_adapter.spec, out_adapter.config, i)
-    want = meta.state_dict()
-    for name, t in want.items():
-        if name not in state or tuple(state[name].shape) != tuple(t.shape):
-            got = tuple(state[name].shape) if name in state else None
-            raise ValueError(
-                f"select_experts: block {i}: {name} has shape {got}, the output config needs {tuple(t.shape)}"
-            )
-    new = load_assign(meta, {n: state[n].contiguous() for n in want}, out_adapter.block_prefix(i))
-    layout = getattr(block, DISK_LAYOUT_ATTR, None)
-    if layout is not None:
-        setattr(new, DISK_LAYOUT_ATTR, layout)
-    return new
 
 
 def remap_stats(stats: dict[str, InputStats], clusters: Tensor, keep: list[int]) -> dict[str, InputStats]:
@@ -355,9 +231,9 @@ def remap_stats(stats: dict[str, InputStats], clusters: Tensor, keep: list[int])
     "expert{j}_out" = its own down_proj input statistics (or the members' sum when it got no token)."""
     out = {k: v for k, v in stats.items() if not _EXPERT_KEY.match(k)}
     for j, r in enumerate(keep):
-        members = _members(clusters, r)
-        ins = [stats[f"expert{m}_in"] for m in members if f"expert{m}_in" in stats]
-        outs = [stats[f"expert{m}_out"] for m in members if f"expert{m}_out" in stats]
+        group = members(clusters, r)
+        ins = [stats[f"expert{m}_in"] for m in group if f"expert{m}_in" in stats]
+        outs = [stats[f"expert{m}_out"] for m in group if f"expert{m}_out" in stats]
         if ins:
             out[f"expert{j}_in"] = functools.reduce(merge, ins)
         if f"expert{r}_out" in stats:
@@ -365,43 +241,6 @@ def remap_stats(stats: dict[str, InputStats], clusters: Tensor, keep: list[int])
         elif outs:
             out[f"expert{j}_out"] = functools.reduce(merge, outs)
     return out
-
-
-def prune_experts(
-    job: ExpertsJob,
-    adapter: ArchAdapter,
-    block: nn.Module,
-    i: int,
-    stats: dict[str, InputStats],
-    routing: dict[str, Tensor],
-) -> tuple[nn.Module, dict[str, InputStats], dict]:
-    """Decide and apply the experts of block `i` (formulas in the module docstring): returns (the pruned block of
-    `job.layer_adapter(i)`, the renumbered input statistics, the report record). Dense blocks pass through."""
-    if i not in job.n_keep:
-        return block, stats, {}
-    t0 = time.perf_counter()
-    E, n, stage = num_experts_of(block), job.n_keep[i], job.stage
-    D = expert_distance(stage, adapter.router(block).weight.detach(), routing)
-    clusters = cluster_experts(D, n)
-    keep = choose_representatives(clusters, None, "centroid", D=expert_weight_distance(block.mlp.experts)).keep
-    t1 = time.perf_counter()
-    tokens = routing["coactivation"].diagonal()
-    replace = cluster_averages(block, clusters, keep, tokens) if stage.representative == "average" else None
-    new = select_experts(adapter, block, i, keep, job.layer_adapter(i), replace) if n < E else block
-    rec = {
-        "before": E,
-        "after": n,
-        "kept": keep,
-        "clusters": clusters.tolist(),
-        "top_k": min(job.top_k, n),
-        **({"top_k_clipped_from": job.top_k} if n < job.top_k else {}),
-        "tokens": int(routing["tokens"]),
-        "tokens_per_expert": tokens.tolist(),
-        **_spread(D, clusters),
-        "time_s": {"decide": round(t1 - t0, 4), "surgery": round(time.perf_counter() - t1, 4)},
-    }
-    log.debug("block %d experts: keep %s of %d (clusters %s)", i, keep, E, rec["clusters"])
-    return new, remap_stats(stats, clusters, keep), rec
 
 
 def _spread(D: Tensor, clusters: Tensor) -> dict[str, float]:
@@ -413,69 +252,159 @@ def _spread(D: Tensor, clusters: Tensor) -> dict[str, float]:
     return {"diameter": round(diameter, 8), "separation": round(separation, 8)}
 
 
-# ------------------------------------------------------------------------------------------------ output
+class ExpertsStage(StageBase):
+    """See the module docstring."""
+
+    section = "experts"
+    config: ExpertsConfig
+
+    def __init__(self, config: ExpertsConfig, index: int) -> None:
+        super().__init__(config, index)
+        self.adapter: ArchAdapter | None = None
+        self.count_field = ""
+        self.num_experts = 0
+        self.top_k = 0
+        self.moe_layers: list[int] = []
+        self.n_keep: dict[int, int] = {}
+        self.allocation: dict = {}
+
+    def setup(self, model: ModelInfo) -> None:
+        """ConfigError, before any weight is read, when the model has no MoE block, routes by expert groups
+        (DeepSeek `n_group > 1`: removing experts would regroup them), or routes top-1 under `similarity:
+        coactivation` (no co-activations to compare). Until `prepare` reads the router rows, every MoE layer is
+        planned with the uniform count."""
+        adapter = self.adapter = model.adapter
+        config = adapter.config
+        counts = {i: num_experts_of(build_meta_block(adapter.spec, config, i)) for i in range(adapter.num_layers)}
+        self.moe_layers = [i for i, n in counts.items() if n]
+        if not self.moe_layers:
+            raise ConfigError(f"experts stage: the {adapter.model_type} model has no MoE block")
+        if int(getattr(config, "n_group", None) or 1) > 1:
+            raise ConfigError(
+                f"experts stage: {adapter.model_type} with n_group = {config.n_group} routes by expert "
+                "groups; removing experts would regroup them (only n_group = 1 is supported)"
+            )
+        self.top_k = int(getattr(config, TOP_K_FIELD))
+        if self.config.similarity == "coactivation" and self.top_k < 2:
+            raise ConfigError(
+                "experts stage: similarity coactivation needs num_experts_per_tok >= 2 (with top-1 routing "
+                "no two experts share a token); use router or both"
+            )
+        self.count_field = expert_count_field(config)
+        self.num_experts = counts[self.moe_layers[0]]
+        n = n_keep_for_target(self.num_experts, self.config.target)
+        self.n_keep = {i: n for i in self.moe_layers}
+
+    def prepare(self, reader: CheckpointReader) -> None:
+        """`n_keep`: `E − round(target·E)` in every MoE layer, or with `per_layer` the counts of
+        :func:`allocate_per_layer` on the router rows (a few KB per layer, no forward)."""
+        assert self.adapter is not None
+        E = self.num_experts
+        if self.config.per_layer:
+            D = {i: router_distance(_router_rows(reader, self.adapter, i)) for i in self.moe_layers}
+            n_uniform = n_keep_for_target(E, self.config.target)
+            self.n_keep, self.allocation = allocate_per_layer(D, (E - n_uniform) * len(self.moe_layers))
+        clipped = sorted(i for i, n in self.n_keep.items() if n < self.top_k)
+        if clipped:
+            log.warning(
+                "experts: layers %s keep fewer experts than num_experts_per_tok = %d; top_k is clipped to the "
+                "experts kept there",
+                clipped,
+                self.top_k,
+            )
+        log.info(
+            "experts: %s similarity, %s representative; experts kept per MoE layer %s (of %d)",
+            self.config.similarity,
+            self.config.representative,
+            [self.n_keep[i] for i in self.moe_layers],
+            E,
+        )
+
+    def layer_fields(self, n: int) -> dict[str, int]:
+        """Config fields of a layer keeping `n` routed experts: the count and `top_k ≤ n`."""
+        return {self.count_field: n, TOP_K_FIELD: min(self.top_k, n)}
+
+    def layer_shape(self, i: int, target=None) -> LayerShape:
+        """MoE layers: their expert count; dense layers (which the count does not change) the largest count, so that
+        a uniform run's layers all have one shape (a stock config)."""
+        return LayerShape.of(self.layer_fields(self.n_keep.get(i, max(self.n_keep.values()))))
+
+    @contextlib.contextmanager
+    def observe(self, visit: BlockVisit) -> Iterator[None]:
+        with routing_stats(visit.block) as routing:
+            visit.scratch[self.key] = routing
+            yield
+
+    def apply(self, visit: BlockVisit, target=None) -> StageResult:
+        """Decide and apply the experts of the block (module docstring): the block of `visit.out_adapter`, its input
+        statistics renumbered. Dense blocks pass through."""
+        routing = visit.scratch.pop(self.key, {})
+        if routing:  # plain sums: every rank gets the routing counts of all calibration tokens
+            dist.all_reduce_sum([routing[k] for k in sorted(routing)], visit.rt.dist)
+        i, block = visit.i, visit.block
+        if i not in self.n_keep:
+            return StageResult()
+        t0 = time.perf_counter()
+        E, n, cfg = num_experts_of(block), self.n_keep[i], self.config
+        D = expert_distance(cfg, visit.adapter.router(block).weight.detach(), routing)
+        clusters = cluster_experts(D, n)
+        keep = choose_representatives(clusters, None, "centroid", D=expert_weight_distance(block.mlp.experts)).keep
+        t1 = time.perf_counter()
+        tokens = routing["coactivation"].diagonal()
+        before = sum(p.numel() for p in block.parameters())
+        if n < E:
+            replace = cluster_averages(block, clusters, keep, tokens) if cfg.representative == "average" else None
+            visit.block = select_experts(visit.adapter, block, i, keep, visit.out_adapter, replace)
+            visit.stats = remap_stats(visit.stats, clusters, keep)
+        rec = {
+            "before": E,
+            "after": n,
+            "kept": keep,
+            "clusters": clusters.tolist(),
+            "top_k": min(self.top_k, n),
+            **({"top_k_clipped_from": self.top_k} if n < self.top_k else {}),
+            "tokens": int(routing["tokens"]),
+            "tokens_per_expert": tokens.tolist(),
+            **_spread(D, clusters),
+        }
+        log.debug("block %d experts: keep %s of %d (clusters %s)", i, keep, E, rec["clusters"])
+        removed = before - sum(p.numel() for p in visit.block.parameters())
+        times = {"experts_decide": t1 - t0, "experts_surgery": time.perf_counter() - t1}
+        return StageResult(removed=removed, section=rec, time_s=times)
+
+    def output(self) -> OutputChanges:
+        """The `experts` section of `blockprune_report.json`."""
+        kept = sum(self.n_keep.values())
+        total = self.num_experts * len(self.moe_layers)
+        clipped = sorted(i for i, n in self.n_keep.items() if n < self.top_k)
+        section = {
+            "target": self.config.target,
+            "similarity": self.config.similarity,
+            "representative": self.config.representative,
+            "per_layer": self.config.per_layer,
+            "experts_before": self.num_experts,
+            "experts_after": {str(i): self.n_keep[i] for i in self.moe_layers},
+            "achieved": round(1 - kept / total, 6),
+            "top_k": self.top_k,
+            **({"top_k_clipped_layers": clipped} if clipped else {}),
+            **({"allocation": {"threshold": self.allocation["threshold"]}} if self.allocation else {}),
+        }
+        return OutputChanges(report={"experts": section})
+
+    def plan_summary(self) -> tuple[dict[int, str], str]:
+        """For `blockprune plan` (no tensor read): {MoE layer: "E->n"} ("E->?" with per-layer counts, decided from
+        the router rows when the run starts) and one summary line."""
+        E, cfg, layers = self.num_experts, self.config, len(self.moe_layers)
+        n = n_keep_for_target(E, cfg.target)
+        per_block = {i: f"{E}->{'?' if cfg.per_layer else n}" for i in self.moe_layers}
+        counts = "per-layer counts from the router rows at run time, " if cfg.per_layer else ""
+        top_k = "clipped per layer to the experts kept" if cfg.per_layer else f"-> {min(self.top_k, n)}"
+        line = (
+            f"experts ({cfg.similarity} similarity, {cfg.representative} representative): {counts}"
+            f"{n * layers} of {E * layers} routed experts kept in {layers} MoE layers; "
+            f"num_experts_per_tok {self.top_k} {top_k}"
+        )
+        return per_block, line
 
 
-def output_overrides(job: ExpertsJob | None) -> dict:
-    """Stock config fields of the output: the expert count (per layer: the largest; the layers carry their own) and
-    `num_experts_per_tok` clipped to it."""
-    if job is None or not job.n_keep:
-        return {}
-    n = max(job.n_keep.values())
-    return {job.count_field: n, TOP_K_FIELD: min(job.top_k, n)}
-
-
-def is_nonuniform(job: ExpertsJob | None) -> bool:
-    """True when layers keep different numbers of experts (a `per_layer` run): the output needs the checkpoint's
-    own model class."""
-    return job is not None and job.stage.per_layer and bool(job.n_keep)
-
-
-def layer_entries(job: ExpertsJob | None, entries: list[dict]) -> list[dict]:
-    """`blockprune.layers` entries (one per output layer, source numbering: no depth removal with this stage) with
-    each MoE layer's expert count and top-k in its `config`."""
-    if not is_nonuniform(job):
-        return entries
-    return [
-        {**e, "config": {**e.get("config", {}), **(job.layer_fields(i) if i in job.n_keep else {})}}
-        for i, e in enumerate(entries)
-    ]
-
-
-def report_section(job: ExpertsJob | None) -> dict:
-    """The `experts` section of `blockprune_report.json`."""
-    if job is None:
-        return {}
-    kept = sum(job.n_keep.values())
-    total = job.num_experts * len(job.moe_layers)
-    clipped = sorted(i for i, n in job.n_keep.items() if n < job.top_k)
-    return {
-        "target": job.stage.target,
-        "similarity": job.stage.similarity,
-        "representative": job.stage.representative,
-        "per_layer": job.stage.per_layer,
-        "experts_before": job.num_experts,
-        "experts_after": {str(i): job.n_keep[i] for i in job.moe_layers},
-        "achieved": round(1 - kept / total, 6),
-        "top_k": job.top_k,
-        **({"top_k_clipped_layers": clipped} if clipped else {}),
-        **({"allocation": {"threshold": job.allocation["threshold"]}} if job.allocation else {}),
-    }
-
-
-def plan_summary(job: ExpertsJob | None) -> tuple[dict[int, str], str | None]:
-    """For `blockprune plan` (no tensor read): {MoE layer: "E->n"} ("E->?" with per-layer counts, decided from the
-    router rows when the run starts) and one summary line; ({}, None) without an experts stage."""
-    if job is None:
-        return {}, None
-    E, stage, layers = job.num_experts, job.stage, len(job.moe_layers)
-    n = n_keep_for_target(E, stage.target)
-    per_block = {i: f"{E}->{'?' if stage.per_layer else n}" for i in job.moe_layers}
-    counts = "per-layer counts from the router rows at run time, " if stage.per_layer else ""
-    top_k = "clipped per layer to the experts kept" if stage.per_layer else f"-> {min(job.top_k, n)}"
-    line = (
-        f"experts ({stage.similarity} similarity, {stage.representative} representative): {counts}"
-        f"{n * layers} of {E * layers} routed experts kept in {layers} MoE layers; "
-        f"num_experts_per_tok {job.top_k} {top_k}"
-    )
-    return per_block, line
+register_stage("experts", ExpertsConfig, ExpertsStage)

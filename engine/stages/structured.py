@@ -1,421 +1,355 @@
-"""Block-level structured pruning: plan the units each layer removes, call the solver, and rebuild a smaller block.
+"""Structured pruning: whole KV groups and MLP / expert channels removed, the consumers refit, the block rebuilt smaller.
 
-Units (from `ArchAdapter.units`): "heads" = whole KV groups (a KV head with its query heads: q/k/v rows and the
-o_proj columns of the group); "channels" = MLP intermediate channels (gate/up rows and the down_proj column), in
-MoE blocks the intermediate channels of every routed expert and of the shared expert.
+Per block: the consumers' inputs (o_proj, down_proj, each expert's down_proj) get column sums and squares (scores,
+bias compensation) and, for the OBS score or any reconstruction, the Gram; then `engine.surgery.prune_block`
+removes the layer's units (the uniform plan of `engine.units.plan_uniform`, or the layer's share of a global
+budget: `LayerDecision.remove`) and returns the stock decoder layer of the shrunk config. Formulas:
+docs/structured.md; unit bookkeeping: `engine.units`.
 
-Uniform allocation (`plan_uniform`; the global rules give each layer its own budget and apply the same split to it
-per layer, `split_units`, see engine/coordinator.py and docs/allocation.md): every layer removes the
-same number of KV groups and, in every MLP / expert, the same number of channels, so the output is the stock
-architecture with smaller `num_attention_heads`, `num_key_value_heads`, `intermediate_size`
-(`moe_intermediate_size`, `shared_expert_intermediate_size`). With `P` the prunable (non-embedding, all block)
-parameters and `R_k` the parameters held by units of kind k, the split is::
-
-    f      = target·P / Σ_k R_k                       # the same fraction of every selected kind's parameters
-    r_head = round(f · n_kv)                          # whole KV groups, at most n_kv − 1
-    f_ch   = (target·P − removed by heads) / R_ch     # channels absorb the heads' rounding
-    keep_k = align · round(n_k (1 − f_ch) / align)    # kept channel counts are multiples of `align` (>= align)
-
-Routed experts' kept widths are also multiples of 8 (`EXPERT_ALIGN`): the fused expert tensors run through torch's
-grouped matmul, which needs 16-byte strides.
-
-Surgery: the consumer (o_proj / down_proj) is pruned by `solvers.group_prune.prune_groups` (score, solver, bias
-compensation); the producing rows (q/k/v, gate/up) of removed units are dropped; the block is then rebuilt as the
-stock decoder layer of the shrunk config (`build_meta_block` + `assign=True` load), so every module (and the
-attention's head bookkeeping) is exactly what `from_pretrained` builds from the exported config. Nothing is masked.
+For a global budget (`engine.budget`) the scoring pass records per layer, besides what every stage gets, the
+``head_error[r]`` / ``channel_error[f]`` curves: the relative block output error when only ``r`` KV groups
+(``r = 0 .. n_kv − 1``, one masked forward each: a KV group's output also feeds the MLP, so the attention output's
+own error would understate it) / only a fraction ``f`` (of `CHANNEL_GRID`) of every channel group are removed in
+score order with no reconstruction — channels need no forward: removing MLP channels changes the block output by
+exactly ``Σ_t ‖W_{:,R} x_{t,R}‖² = tr(W_R H_RR W_Rᵀ)`` of the down_proj input Gram.
 """
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import PretrainedConfig
 
-from engine.arch import ArchAdapter, LinearSpec, UnitGroup
-from engine.blocks import DISK_LAYOUT_ATTR, FUSED_DOWN, FUSED_GATE_UP, build_meta_block, load_assign
-from engine.config import ConfigError
-from solvers.group_prune import groups_contiguous, prune_groups
+from engine.arch import ArchAdapter, LinearSpec
+from engine.coordinator import LayerDecision, LayerModel, UnitKind, plan_layer
+from engine.schema import ConfigError, choice, resolve_allocation
+from engine.stage import (
+    BlockVisit,
+    LayerShape,
+    ModelInfo,
+    OutputChanges,
+    StageBase,
+    StageResult,
+    StatsRequest,
+    register_stage,
+)
+from engine.surgery import GroupOptions, prune_block
+from engine.units import (
+    CHANNEL_GRID,
+    CHANNEL_KINDS,
+    EXPERT_ALIGN,
+    UNIT_KINDS,
+    StructuredPlan,
+    config_overrides,
+    consumer,
+    consumer_inputs,
+    layer_inventory,
+    layer_params,
+    plan_uniform,
+    selected_kinds,
+)
+from solvers.group_prune import SCORES, SOLVERS, groups_contiguous
+from solvers.scores import group_scores
 from solvers.stats import InputStats
 
 log = logging.getLogger(__name__)
 
-UNIT_KINDS: dict[str, tuple[str, ...]] = {
-    "heads": ("kv_group",),
-    "channels": ("channel", "expert_channel", "shared_channel"),
-}
-_CHANNEL_KINDS = UNIT_KINDS["channels"]
-# Fused experts run through torch's grouped matmul, which needs 16-byte strides: kept expert widths are multiples of 8.
-EXPERT_ALIGN = 8
+Measure = Callable[[list[tuple[Tensor, Tensor]]], tuple[float, float]]
 
 
 @dataclass
-class StructuredPlan:
-    """Units removed per layer (per expert for expert channels) and the shrunk config they give.
+class StructuredConfig:
+    """Structured pruning of whole units with reconstruction (docs/structured.md).
 
-    remove: {unit kind: units removed from each group of that kind}. overrides: config fields of the output
-    (`num_attention_heads`, `num_key_value_heads`, `head_dim`, `intermediate_size`, ...). params_before/after:
-    block parameters (all layers) of the input and of the planned output (exact, from meta builds).
+    `target`: fraction of the prunable (non-embedding) parameters removed. `units`: `heads` (whole KV groups)
+    and/or `channels` (MLP / expert intermediate channels). `score`: how units are chosen; `solver`: how the kept
+    weights of o_proj / down_proj are refit. `allocation`: how the target is spread over the layers (`uniform`: every
+    layer removes the same units, stock output; `owl` / `softmax`: per-layer widths from a scoring pass, see
+    docs/allocation.md). `align`: kept channel counts are multiples of it.
     """
 
-    remove: dict[str, int]
-    overrides: dict[str, int | bool]
-    params_before: int
-    params_after: int
-    target: float
-    info: dict = field(default_factory=dict)
+    method: str = "structured"
+    target: float = 0.2
+    units: list[str] = field(default_factory=lambda: ["heads", "channels"])
+    score: str = "obs"  # solvers.group_prune.SCORES
+    solver: str = "closed_form"  # solvers.group_prune.SOLVERS
+    allocation: dict[str, Any] = field(default_factory=lambda: {"rule": "uniform"})
+    bias_compensation: bool = False
+    align: int = 1
+    percdamp: float = 0.01
+
+    def validate(self, where: str) -> None:
+        if not 0.0 < self.target < 1.0:
+            raise ConfigError(f"{where}.target = {self.target}: must be in (0, 1)")
+        choice(self.units, tuple(UNIT_KINDS), f"{where}.units")
+        if not self.units:
+            raise ConfigError(f"{where}.units must name at least one of {', '.join(UNIT_KINDS)}")
+        choice([self.score], SCORES, f"{where}.score")
+        choice([self.solver], SOLVERS, f"{where}.solver")
+        self.allocation = resolve_allocation(self.allocation, f"{where}.allocation", structured=True)
+        if self.allocation["max"] >= 1.0:
+            raise ConfigError(
+                f"{where}.allocation.max = {self.allocation['max']}: a structured layer keeps at least "
+                "one unit of each kind; use max < 1"
+            )
+        if self.align < 1:
+            raise ConfigError(f"{where}.align must be >= 1")
+        if not 0 <= self.percdamp < math.inf:
+            raise ConfigError(f"{where}.percdamp = {self.percdamp}: must be a finite number >= 0")
 
     @property
-    def achieved(self) -> float:
-        return 1.0 - self.params_after / self.params_before
+    def needs_gram(self) -> bool:
+        return self.score == "obs" or self.solver != "none"
 
 
-# ------------------------------------------------------------------------------------------------ planning
+class StructuredStage(StageBase):
+    """See the module docstring. Allocatable: a global budget hands each layer its units (`LayerDecision.remove`)."""
 
+    section = "structured"
+    config: StructuredConfig
 
-def _member_params(specs: dict[str, LinearSpec], name: str, axis: int, width: int) -> int:
-    s = specs[name]
-    other = s.d_in if axis == 0 else s.d_out
-    return width * other + (width if axis == 0 and s.bias else 0)
+    def __init__(self, config: StructuredConfig, index: int) -> None:
+        super().__init__(config, index)
+        self.target = config.target
+        self.plan: StructuredPlan | None = None
+        self.adapter: ArchAdapter | None = None
+        self.options = GroupOptions(config.score, config.solver, config.bias_compensation, config.percdamp)
+        self._inventory: dict[int, dict] = {}
 
+    # ---- before the loop ----------------------------------------------------------------------------------------
+    def setup(self, model: ModelInfo) -> None:
+        self.adapter = model.adapter
+        if model.adapter.spec.attention != "gqa":
+            raise ConfigError(
+                f"{self.key}: structured pruning of {model.adapter.model_type} (MLA attention) is not supported yet"
+            )
+        if self.config.allocation["rule"] == "uniform":
+            self.plan = plan_uniform(model.adapter, dataclasses.replace(self.config, target=self.target))
 
-def layer_inventory(adapter: ArchAdapter, i: int, config: PretrainedConfig | None = None) -> dict[str, dict]:
-    """{kind: {"count": units per group, "groups": groups in layer `i`, "params": parameters of one unit}} of the
-    KV-group and channel kinds of layer `i` of `config` (default the adapter's), from a meta block."""
-    meta = build_meta_block(adapter.spec, config or adapter.config, i)
-    specs = {s.name: s for s in adapter.linears(meta, i)}
-    inv: dict[str, dict] = {}
-    for g in adapter.units(meta, i):
-        if g.kind not in UNIT_KINDS["heads"] + _CHANNEL_KINDS:
-            continue
-        p = sum(_member_params(specs, *m) for m in g.members)
-        cur = inv.setdefault(g.kind, {"count": g.count, "groups": 0, "params": p})
-        if (cur["count"], cur["params"]) != (g.count, p):
-            raise ConfigError(f"structured: layer {i} has {g.kind} groups of different sizes")
-        cur["groups"] += 1
-    return inv
+    @property
+    def coordinated(self) -> bool:
+        return self.config.allocation["rule"] != "uniform"
 
+    def _inv(self, i: int) -> dict:
+        assert self.adapter is not None
+        if i not in self._inventory:
+            self._inventory[i] = layer_inventory(self.adapter, i)
+        return self._inventory[i]
 
-def unit_inventory(adapter: ArchAdapter) -> dict[str, dict]:
-    """{kind: {"count": units per group, "groups": groups over all layers, "params": parameters of one unit}}
-    from meta blocks (no weight read). Raises ConfigError when layers disagree on a kind's unit size."""
-    inv: dict[str, dict] = {}
-    for i in range(adapter.num_layers):
-        for kind, lay in layer_inventory(adapter, i).items():
-            cur = inv.setdefault(kind, {"count": lay["count"], "groups": 0, "params": lay["params"]})
-            if (cur["count"], cur["params"]) != (lay["count"], lay["params"]):
-                raise ConfigError(
-                    f"structured: layer {i} has {lay['count']} {kind} units of {lay['params']} "
-                    f"parameters, other layers {cur['count']} of {cur['params']}; uniform allocation "
-                    "needs equal layers"
-                )
-            cur["groups"] += lay["groups"]
-    return inv
+    # ---- the budget's view (engine.budget) ----------------------------------------------------------------------
+    @property
+    def allocation(self) -> dict:
+        return self.config.allocation
 
+    @property
+    def global_target(self) -> float:
+        return self.config.target
 
-def layer_params(adapter: ArchAdapter, config: PretrainedConfig, i: int) -> int:
-    """Parameters of decoder block `i` of `config` (a meta build)."""
-    return sum(p.numel() for p in build_meta_block(adapter.spec, config, i).parameters())
+    def set_uniform_target(self, S: float) -> None:
+        """Every layer removes the same units for `S` (`allocation.of: total` rescaled onto the prunable ones)."""
+        self.target = S
+        if self.adapter is not None and not self.coordinated:
+            self.plan = plan_uniform(self.adapter, dataclasses.replace(self.config, target=S))
 
+    def layer_model(self, adapter: ArchAdapter, i: int) -> LayerModel:
+        """``P_l`` (all parameters of the block) and its unit kinds: KV groups (step 1) and channel kinds (step
+        `align`; routed experts lcm(align, 8))."""
+        inv = layer_inventory(adapter, i)
+        kinds = []
+        align = self.config.align
+        for k in selected_kinds(inv, self.config.units):
+            a = 1 if k == "kv_group" else (math.lcm(align, EXPERT_ALIGN) if k == "expert_channel" else align)
+            kinds.append(UnitKind(k, inv[k]["count"], inv[k]["groups"], inv[k]["params"], a))
+        steps = [k.align * k.groups * k.params for k in kinds if k.kind in CHANNEL_KINDS]
+        unit = min(steps) if steps else max(k.groups * k.params for k in kinds)
+        params = layer_params(adapter, adapter.config, i)
+        return LayerModel(layer=i, params=params, unit=float(unit), kinds=tuple(kinds), align=align)
 
-def selected_kinds(inv: dict[str, dict], units: list[str]) -> list[str]:
-    """The unit kinds of `inv` that the stage's `units` select (KV groups first, then channel kinds)."""
-    return [k for u in units for k in UNIT_KINDS[u] if k in inv]
-
-
-def split_units(
-    inv: dict[str, dict], kinds: list[str], goal: float, align: int, heads: int | None = None
-) -> dict[str, int]:
-    """Units removed per group of each kind so that about `goal` parameters go (the split of the module docstring).
-
-    `inv` is per layer or summed over layers (`unit_inventory`). KV groups first: `heads` when given, else the same
-    share of their parameters as the whole goal (rounded, at most n_kv − 1); then the channel kinds, coarsest
-    (routed experts) first, each absorbing the rounding of the ones before; kept channel counts are multiples of
-    `align` (routed experts: of lcm(align, 8)). ConfigError when the goal needs more than all channels."""
-    held = {k: inv[k]["groups"] * inv[k]["count"] * inv[k]["params"] for k in kinds}
-    per_unit = {k: inv[k]["groups"] * inv[k]["params"] for k in kinds}  # removing one unit from every group
-    remove: dict[str, int] = {}
-    if "kv_group" in kinds:
-        n = inv["kv_group"]["count"]
-        if heads is None:
-            share = goal / sum(held.values()) if len(kinds) > 1 else goal / held["kv_group"]
-            heads = round(share * n)
-        remove["kv_group"] = int(min(max(heads, 0), n - 1))
-        goal -= remove["kv_group"] * per_unit["kv_group"]
-    ch = sorted((k for k in kinds if k in _CHANNEL_KINDS), key=lambda k: k != "expert_channel")  # coarsest first
-    for idx, k in enumerate(ch):
-        frac = max(goal, 0.0) / sum(held[x] for x in ch[idx:])  # later kinds absorb earlier rounding
-        if frac >= 1.0:
-            raise ConfigError(f"structured: removing {goal:.0f} more parameters needs more than all MLP channels")
-        n = inv[k]["count"]
-        a = math.lcm(align, EXPERT_ALIGN) if k == "expert_channel" else align
-        remove[k] = n - _round_keep(n, frac, a)
-        goal -= remove[k] * per_unit[k]
-    return remove
-
-
-def block_params(adapter: ArchAdapter, config: PretrainedConfig) -> int:
-    """Parameters of all decoder blocks of `config` (meta builds)."""
-    return sum(
-        sum(p.numel() for p in build_meta_block(adapter.spec, config, i).parameters())
-        for i in range(adapter.num_layers)
-    )
-
-
-def _round_keep(n: int, frac_remove: float, align: int) -> int:
-    keep = align * round(n * (1.0 - frac_remove) / align)
-    return int(min(max(keep, align if align <= n else n), n))
-
-
-def plan_uniform(adapter: ArchAdapter, stage) -> StructuredPlan:
-    """The uniform plan of a `StructuredStage` (formulas in the module docstring)."""
-    inv = unit_inventory(adapter)
-    kinds = selected_kinds(inv, stage.units)
-    if not kinds:
-        raise ConfigError(f"structured.units = {stage.units}: the {adapter.model_type} blocks have no such units")
-    P = block_params(adapter, adapter.config)
-    try:
-        remove = split_units(inv, kinds, stage.target * P, stage.align)
-    except ConfigError:
-        raise ConfigError(f"structured.target = {stage.target}: needs more than all MLP channels") from None
-    overrides = config_overrides(adapter.config, inv, remove, stage.bias_compensation)
-    out_cfg = shrunk_config(adapter.config, overrides)
-    plan = StructuredPlan(
-        remove=remove,
-        overrides=overrides,
-        params_before=P,
-        params_after=block_params(adapter, out_cfg),
-        target=stage.target,
-    )
-    log.info(
-        "structured plan: remove %s per layer -> %s (%.4f of block parameters removed, target %.4f)",
-        remove,
-        overrides,
-        plan.achieved,
-        stage.target,
-    )
-    if abs(plan.achieved - stage.target) > 0.02:
-        log.warning(
-            "structured: whole units give %.4f of the block parameters, not the target %.4f (units %s, align %d)",
-            plan.achieved,
-            stage.target,
-            stage.units,
-            stage.align,
+    def refine_model(self, model: LayerModel, record: dict) -> LayerModel:
+        """The layer's model with the error curves of its scoring record (the `error` split reads them)."""
+        return dataclasses.replace(
+            model, head_error=tuple(record["head_error"]), channel_error=tuple(record["channel_error"])
         )
-    return plan
+
+    def score_identity(self) -> dict:
+        c = self.config
+        return {
+            "kind": "structured",
+            "score": c.score,
+            "units": list(c.units),
+            "align": c.align,
+            "split": c.allocation["split"],
+            "percdamp": c.percdamp,
+        }
+
+    def scored_specs(self, adapter: ArchAdapter, block: nn.Module, i: int) -> list[LinearSpec]:
+        return adapter.linears(block, i)
+
+    def score_request(self, adapter: ArchAdapter, block: nn.Module, i: int) -> StatsRequest:
+        grams = consumer_inputs(adapter, block, i, self.config.units)
+        moments = {s.input_id for s in adapter.linears(block, i)} - grams
+        return StatsRequest(grams, moments, grams if self.config.score == "fluctuation" else set())
+
+    def score_block(
+        self,
+        adapter: ArchAdapter,
+        block: nn.Module,
+        i: int,
+        stats: dict[str, InputStats],
+        norm: float,
+        model: LayerModel,
+        measure: Measure,
+    ) -> tuple[dict, Callable[[float], list]]:
+        """(this stage's part of the layer's scoring record: unit score sums, `head_error`, `channel_error`; a function
+        ``S -> [(weight view, zeroed columns)]`` removing the units the run would remove for a budget of ``S·P_l``)."""
+        orders, score_stats, channel = _structured_scores(adapter, block, i, stats, self.config, norm)
+        rec: dict[str, Any] = {"score_stats": score_stats, "head_error": [], "channel_error": channel}
+        heads = next((o for o in orders if o.kind == "kv_group"), None)
+        if heads is not None:  # measured: removing r groups, r = 0 .. n_kv − 1 (pooled, like channel_error)
+            n_kv = heads.order.numel()
+            rec["head_error"] = [0.0] + [
+                measure(_unit_masks(adapter, block, [heads], {"kv_group": r}))[0] / norm for r in range(1, n_kv)
+            ]
+        refined = self.refine_model(model, rec)
+        split = self.config.allocation["split"]
+        return rec, lambda S: _unit_masks(adapter, block, orders, plan_layer(refined, S * model.params, split))
+
+    # ---- per block ----------------------------------------------------------------------------------------------
+    def _remove(self, target: LayerDecision | None) -> dict[str, int]:
+        if target is not None:
+            return dict(target.remove)
+        if self.plan is None:
+            raise RuntimeError(f"{self.key}: a coordinated structured stage needs its budget's decision")
+        return self.plan.remove
+
+    def layer_shape(self, i: int, target: LayerDecision | None) -> LayerShape:
+        if target is None and self.plan is not None:
+            return LayerShape.of(self.plan.overrides)
+        assert self.adapter is not None
+        over = config_overrides(self.adapter.config, self._inv(i), self._remove(target), self.config.bias_compensation)
+        return LayerShape.of(over)
+
+    def stats(self, visit: BlockVisit, target: LayerDecision | None) -> StatsRequest:
+        inputs = consumer_inputs(visit.adapter, visit.block, visit.i, self.config.units)
+        if self.config.needs_gram:
+            return StatsRequest(gram=inputs, track=inputs)
+        return StatsRequest(moments=inputs, track=inputs)
+
+    def apply(self, visit: BlockVisit, target: LayerDecision | None) -> StageResult:
+        before = sum(p.numel() for p in visit.block.parameters())
+        block, records = prune_block(
+            visit.adapter,
+            visit.block,
+            visit.i,
+            self.options,
+            self._remove(target),
+            visit.stats,
+            visit.out_adapter,
+            run_all=visit.run_sharded,
+        )
+        visit.block = block
+        return StageResult(removed=before - sum(p.numel() for p in block.parameters()), section=records)
+
+    def output(self) -> OutputChanges:
+        if self.plan is None:
+            return OutputChanges()
+        p = self.plan
+        section = {
+            "remove_per_layer": p.remove,
+            "config": p.overrides,
+            "block_params_before": p.params_before,
+            "block_params_after": p.params_after,
+            "target": p.target,
+            "achieved": round(p.achieved, 6),
+        }
+        return OutputChanges(report={"structured_plan": section})
 
 
-def config_overrides(config: PretrainedConfig, inv: dict, remove: dict[str, int], bias: bool) -> dict:
-    """Output config fields for `remove` (units removed per group) applied to every layer."""
-    out: dict = {}
-    if remove.get("kv_group"):
-        n_kv = int(config.num_key_value_heads)
-        per = int(config.num_attention_heads) // n_kv
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        keep = n_kv - remove["kv_group"]
-        out.update(num_key_value_heads=keep, num_attention_heads=keep * per, head_dim=int(head_dim))
-    fields = {
-        "channel": "intermediate_size",
-        "expert_channel": _expert_field(config),
-        "shared_channel": "shared_expert_intermediate_size",
-    }
-    for k in _CHANNEL_KINDS:
-        if remove.get(k):
-            out[fields[k]] = inv[k]["count"] - remove[k]
-    if bias:
-        out.update(bias_flags(config, inv, remove))
-    return out
+# --------------------------------------------------------------------------------------------- scoring helpers
 
 
-def _expert_field(config: PretrainedConfig) -> str:
-    return "moe_intermediate_size" if getattr(config, "moe_intermediate_size", None) else "intermediate_size"
+@dataclass
+class _Order:
+    """Removal order of the units of one group (lowest score first) and where to zero them."""
+
+    kind: str
+    consumer: LinearSpec
+    width: int
+    order: Tensor
 
 
-def bias_flags(config: PretrainedConfig, inv: dict, remove: dict[str, int]) -> dict[str, bool]:
-    """`attention_bias` / `mlp_bias` to turn on for bias compensation; ConfigError where the architecture's config
-    has no such flag (its consumer linear cannot carry a bias in the stock model)."""
-    out = {}
-    wants = {"attention_bias": bool(remove.get("kv_group")), "mlp_bias": any(remove.get(k) for k in _CHANNEL_KINDS)}
-    for flag, needed in wants.items():
-        if needed:
-            if not _flag_gives_consumer_bias(config, flag):
-                raise ConfigError(
-                    f"structured.bias_compensation: {config.model_type} has no `{flag}` config flag "
-                    f"that gives its {'o_proj' if flag == 'attention_bias' else 'down_proj'} a bias"
-                )
-            out[flag] = True
-    return out
-
-
-def _flag_gives_consumer_bias(config: PretrainedConfig, flag: str) -> bool:
-    if not hasattr(config, flag):
-        return False
-    from engine.arch import adapter_for
-
-    adapter = adapter_for(shrunk_config(config, {flag: True}))
-    meta = build_meta_block(adapter.spec, adapter.config, 0)
-    consumer = "self_attn.o_proj" if flag == "attention_bias" else "mlp.down_proj"
-    try:
-        return meta.get_submodule(consumer).bias is not None
-    except AttributeError:
-        return False
-
-
-def shrunk_config(config: PretrainedConfig, overrides: dict) -> PretrainedConfig:
-    """A deep copy of `config` with `overrides` set."""
-    out = copy.deepcopy(config)
-    for k, v in overrides.items():
-        setattr(out, k, v)
-    return out
-
-
-# ------------------------------------------------------------------------------------------------ statistics
-
-
-def consumer_inputs(adapter: ArchAdapter, block: nn.Module, i: int, units: list[str]) -> set[str]:
-    """Input ids of the consumer linears (o_proj, down_proj, experts' down) whose units `units` selects."""
-    specs = {s.name: s for s in adapter.linears(block, i)}
-    kinds = {k for u in units for k in UNIT_KINDS[u]}
-    out = set()
-    for g in adapter.units(block, i):
-        if g.kind in kinds:
-            out.add(specs[_consumer(g)].input_id)
-    return out
-
-
-def needs_gram(stage) -> bool:
-    return stage.score == "obs" or stage.solver != "none"
-
-
-def _consumer(g: UnitGroup) -> str:
-    return next(name for name, axis, _ in g.members if axis == 1)
-
-
-# ------------------------------------------------------------------------------------------------ surgery
-
-
-def prune_block(
+def _structured_scores(
     adapter: ArchAdapter,
     block: nn.Module,
     i: int,
-    stage,
-    plan: StructuredPlan,
     stats: dict[str, InputStats],
-    out_adapter: ArchAdapter,
-    run_all: Callable[[list, list[float], Callable], list] | None = None,
-) -> tuple[nn.Module, dict[str, dict]]:
-    """Remove `plan.remove` units from every unit group of block `i` and return (the rebuilt stock block of
-    `out_adapter.config`, per-consumer records). The old block's tensors are not modified.
-
-    `run_all(tasks, costs, fn)` computes `[fn(t) for t in tasks]` (the consumers' solves, independent of one
-    another); the engine passes one that shards them across ranks (engine.distributed.run_sharded)."""
+    config: StructuredConfig,
+    norm: float,
+) -> tuple[list[_Order], dict, list[float]]:
+    """Per selected unit group: the removal order by the stage's score, the score sums per kind, and the layer's
+    channel error curve (normalised by Σ‖y‖²; empty without channel units)."""
     specs = {s.name: s for s in adapter.linears(block, i)}
-    state = {n: t.detach() for n, t in block.state_dict().items()}
-    experts: dict[int, dict[str, Tensor]] = {}
-    records: dict[str, dict] = {}
-    tasks = [(g, plan.remove.get(g.kind, 0)) for g in adapter.units(block, i) if plan.remove.get(g.kind, 0) > 0]
-
-    def solve(task: tuple[UnitGroup, int]):
-        g, k = task
-        cons = specs[_consumer(g)]
-        return _solve(adapter, block, cons, g, k, stage, stats.get(cons.input_id))
-
-    costs = [float(specs[_consumer(g)].d_out * specs[_consumer(g)].d_in ** 2) for g, _ in tasks]
-    results = run_all(tasks, costs, solve) if run_all is not None else [solve(t) for t in tasks]
-    for (g, k), res in zip(tasks, results):
-        cons = specs[_consumer(g)]
-        records[cons.name] = {**res.info, "shape": list(res.weight.shape), "kept_units": g.count - k}
-        for name, axis, width in g.members:
-            spec = specs[name]
-            W = adapter.get_weight(block, spec)
-            if axis == 1:
-                new = res.weight.to(device=W.device, dtype=W.dtype)
-            else:
-                rows = groups_contiguous(g.count * width, width)
-                new = W[torch.cat([rows[j] for j in res.keep_groups.tolist()]).to(W.device)]
-            if spec.expert is not None:
-                experts.setdefault(spec.expert, {})[name.rsplit(".", 1)[1]] = new
-                continue
-            state[f"{name}.weight"] = new
-            if axis == 0 and f"{name}.bias" in state:
-                b = state[f"{name}.bias"]
-                state[f"{name}.bias"] = b[torch.cat([rows[j] for j in res.keep_groups.tolist()]).to(b.device)]
-            if axis == 1 and res.bias is not None:
-                old = state.get(f"{name}.bias")
-                base = torch.zeros(W.shape[0], dtype=W.dtype, device=W.device) if old is None else old
-                state[f"{name}.bias"] = base + res.bias.to(device=W.device, dtype=W.dtype)
-    if experts:
-        _fuse_into(state, experts, block)
-    return _rebuild(out_adapter, block, i, state), records
-
-
-def _solve(
-    adapter: ArchAdapter, block: nn.Module, cons: LinearSpec, g: UnitGroup, k: int, stage, st: InputStats | None
-):
-    W = adapter.get_weight(block, cons).float()
-    width = next(w for _, axis, w in g.members if axis == 1)
-    groups = groups_contiguous(W.shape[1], width)
-    if st is None or st.n == 0:  # an expert that received no calibration token
-        log.warning(
-            "block %d %s: no calibration tokens; magnitude score, no reconstruction",
-            block.self_attn.layer_idx,
-            cons.name,
+    kinds = {k for u in config.units for k in UNIT_KINDS[u]}
+    orders: list[_Order] = []
+    score_stats: dict[str, list[float]] = {}
+    channel = torch.zeros(len(CHANNEL_GRID), dtype=torch.float64)
+    for g in adapter.units(block, i):
+        if g.kind not in kinds:
+            continue
+        cons = specs[consumer(g)]
+        width = next(w for _, axis, w in g.members if axis == 1)
+        W = adapter.get_weight(block, cons).float()
+        st = stats.get(cons.input_id)
+        groups = groups_contiguous(W.shape[1], width)
+        usable = st is not None and st.n > 0
+        s = group_scores(
+            config.score if usable else "magnitude", W, st if usable else None, groups, percdamp=config.percdamp
         )
-        from solvers.stats import init_stats
-
-        st = init_stats(W.shape[1], gram=False, track_moments=True)
-        st.n = 1
-        return prune_groups(W, st, groups, k, score="magnitude", solver="none", bias_compensation=False)
-    return prune_groups(
-        W,
-        st,
-        groups,
-        k,
-        score=stage.score,
-        solver=stage.solver,
-        bias_compensation=stage.bias_compensation,
-        percdamp=stage.percdamp,
-    )
+        order = torch.sort(s.cpu(), stable=True).indices
+        orders.append(_Order(g.kind, cons, width, order))
+        acc = score_stats.setdefault(g.kind, [0.0, 0.0, 0.0])
+        acc[0], acc[1], acc[2] = acc[0] + s.numel(), acc[1] + float(s.sum()), acc[2] + float(s.square().sum())
+        if g.kind != "kv_group":
+            H = st.H if usable and st is not None and st.H is not None else None
+            cum = cumulative_error(W, H, width, order) / norm
+            channel += cum[torch.tensor([round(f * g.count) for f in CHANNEL_GRID])]
+    has_channels = any(o.kind != "kv_group" for o in orders)
+    return orders, score_stats, channel.tolist() if has_channels else []
 
 
-def _fuse_into(state: dict[str, Tensor], experts: dict[int, dict[str, Tensor]], block: nn.Module) -> None:
-    """Rebuild the fused expert tensors from per-expert (gate, up, down) pieces; experts left out keep theirs."""
-    fused_gu, fused_down = block.mlp.experts.gate_up_proj.detach(), block.mlp.experts.down_proj.detach()
-    inter = fused_gu.shape[1] // 2
-    gu, down = [], []
-    for e in range(fused_gu.shape[0]):
-        parts = experts.get(e, {})
-        gate = parts.get("gate_proj", fused_gu[e, :inter])
-        up = parts.get("up_proj", fused_gu[e, inter:])
-        gu.append(torch.cat([gate, up], dim=0))
-        down.append(parts.get("down_proj", fused_down[e]))
-    state[FUSED_GATE_UP] = torch.stack(gu)
-    state[FUSED_DOWN] = torch.stack(down)
+def cumulative_error(W: Tensor, H: Tensor | None, width: int, order: Tensor) -> Tensor:
+    """``E(k) = Σ_t ‖W_{:,R_k} x_{t,R_k}‖²`` for the first ``k`` units of `order` removed (``k = 0..n``), from
+    ``M = (WᵀW) ⊙ H`` summed over unit blocks: ``E(k) = Σ_{a,b<k} M_u[o_a, o_b]``. Zeros without a Gram (no token
+    reached the group: removing it changes nothing the calibration sees)."""
+    n = W.shape[1] // width
+    if H is None:
+        return torch.zeros(n + 1, dtype=torch.float64)
+    Wd = W.double()
+    M = (Wd.T @ Wd) * H.to(W.device, torch.float64)
+    Mu = M.reshape(n, width, n, width).sum(dim=(1, 3)).cpu()
+    o = order.cpu()
+    C = Mu[o][:, o].cumsum(0).cumsum(1).diagonal()
+    return torch.cat([torch.zeros(1, dtype=torch.float64), C])
 
 
-def _rebuild(out_adapter: ArchAdapter, old: nn.Module, i: int, state: dict[str, Tensor]) -> nn.Module:
-    """Load `state` into the stock layer of the shrunk config; tensors the new config adds (biases turned on for
-    compensation) are zeros. ValueError names a tensor whose shape does not fit."""
-    meta = build_meta_block(out_adapter.spec, out_adapter.config, i)
-    want = meta.state_dict()
-    ref = next(iter(state.values()))
-    for name, t in want.items():
-        if name not in state:
-            if not name.endswith("bias"):
-                raise ValueError(f"structured surgery, block {i}: no tensor for {name}")
-            state[name] = torch.zeros(t.shape, dtype=ref.dtype, device=ref.device)
-        elif tuple(state[name].shape) != tuple(t.shape):
-            raise ValueError(
-                f"structured surgery, block {i}: {name} has shape {tuple(state[name].shape)}, the "
-                f"shrunk config needs {tuple(t.shape)}"
-            )
-    block = load_assign(meta, {n: state[n].contiguous() for n in want}, out_adapter.block_prefix(i))
-    layout = getattr(old, DISK_LAYOUT_ATTR, None)
-    if layout is not None:
-        setattr(block, DISK_LAYOUT_ATTR, layout)
-    return block
+def _unit_masks(
+    adapter: ArchAdapter, block: nn.Module, orders: list[_Order], remove: dict[str, int]
+) -> list[tuple[Tensor, Tensor]]:
+    """(weight view, zeroed column index) pairs removing `remove[kind]` units from every group in score order."""
+    out = []
+    for o in orders:
+        k = int(remove.get(o.kind, 0))
+        if k <= 0:
+            continue
+        cols = torch.cat([torch.arange(int(u) * o.width, (int(u) + 1) * o.width) for u in o.order[:k]])
+        out.append((adapter.get_weight(block, o.consumer), cols))
+    return out
+
+
+register_stage("structured", StructuredConfig, StructuredStage)

@@ -101,7 +101,8 @@ def experts_logits(path: str | Path, ids: torch.Tensor, keep: dict[int, list[int
     routed experts `keep[i]` (ascending source ids) in block i: `engine.stages.experts.select_experts` into the stock
     layer of the config with that many experts (top_k clipped)."""
     from engine.arch import adapter_for, embed, final_hidden_to_logits
-    from engine.stages.experts import adapter_with_experts, select_experts
+    from engine.stages.experts import adapter_with_experts
+    from engine.surgery import select_experts
     from sharding.reader import CheckpointReader
 
     reader = CheckpointReader(path)
