@@ -41,6 +41,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from sharding.errors import BlockpruneError
+
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = "blockprune.lock"
@@ -55,7 +57,7 @@ _HELD: dict[str, OutputLock] = {}
 _HELD_GUARD = threading.Lock()
 
 
-class LockError(RuntimeError):
+class LockError(BlockpruneError, RuntimeError):
     """The output directory is locked by another run (the message names it) or the lock cannot be taken."""
 
 
