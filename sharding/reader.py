@@ -22,8 +22,9 @@ import json
 import logging
 import math
 import os
+import stat
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
@@ -42,8 +43,19 @@ PICKLE_INDEX = "pytorch_model.bin.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 # Pickled files a training run leaves next to the weights; never taken for weights.
 _NOT_WEIGHTS = ("training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state")
+PICKLE_ADVICE = (
+    "unpickling can run code, so only safetensors checkpoints are read; convert it once, e.g. python -c "
+    "\"from transformers import AutoModelForCausalLM as M, AutoTokenizer as T; d, o = 'IN_DIR', 'OUT_DIR'; "
+    'M.from_pretrained(d).save_pretrained(o); T.from_pretrained(d).save_pretrained(o)" '
+    "(transformers loads .bin files with torch.load(weights_only=True)), then use OUT_DIR"
+)
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit; a longer header is a "header bomb"
 _HASH_CHUNK = 1 << 20
+_STREAM_CHUNK = 16 << 20
+_CHANGED_ADVICE = (
+    ": the output was made from other weights; restore the input checkpoint, or start over with a new output or "
+    "overwrite"
+)
 
 
 def _dtype_table() -> dict[str, torch.dtype]:
@@ -124,7 +136,7 @@ def read_safetensors_header(path: str | Path) -> SafetensorsHeader:
     """
     path = Path(path)
     try:
-        with open(path, "rb", buffering=0) as f:  # unbuffered: read the header bytes and not one more
+        with _open_regular(path) as f:  # unbuffered: read the header bytes and not one more
             size = os.fstat(f.fileno()).st_size
             n = _header_length(_read_upto(f, 8), size, path)
             raw = _read_upto(f, n)
@@ -138,6 +150,50 @@ def read_safetensors_header(path: str | Path) -> SafetensorsHeader:
     tensors = {name: _tensor_info(name, entry, path, base) for name, entry in header.items()}
     _check_layout(tensors, base, size, path)
     return SafetensorsHeader(path=path, header_bytes=base, metadata=metadata, tensors=tensors)
+
+
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def _not_regular(path: Path) -> str | None:
+    """None if `path` is a regular file (symlinks followed), "missing" if nothing is there, else what it is:
+    ``a character device (symlink to '/dev/zero')``, ``a dangling symlink to 'x'``."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return f"a dangling symlink to {os.readlink(path)!r}" if os.path.islink(path) else "missing"
+    except OSError as e:
+        return f"not accessible ({e.strerror or e})"
+    if stat.S_ISREG(mode):
+        return None
+    link = f" (symlink to {os.readlink(path)!r})" if os.path.islink(path) else ""
+    return _kind(mode) + link
+
+
+def _open_regular(path: Path) -> BinaryIO:
+    """Open `path` for unbuffered reading, refusing anything but a regular file. O_NONBLOCK: opening a FIFO must
+    not hang (it has no effect on regular files); the type is checked on the open descriptor (no race)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise CheckpointError(f"is {_kind(mode)}, not a regular file", path)
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb", buffering=0)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _read_upto(f: BinaryIO, n: int) -> bytes:
@@ -260,8 +316,11 @@ def _load_json_object(path: Path, what: str) -> dict[str, Any]:
 
 def _load_config(model_dir: Path) -> dict[str, Any]:
     path = model_dir / CONFIG_NAME
-    if not path.is_file():
+    what = _not_regular(path)
+    if what == "missing":
         raise CheckpointError(f"missing {CONFIG_NAME} (a checkpoint needs its model config)", path)
+    if what is not None:
+        raise CheckpointError(f"{CONFIG_NAME} is {what}, not a regular file", path)
     return _load_json_object(path, CONFIG_NAME)
 
 
@@ -271,6 +330,10 @@ def _is_weight_pickle(path: Path) -> bool:
 
 def _discover(model_dir: Path) -> tuple[str, Path | None, list[Path]]:
     """(format, index file or None, the weight files when there is no index). Follows transformers' order."""
+    for name in (SAFETENSORS_SINGLE, SAFETENSORS_INDEX):
+        what = _not_regular(model_dir / name)
+        if what not in (None, "missing"):
+            raise CheckpointError(f"{name} is {what}, not a regular file", model_dir / name)
     if (model_dir / SAFETENSORS_SINGLE).is_file():
         if (model_dir / SAFETENSORS_INDEX).exists():
             logger.warning(
@@ -334,9 +397,11 @@ def _index_files(weight_map: dict[str, Path], index_path: Path) -> list[Path]:
             unlisted[0].name,
         )
     for file in files:
-        if not file.is_file():
+        what = _not_regular(file)
+        if what is not None:
             example = next(name for name, f in weight_map.items() if f == file)
-            raise CheckpointError(f"missing shard, named by {index_path.name} (e.g. for {example!r})", file)
+            problem = "missing shard" if what == "missing" else f"shard is {what}, not a regular file"
+            raise CheckpointError(f"{problem}, named by {index_path.name} (e.g. for {example!r})", file)
     return files
 
 
@@ -381,8 +446,8 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
 
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
+    with _open_regular(path) as f:
+        while chunk := _read_upto(f, _HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
 
@@ -406,6 +471,10 @@ def _readinto_exact(f: BinaryIO, info: TensorInfo, out: memoryview) -> None:
 # ---------------------------------------------------------------------------------------------------- the reader
 
 
+class SourceChangedError(CheckpointError):
+    """The input checkpoint's tensors differ from those an earlier (interrupted) run read for a committed unit."""
+
+
 class CheckpointReader:
     """Lazy reader of a Hugging Face checkpoint directory, validated before any tensor data is read.
 
@@ -413,20 +482,25 @@ class CheckpointReader:
     them (see `read_safetensors_header` and docs/formats-reader.md); any failure raises CheckpointError naming the
     file and tensor. `read(names)` then reads exactly those tensors' byte ranges, one open per file per call.
 
-    Counters: `bytes_read` = tensor data bytes read by `read`; `header_bytes_read` = 8 + N summed over the shard
-    headers. They are plain ints (not thread-safe). Pickle checkpoints (`pytorch_model.bin`, `*.bin`, `*.pt`,
-    `*.pth`, only when there is no safetensors file) are refused unless `allow_pickle=True`; then each file is
-    loaded with `torch.load(weights_only=True, map_location="cpu", mmap=True)` and the reader holds those
+    Counters: `bytes_read` = tensor data bytes read by `read` and by digest streaming; `header_bytes_read` = 8 + N
+    summed over the shard headers. They are plain ints (not thread-safe). `hash_reads` (default on): `read` also
+    takes the sha256 of every tensor's bytes as they stream in (about 1.2 s/GB on one core), so `digest` of what
+    was read costs nothing more; off, `digest` reads the bytes again. Pickle checkpoints (`pytorch_model.bin`,
+    `*.bin`, `*.pt`, `*.pth`, only when there is no safetensors file) are refused unless `allow_pickle=True`
+    (library use only; the CLI never unpickles); then each file is loaded with
+    `torch.load(weights_only=True, map_location="cpu", mmap=True)` and the reader holds those
     memory-mapped tensors for its lifetime (start/end in TensorInfo are then 0 and nbytes).
     """
 
-    def __init__(self, model_dir: str | Path, *, allow_pickle: bool = False) -> None:
+    def __init__(self, model_dir: str | Path, *, allow_pickle: bool = False, hash_reads: bool = True) -> None:
         self.model_dir = Path(model_dir)
         self.allow_pickle = allow_pickle
+        self.hash_reads = hash_reads
         self.bytes_read = 0
         self.header_bytes_read = 0
         self.metadata: dict[Path, dict[str, str]] = {}  # safetensors `__metadata__` per file
         self._pickled: dict[str, torch.Tensor] = {}
+        self._digests: dict[str, str] = {}  # name -> sha256 of the tensor's bytes as last read or streamed
         if not self.model_dir.is_dir():
             raise CheckpointError("not a checkpoint directory", self.model_dir)
         self.config: dict[str, Any] = _load_config(self.model_dir)
@@ -462,11 +536,7 @@ class CheckpointReader:
 
     def _open_pickles(self) -> dict[Path, dict[str, TensorInfo]]:
         if not self.allow_pickle:
-            raise CheckpointError(
-                "pickle checkpoint refused: unpickling can run code; convert it to safetensors or "
-                "pass allow_pickle=True (loads it with torch.load(weights_only=True))",
-                self.files[0],
-            )
+            raise CheckpointError(f"pickle checkpoint refused: {PICKLE_ADVICE}", self.files[0])
         contents = {}
         for file in self.files:
             tensors = _load_pickle(file)
@@ -490,10 +560,10 @@ class CheckpointReader:
             if self.format != "safetensors" or not infos:
                 continue
             start, end = infos[0].start, infos[-1].end
-            with open(file, "rb") as f:
+            with _open_regular(file) as f:
                 for pos in sorted({start, max(start, end - sample_bytes)}):
                     f.seek(pos)
-                    h.update(f.read(min(sample_bytes, end - pos)))
+                    h.update(_read_upto(f, min(sample_bytes, end - pos)))
         return h.hexdigest()
 
     # ------------------------------------------------------------------------------------------------ lookup
@@ -559,15 +629,106 @@ class CheckpointReader:
         if self.format == "pickle":
             for info in group:
                 self.bytes_read += info.nbytes
-                yield info, self._pickled[info.name].clone(memory_format=torch.contiguous_format)
+                tensor = self._pickled[info.name].clone(memory_format=torch.contiguous_format)
+                if self.hash_reads:
+                    self._digests[info.name] = hashlib.sha256(_tensor_bytes(tensor)).hexdigest()
+                yield info, tensor
             return
-        with open(file, "rb", buffering=0) as f:
+        with _open_regular(file) as f:
             for info in group:
                 buf = torch.empty(info.nbytes, dtype=torch.uint8)
+                view = memoryview(buf.numpy())
                 if info.nbytes:
-                    _readinto_exact(f, info, memoryview(buf.numpy()))
+                    _readinto_exact(f, info, view)
                 self.bytes_read += info.nbytes
+                if self.hash_reads:  # the digest of exactly the bytes this read returns
+                    self._digests[info.name] = hashlib.sha256(view).hexdigest()
                 yield info, buf.view(info.torch_dtype).reshape(info.shape)
+
+    # ------------------------------------------------------------------------------------------------ digests
+
+    def tensor_digests(self, names: str | Iterable[str]) -> dict[str, str]:
+        """{name: sha256 hex of the tensor's stored bytes}, sorted by name.
+
+        `read` hashes every tensor as its bytes stream in (the digest is of exactly the bytes it returned, before any
+        dtype conversion), so for tensors this object has read nothing is read again. Others are streamed in 16 MiB
+        chunks, counted in `bytes_read`: no tensor is built, memory stays at one chunk."""
+        infos = sorted((self.info(name) for name in _as_names(names)), key=lambda i: i.name)
+        todo: dict[Path, list[TensorInfo]] = {}
+        for info in infos:
+            if info.name not in self._digests:
+                todo.setdefault(info.file, []).append(info)
+        for file, group in todo.items():
+            self._stream_digests(file, sorted(group, key=lambda i: i.start))
+        return {info.name: self._digests[info.name] for info in infos}
+
+    def digest(self, names: str | Iterable[str]) -> str:
+        """One sha256 hex over `names` in sorted order: each tensor's name, dtype, shape and `tensor_digests` value.
+
+        What the engine stores with each unit it writes (the unit's source tensors) and checks with
+        `verify_digest` on resume: it covers every byte that was read, unlike the cheap `fingerprint`."""
+        h = hashlib.sha256()
+        for name, hexdigest in self.tensor_digests(names).items():
+            info = self._infos[name]
+            h.update(f"{name}\0{info.dtype}\0{list(info.shape)}\0{hexdigest}\n".encode())
+        return h.hexdigest()
+
+    def verify_digest(self, names: str | Iterable[str], expected: str | Mapping[str, str], *, what: str) -> None:
+        """Raise SourceChangedError unless the tensors `names` still hold the bytes `expected` describes.
+
+        `expected`: a `digest` string (the mismatch then names `what`, e.g. "unit 'model.layers.3.'", and the
+        tensors it covers), or a `tensor_digests` mapping (values may be truncated to >= 16 hex digits; the
+        mismatch then names the first tensor that changed, appeared or disappeared)."""
+        names = sorted(_as_names(names))
+        if isinstance(expected, str):
+            got = self.digest(names)
+            if got != expected:
+                example = f", e.g. {names[0]!r}" if names else ""
+                raise SourceChangedError(
+                    f"the source tensors of {what} ({len(names)} tensors{example}) changed since it was written "
+                    f"(sha256 {expected[:12]}... then, {got[:12]}... now){_CHANGED_ADVICE}",
+                    self.model_dir,
+                )
+            return
+        for name in sorted(set(names) ^ set(expected)):
+            change = "is new in" if name in names else "is no longer in"
+            raise SourceChangedError(
+                f"source tensor of {what} {change} the checkpoint{_CHANGED_ADVICE}", self.model_dir, name
+            )
+        got = self.tensor_digests(names)
+        for name in names:
+            want = str(expected[name])
+            if len(want) < 16 or not got[name].startswith(want):
+                raise SourceChangedError(
+                    f"source tensor of {what} changed since it was written (sha256 {want[:12]}... then, "
+                    f"{got[name][:12]}... now){_CHANGED_ADVICE}",
+                    self.info(name).file,
+                    name,
+                )
+
+    def _stream_digests(self, file: Path, group: list[TensorInfo]) -> None:
+        if self.format == "pickle":
+            for info in group:
+                self._digests[info.name] = hashlib.sha256(_tensor_bytes(self._pickled[info.name])).hexdigest()
+                self.bytes_read += info.nbytes
+            return
+        with _open_regular(file) as f:
+            for info in group:
+                h, pos = hashlib.sha256(), info.start
+                f.seek(pos)
+                while pos < info.end:
+                    chunk = _read_upto(f, min(_STREAM_CHUNK, info.end - pos))
+                    if not chunk:
+                        raise CheckpointError(
+                            f"file ended at byte {pos} inside the tensor's bytes [{info.start}, {info.end}) "
+                            "(changed since it was opened?)",
+                            file,
+                            info.name,
+                        )
+                    h.update(chunk)
+                    pos += len(chunk)
+                self.bytes_read += info.nbytes
+                self._digests[info.name] = h.hexdigest()
 
     def verify_sha256(self, files: Iterable[str | Path] | None = None) -> dict[str, str]:
         """{file (relative to model_dir when inside it): SHA-256 hex digest}, streamed in 1 MiB chunks.
@@ -582,6 +743,12 @@ class CheckpointReader:
             return path.relative_to(self.model_dir).as_posix()
         except ValueError:
             return str(path)
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw bytes of a contiguous CPU tensor (any dtype, 0-d included), as stored in a file."""
+    flat = tensor.contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
 
 def _as_names(names: str | Iterable[str]) -> list[str]:

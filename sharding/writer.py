@@ -10,20 +10,27 @@ rewrite is the unit's commit point. ``finalize`` renames the parts to ``model-00
 Every file is written under a temporary name (``<name>.tmp``), flushed, ``fsync``'d, renamed, and its directory
 ``fsync``'d. A run killed at any point resumes from the manifest and produces byte-identical files: shard bytes are
 a pure function of the tensors (``safetensors.torch.save_file`` with metadata ``{"format": "pt"}`` and tensors in
-sorted name order), file names depend only on the commit order, and the manifest holds no timestamps or paths.
+sorted name order), file names depend only on the commit order, and the manifest holds no timestamps or paths
+(per-unit measurements such as timings go to ``blockprune_measurements.json``, the one file that differs).
+
+Safety: one writer per output at a time (``blockprune.lock``, `sharding.lock`); ``overwrite`` removes only files
+this writer can prove it wrote, only in a directory holding our manifest, and never in or around a protected path
+(the input model, the calibration data, the cwd, the home directory); SIGINT/SIGTERM are deferred over the
+commit's rename + registration and the cleanup of a failed unit consults the manifest on disk.
 The on-disk layout, manifest schema and resume rules are in ``docs/formats-writer.md``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import logging
 import os
 import re
-import shutil
-from collections.abc import Mapping
+import weakref
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +39,17 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from sharding.errors import BlockpruneError
+from sharding.lock import LOCK_NAME, LockError, OutputLock
+from sharding.signals import deferred_signals
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "blockprune_manifest.json"
+MEASUREMENTS_NAME = "blockprune_measurements.json"
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
 MANIFEST_FORMAT = "blockprune-writer-manifest"
+MEASUREMENTS_FORMAT = "blockprune-writer-measurements"
 MANIFEST_VERSION = 1
 PART_PREFIX = "blockprune-part-"
 TMP_SUFFIX = ".tmp"
@@ -56,6 +67,10 @@ SOURCE_FILES = (
     "chat_template.json",
     "generation_config.json",
 )
+_PART_RE = re.compile(r"blockprune-part-\d{5}-\d{3}\.safetensors")
+_FINAL_RE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
+_SAFETENSORS_TMP_RE = re.compile(r"\.tmp[A-Za-z0-9]{6}")  # save_file writes `.tmpXXXXXX` and renames it
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _HASH_CHUNK = 16 << 20
 _SIZE_UNITS = {
     "": 1,
@@ -197,9 +212,110 @@ def _json_bytes(obj: Any, *, sort_keys: bool = False) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n").encode()
 
 
-def _is_temp_name(name: str) -> bool:
-    """Our ``*.tmp`` files and safetensors' own ``.tmpXXXXXX`` files (it writes to one and renames)."""
-    return name.endswith(TMP_SUFFIX) or name.startswith(".tmp")
+# ---- which files are ours ---------------------------------------------------------------------------------------
+
+
+def _name_problem(name: Any) -> str | None:
+    """Why `name` cannot be a file name of ours inside the output, or None. Allowed: a plain name, or one directory
+    level (``plots/sparsity.png``); no part empty or starting with '.', no backslash or NUL (so never ``..``)."""
+    if not isinstance(name, str) or not name:
+        return "not a non-empty string"
+    parts = name.split("/")
+    if len(parts) > 2 or any(not p or p.startswith(".") or "\\" in p or "\0" in p for p in parts):
+        return "not a plain file name or dir/name (no '..', leading '.', backslash or NUL)"
+    return None
+
+
+def _is_reserved(name: str) -> bool:
+    """Names the writer itself manages; extra files may not take them (nor their directory part)."""
+    first = name.split("/")[0]
+    fixed = {MANIFEST_NAME, MEASUREMENTS_NAME, INDEX_NAME, CONFIG_NAME, LOCK_NAME}
+    return first in fixed or first.startswith((PART_PREFIX, LOCK_NAME)) or bool(_FINAL_RE.fullmatch(first))
+
+
+def _is_our_temp(name: str, ours: set[str]) -> bool:
+    """A temporary this writer (or safetensors inside it) makes: ``<one of ours>.tmp``,
+    ``blockprune-part-...safetensors.tmp`` or ``.tmpXXXXXX`` (save_file's own)."""
+    if _SAFETENSORS_TMP_RE.fullmatch(name):
+        return True
+    stem = name[: -len(TMP_SUFFIX)] if name.endswith(TMP_SUFFIX) else None
+    fixed = (MANIFEST_NAME, MEASUREMENTS_NAME)
+    return stem is not None and (stem in ours or stem in fixed or bool(_PART_RE.fullmatch(stem)))
+
+
+def _manifest_names(manifest: dict[str, Any]) -> set[str]:
+    """Every file name a (validated) manifest proves we wrote: itself, measurements, shards under their part and
+    final names, and the files finalize recorded before writing them."""
+    names = {MANIFEST_NAME, MEASUREMENTS_NAME}
+    names |= {s["file"] for u in manifest["units"] for s in u["shards"]}
+    fin = manifest.get("finalize")
+    if fin is not None:
+        names |= {final for _, final in fin["renames"]} | set(fin.get("files", []))
+    return names
+
+
+def _manifest_problem(m: Any) -> str | None:
+    """What is wrong with a parsed manifest, or None. Checked before any name in it is used to open, hash or remove a
+    file, so a crafted manifest cannot point outside the output (``"file": "../model/x"``)."""
+    if not isinstance(m, dict):
+        return "not a JSON object"
+    if not isinstance(m.get("run_id"), (str, type(None))):
+        return "run_id is not a string"
+    if type(m.get("max_shard_size")) is not int or m["max_shard_size"] <= 0:
+        return "max_shard_size is not a positive integer"
+    if not isinstance(m.get("finalized"), bool):
+        return "finalized is not a boolean"
+    units = m.get("units")
+    if not isinstance(units, list):
+        return "units is not a list"
+    seen_units: set[str] = set()
+    seen_tensors: set[str] = set()
+    files: list[str] = []
+    for i, u in enumerate(units):
+        if not isinstance(u, dict) or not isinstance(u.get("name"), str) or not u["name"] or u["name"] in seen_units:
+            return f"units[{i}] has no name or a repeated one"
+        seen_units.add(u["name"])
+        if type(u.get("nbytes")) is not int or u["nbytes"] < 0 or not isinstance(u.get("metadata"), dict):
+            return f"units[{i}] has a bad nbytes or metadata"
+        if not isinstance(u.get("shards"), list):
+            return f"units[{i}].shards is not a list"
+        for k, s in enumerate(u["shards"]):
+            where = f"units[{i}].shards[{k}]"
+            if not isinstance(s, dict) or not isinstance(s.get("file"), str) or not _PART_RE.fullmatch(s["file"]):
+                return f"{where}.file is not a blockprune part name"
+            if s["file"] in files:
+                return f"{where}.file {s['file']!r} appears twice"
+            files.append(s["file"])
+            if any(type(s.get(key)) is not int or s[key] < 0 for key in ("size", "tensor_bytes")):
+                return f"{where} has a bad size or tensor_bytes"
+            if not isinstance(s.get("sha256"), str) or not _SHA256_RE.fullmatch(s["sha256"]):
+                return f"{where}.sha256 is not a sha256 hex digest"
+            tensors = s.get("tensors")
+            if not isinstance(tensors, list) or not all(isinstance(t, str) and t for t in tensors):
+                return f"{where}.tensors is not a list of names"
+            if seen_tensors & set(tensors) or len(set(tensors)) != len(tensors):
+                return f"{where} repeats a tensor name"
+            seen_tensors |= set(tensors)
+    return _finalize_problem(m.get("finalize"), files)
+
+
+def _finalize_problem(fin: Any, files: list[str]) -> str | None:
+    if fin is None:
+        return None
+    if not isinstance(fin, dict) or not isinstance(fin.get("renames"), list):
+        return "finalize is not an object with renames"
+    renames = fin["renames"]
+    if not all(isinstance(r, list) and len(r) == 2 and all(isinstance(x, str) for x in r) for r in renames):
+        return "finalize.renames is not a list of [part, final] pairs"
+    if [r[0] for r in renames] != files:
+        return "finalize.renames does not list the committed shards in order"
+    finals = [r[1] for r in renames]
+    if len(set(finals)) != len(finals) or not all(_FINAL_RE.fullmatch(f) for f in finals):
+        return "finalize.renames has a final name that is not model[-i-of-n].safetensors, or repeats one"
+    recorded = fin.get("files", [])
+    if not isinstance(recorded, list) or any(_name_problem(f) for f in recorded):
+        return "finalize.files is not a list of plain file names"
+    return None
 
 
 def _resolve_shard(out_dir: Path, manifest: dict[str, Any], part: str) -> Path:
@@ -223,12 +339,88 @@ def _new_manifest(run_id: str | None, max_shard_size: int) -> dict[str, Any]:
     }
 
 
+# ---- where overwrite may remove ---------------------------------------------------------------------------------
+
+
+def _real(path: str | os.PathLike) -> Path:
+    """The absolute path with every symlink resolved (a symlink to the model is the model)."""
+    return Path(os.path.realpath(os.fspath(path)))
+
+
+def _labelled(protected: Mapping[str | os.PathLike, str] | Iterable[str | os.PathLike]) -> list[tuple[Path, str]]:
+    """``[(path, label)]`` from ``{path: "the input model"}`` or a plain list of paths (label: "a protected path")."""
+    if isinstance(protected, (str, os.PathLike)):
+        protected = [protected]
+    if isinstance(protected, Mapping):
+        pairs = [(Path(p), str(label)) for p, label in protected.items()]
+    else:
+        pairs = [(Path(p), "a protected path") for p in protected]
+    for p, label in pairs:
+        if not os.fspath(p).strip():
+            raise WriterError(f"protected path for {label} is empty")
+    return pairs
+
+
+def _check_output_path(out_dir: str | os.PathLike, protected: list[tuple[Path, str]]) -> None:
+    """Refusals that need no disk access but a stat: an empty path (it would mean the cwd), a non-directory,
+    an output that is itself a protected path (the model directory, the calibration file)."""
+    if not os.fspath(out_dir).strip():
+        raise WriterError(
+            "output path is empty: give a dedicated output directory (an empty path would be the current directory)"
+        )
+    path = Path(out_dir)
+    real = _real(path)
+    for p, label in protected:
+        if real == _real(p):
+            raise WriterError(f"output {path} is {label} ({p}); choose another output directory")
+    if path.exists() and not path.is_dir():
+        raise WriterError(f"output {path} exists and is not a directory")
+
+
+def _removal_refusal(out_dir: Path, protected: list[tuple[Path, str]]) -> str | None:
+    """Why nothing may be removed from `out_dir`, or None: it is, contains or lies inside a protected path; it is or
+    contains the current directory or the home directory; it is a filesystem root."""
+    real = _real(out_dir)
+    for p, label in protected:
+        rp = _real(p)
+        if real == rp:
+            return f"it is {label} ({p})"
+        if rp.is_relative_to(real):
+            return f"it contains {label} ({p})"
+        if real.is_relative_to(rp):
+            return f"it is inside {label} ({p})"
+    if real == Path(real.anchor):
+        return "it is a filesystem root"
+    places = []
+    with contextlib.suppress(OSError):  # a deleted cwd cannot be inside the output
+        places.append(("the current directory", Path.cwd()))
+    with contextlib.suppress(RuntimeError, KeyError):  # no HOME and no passwd entry: no home to protect
+        places.append(("the home directory", Path.home()))
+    for label, place in places:
+        rp = _real(place)
+        if real == rp:
+            return f"it is {label}"
+        if rp.is_relative_to(real):
+            return f"it contains {label} ({rp})"
+    return None
+
+
+# ---- the writer -------------------------------------------------------------------------------------------------
+
+
 class CheckpointWriter:
     """Writes a safetensors checkpoint unit by unit into `out_dir`; see the module docstring.
 
     `run_id` identifies what is being written (the engine passes a hash of recipe and input checkpoint); a resumed
-    run must present the same one. ``total_size``: tensor bytes of all committed units (the index's total_size);
-    ``bytes_written``: shard-file bytes written by this object (units committed by an earlier process excluded).
+    run must present the same one. `protected`: paths this run reads (``{model_dir: "the input model",
+    calibration_file: "the calibration data"}`` or a list): the output may not be one, and overwrite removes
+    nothing in an output that is, contains or lies inside one. `own_files`: names (``x`` or ``dir/x``) the caller
+    itself writes into the output (a score cache, report files written after finalize): overwrite removes them too.
+
+    The writer holds ``blockprune.lock`` in `out_dir` from construction to `finalize` or `close` (also released
+    when the object is collected or the interpreter exits); use it as a context manager in library code.
+    ``total_size``: tensor bytes of all committed units (the index's total_size); ``bytes_written``: shard-file
+    bytes written by this object (units committed by an earlier process excluded).
     """
 
     def __init__(
@@ -239,6 +431,8 @@ class CheckpointWriter:
         overwrite: bool = False,
         resume: bool = False,
         run_id: str | None = None,
+        protected: Mapping[str | os.PathLike, str] | Iterable[str | os.PathLike] = (),
+        own_files: Iterable[str] = (),
     ) -> None:
         self.out_dir = Path(out_dir)
         self.max_shard_size = parse_size(max_shard_size)
@@ -247,13 +441,28 @@ class CheckpointWriter:
         self._manifest: dict[str, Any] = {}
         self._units: dict[str, dict[str, Any]] = {}
         self._owner: dict[str, str] = {}  # tensor name -> unit
+        self._measurements: dict[str, dict] = {}  # unit -> measurements (blockprune_measurements.json)
+        self._protected = _labelled(protected)
+        self._own_files = self._check_own_files(own_files)
+        self._closed = False
+        _check_output_path(out_dir, self._protected)
+        self._lock = OutputLock(self.out_dir)
+        self._release = weakref.finalize(self, self._lock.release)
         try:
+            self._refuse_foreign(self._entries(), overwrite, resume)  # read-only: a foreign directory stays untouched
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self._lock.acquire()
             if resume and (self.out_dir / MANIFEST_NAME).is_file():
                 self._resume(overwrite)
             else:
                 self._start(overwrite, resume)
-        except _IO_ERRORS as e:
-            raise WriterError(_io_message(e, f"while opening output {self.out_dir}")) from e
+        except BaseException as e:
+            self._release()
+            if isinstance(e, LockError):
+                raise WriterError(str(e)) from None
+            if isinstance(e, _IO_ERRORS):
+                raise WriterError(_io_message(e, f"while opening output {self.out_dir}")) from e
+            raise
 
     # ---- public API -------------------------------------------------------------------------------------------
 
@@ -273,6 +482,12 @@ class CheckpointWriter:
         """The `metadata` stored with `unit` (a JSON round-tripped copy)."""
         return json.loads(json.dumps(self._unit(unit)["metadata"]))
 
+    def unit_measurements(self, unit: str) -> dict:
+        """The `measurements` stored with `unit` ({} if none were given, or if a kill lost them: they are not
+        part of the commit's guarantees)."""
+        self._unit(unit)
+        return json.loads(json.dumps(self._measurements.get(unit, {})))
+
     def read_unit(self, unit: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
         """The tensors of a committed unit, read back from its shards, in sorted name order."""
         out: dict[str, torch.Tensor] = {}
@@ -283,23 +498,35 @@ class CheckpointWriter:
                     out[name] = f.get_tensor(name)
         return dict(sorted(out.items()))
 
-    def write_unit(self, unit: str, tensors: Mapping[str, torch.Tensor], metadata: dict | None = None) -> None:
+    def write_unit(
+        self,
+        unit: str,
+        tensors: Mapping[str, torch.Tensor],
+        metadata: dict | None = None,
+        *,
+        measurements: dict | None = None,
+    ) -> None:
         """Write `tensors` into shards of their own and commit `unit` with `metadata` in the manifest.
 
-        On any failure the unit's files are removed and the manifest keeps its previous, valid content."""
+        `metadata` must be deterministic (same work, same bytes: it is part of the byte-identical manifest);
+        values that differ between runs of the same work (timings, memory) go in `measurements`, kept in
+        blockprune_measurements.json. On any failure, KeyboardInterrupt included, the unit's files are removed
+        unless the manifest on disk already commits it; the manifest keeps a valid content either way."""
         self._check_unit(unit, tensors)
-        meta = self._check_metadata(unit, metadata)
+        meta = self._check_metadata(unit, metadata, "metadata")
+        meas = None if measurements is None else self._check_metadata(unit, measurements, "measurements")
+        self._require_lock(f"write unit {unit!r}")
         sizes = [(name, _tensor_nbytes(tensors[name])) for name in sorted(tensors)]
-        seq, created = len(self._manifest["units"]), []
+        seq, created, pending = len(self._manifest["units"]), [], {}
         try:
             shards = [
                 self._write_shard(seq, k, names, tensors, created)
                 for k, names in enumerate(plan_shards(sizes, self.max_shard_size))
             ]
             entry = {"name": unit, "nbytes": sum(n for _, n in sizes), "shards": shards, "metadata": meta}
-            self._commit(entry)
+            self._commit(entry, meas, pending)
         except BaseException as e:
-            if not self.is_committed(unit):  # a failed directory fsync after the commit keeps the unit
+            if not self._committed_after_failure(unit, pending):
                 for path in created:
                     path.unlink(missing_ok=True)
             if isinstance(e, _IO_ERRORS):
@@ -318,61 +545,158 @@ class CheckpointWriter:
     ) -> Path:
         """Turn the committed units into an HF checkpoint; returns `out_dir`. Resumable and idempotent.
 
-        Order: record the rename plan in the manifest; rename parts to ``model-0000i-of-0000N.safetensors``;
-        write config.json, the SOURCE_FILES found in `source_dir`, `extra_files`; then the index (commit point);
-        then ``finalized: true`` in the manifest."""
+        Order: record the rename plan and the names of the files about to be written in the manifest; rename parts
+        to ``model-0000i-of-0000N.safetensors``; write config.json, the SOURCE_FILES found in `source_dir`,
+        `extra_files` (``name`` or ``dir/name``); then the index (commit point); then ``finalized: true`` in the
+        manifest. Then the output lock is released (a later call takes it again)."""
         extra = dict(extra_files or {})
         self._check_finalizable(config, extra, source_dir)
+        self._require_lock("finalize")
+        src = Path(source_dir) if source_dir is not None else None
         try:
-            plan = self._record_rename_plan()
+            copies = [n for n in SOURCE_FILES if n not in extra and src is not None and (src / n).is_file()]
+            plan = self._record_finalize_plan([CONFIG_NAME, *copies, *extra, INDEX_NAME])
             self._apply_renames(plan)
             atomic_write(self.out_dir / CONFIG_NAME, _json_bytes(config, sort_keys=True))
-            self._copy_source_files(Path(source_dir) if source_dir is not None else None, skip=set(extra))
+            for name in copies:
+                atomic_write(self.out_dir / name, (src / name).read_bytes())
+                logger.debug("copied %s", src / name)
             for name, content in sorted(extra.items()):
-                atomic_write(self.out_dir / name, content.encode() if isinstance(content, str) else bytes(content))
+                self._write_extra(name, content.encode() if isinstance(content, str) else bytes(content))
             atomic_write(self.out_dir / INDEX_NAME, _json_bytes(self._index(dict(plan)), sort_keys=True))
             self._save_manifest({**self._manifest, "finalized": True})
         except _IO_ERRORS as e:
             raise WriterError(_io_message(e, f"while finalizing {self.out_dir}")) from e
+        self._lock.release()
         logger.info("finalized %s: %d shard(s), %d bytes of tensors", self.out_dir, len(plan), self.total_size)
         return self.out_dir
 
+    def close(self) -> None:
+        """Release the output lock; this object writes no more. Idempotent. Runs by itself when the object is
+        garbage collected or the interpreter exits, but not on SIGKILL (the next run takes the stale lock over)."""
+        self._closed = True
+        self._release()
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     # ---- opening: new run or resume -------------------------------------------------------------------------
 
-    def _start(self, overwrite: bool, resume: bool) -> None:
-        """New run: `out_dir` must be empty (or only hold temporaries of a run killed before its first commit)."""
+    def _entries(self) -> list[Path]:
+        """The directory's entries, sorted, without the lock's files (``blockprune.lock*``: another run's or ours;
+        only `sharding.lock` manages them)."""
+        if not self.out_dir.is_dir():
+            return []
+        return sorted(p for p in self.out_dir.iterdir() if not p.name.startswith(LOCK_NAME))
+
+    def _refuse_foreign(self, entries: list[Path], overwrite: bool, resume: bool) -> None:
+        """Refuse a non-empty directory that is not ours to take: without a manifest it is not a blockprune output
+        (overwrite included: nothing is removed); with one, only resume or overwrite may touch it."""
+        if not entries:
+            return
         d = self.out_dir
-        if d.exists() and not d.is_dir():
-            raise WriterError(f"output {d} exists and is not a directory")
-        entries = sorted(d.iterdir()) if d.exists() else []
-        if entries and not overwrite and not (resume and all(_is_temp_name(p.name) for p in entries)):
-            what = f"not empty ({len(entries)} entries, e.g. {entries[0].name!r})"
-            if resume:
-                raise WriterError(
-                    f"cannot resume: output directory {d} is {what} but holds no {MANIFEST_NAME}; "
-                    "pass overwrite=True to replace it"
-                )
+        what = f"not empty ({len(entries)} entries, e.g. {entries[0].name!r})"
+        if any(p.name == MANIFEST_NAME for p in entries):
+            if not (d / MANIFEST_NAME).is_file():
+                raise WriterError(f"{d / MANIFEST_NAME} is not a regular file; choose another output directory")
+            if overwrite or resume:
+                return
             raise WriterError(
                 f"output directory {d} is {what}; pass overwrite=True to replace it or resume=True to "
                 "continue the run written there"
             )
-        self._clear(entries)
-        d.mkdir(parents=True, exist_ok=True)
+        if (resume or overwrite) and all(p.is_file() and _is_our_temp(p.name, set()) for p in entries):
+            return  # a run killed before its first manifest left only temporaries
+        if overwrite:
+            raise WriterError(
+                f"refusing to overwrite {d}: it is {what} and holds no {MANIFEST_NAME}, so it is not a "
+                "blockprune output; nothing was removed. Choose another output directory"
+            )
+        if resume:
+            raise WriterError(
+                f"cannot resume: output directory {d} is {what} but holds no {MANIFEST_NAME}; choose another "
+                "output directory"
+            )
+        raise WriterError(f"output directory {d} is {what} and is not a blockprune output; choose another one")
+
+    def _start(self, overwrite: bool, resume: bool) -> None:
+        """New run: `out_dir` is empty, holds only our temporaries, or (overwrite) is a blockprune output whose
+        files are removed first."""
+        d = self.out_dir
+        entries = self._entries()
+        self._refuse_foreign(entries, overwrite, resume)
+        if entries:
+            self._clear(entries, overwrite)
         self._manifest = _new_manifest(self.run_id, self.max_shard_size)
         atomic_write(d / MANIFEST_NAME, _json_bytes(self._manifest))
-        self._units, self._owner = {}, {}
+        self._units, self._owner, self._measurements = {}, {}, {}
         logger.info("writing a new checkpoint to %s (max shard size %d bytes)", d, self.max_shard_size)
 
-    def _clear(self, entries: list[Path]) -> None:
-        d = self.out_dir.resolve()
-        if entries and (d == Path(d.anchor) or d == Path.home().resolve()):
-            raise WriterError(f"refusing to clear {d}: choose a dedicated output directory")
+    def _clear(self, entries: list[Path], overwrite: bool) -> None:
+        """Remove the files we can prove are ours: names the old manifest lists (shards, finalize's files, the
+        measurements), part files and our temporaries, `own_files`. Anything else stays (logged). The old manifest
+        is not removed but replaced by the new one, so the directory is recognisable at every moment."""
+        d = self.out_dir
+        if overwrite:
+            why = _removal_refusal(d, self._protected)
+            if why is not None:
+                raise WriterError(f"refusing to overwrite {d}: {why}; nothing was removed")
+        ours = set(self._own_files)
+        if (d / MANIFEST_NAME).is_file():
+            ours |= _manifest_names(self._manifest_for_clearing())
+        remove: list[Path] = []
+        kept: list[Path] = []
         for p in entries:
-            logger.warning("clearing output: removing %s", p)
+            if not overwrite:  # a new run over a kill before the first manifest: only our temporaries go
+                (remove if p.is_file() and _is_our_temp(p.name, set()) else kept).append(p)
+                continue
             if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            else:
-                p.unlink()
+                inner = {n.split("/", 1)[1] for n in ours if n.startswith(p.name + "/")}
+                for q in sorted(p.iterdir()) if inner else []:
+                    (remove if q.name in inner or _is_our_temp(q.name, inner) else kept).append(q)
+                if not inner:
+                    kept.append(p)
+            elif p.name != MANIFEST_NAME:
+                (remove if p.name in ours or _PART_RE.fullmatch(p.name) or _is_our_temp(p.name, ours) else kept).append(
+                    p
+                )
+        for p in remove:
+            if p.is_dir() and not p.is_symlink():
+                kept.append(p)
+                continue
+            logger.warning("overwrite: removing %s", p)
+            p.unlink(missing_ok=True)
+        for sub in {p.parent for p in remove if p.parent != d}:
+            with contextlib.suppress(OSError):
+                sub.rmdir()  # only if we emptied it: rmdir refuses a non-empty directory
+        if kept:
+            names = ", ".join(repr(str(Path(p).relative_to(d))) for p in kept[:5])
+            logger.warning("overwrite %s: kept %d entries blockprune did not write: %s", d, len(kept), names)
+
+    def _manifest_for_clearing(self) -> dict[str, Any]:
+        """The old manifest, validated; refuse to clear when it cannot say which files are ours."""
+        path = self.out_dir / MANIFEST_NAME
+        try:
+            manifest = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            problem = f"it is not valid JSON ({e})"
+        else:
+            problem = (
+                f"it is not a version-{MANIFEST_VERSION} blockprune manifest"
+                if not isinstance(manifest, dict)
+                or manifest.get("format") != MANIFEST_FORMAT
+                or manifest.get("version") != MANIFEST_VERSION
+                else _manifest_problem(manifest)
+            )
+        if problem is None:
+            return manifest
+        raise WriterError(
+            f"refusing to overwrite {self.out_dir}: its {MANIFEST_NAME} cannot tell which files are ours ({problem}); "
+            "nothing was removed. Choose another output directory or empty this one yourself"
+        )
 
     def _resume(self, overwrite: bool) -> None:
         """Load and verify the manifest; with `overwrite`, anything unusable means a new run instead of an error."""
@@ -388,6 +712,7 @@ class CheckpointWriter:
         self._manifest = manifest
         self._units = {u["name"]: u for u in manifest["units"]}
         self._owner = {t: u["name"] for u in manifest["units"] for s in u["shards"] for t in s["tensors"]}
+        self._measurements = self._load_measurements()
         if manifest["max_shard_size"] != self.max_shard_size:
             logger.warning(
                 "resuming %s with max_shard_size %d; it was written with %d",
@@ -415,12 +740,31 @@ class CheckpointWriter:
             raise WriterError(
                 f"manifest {path} has version {manifest.get('version')!r}; this writer reads version {MANIFEST_VERSION}"
             )
+        problem = _manifest_problem(manifest)
+        if problem is not None:
+            raise WriterError(f"manifest {path} is malformed: {problem}; use a new output")
         if manifest.get("run_id") != self.run_id:
             raise WriterError(
                 f"output {self.out_dir} was written by a different recipe or input checkpoint (run id "
                 f"{manifest.get('run_id')!r}, this run {self.run_id!r}); use a new output or overwrite"
             )
         return manifest
+
+    def _load_measurements(self) -> dict[str, dict]:
+        """Measurements of committed units; a missing or unreadable file only loses them (logged)."""
+        path = self.out_dir / MEASUREMENTS_NAME
+        try:
+            doc = json.loads(path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            logger.warning("ignoring unreadable %s (%s)", path, e)
+            return {}
+        units = doc.get("units") if isinstance(doc, dict) and doc.get("format") == MEASUREMENTS_FORMAT else None
+        if not isinstance(units, dict):
+            logger.warning("ignoring %s: not a %s file", path, MEASUREMENTS_FORMAT)
+            return {}
+        return {k: v for k, v in units.items() if k in self._units and isinstance(v, dict)}
 
     def _verify_shards(self, manifest: dict[str, Any]) -> None:
         """Every committed shard exists (under its part or final name) with the recorded size and sha256."""
@@ -443,14 +787,28 @@ class CheckpointWriter:
                     )
 
     def _remove_strays(self) -> None:
-        """Remove temporaries and part files that no committed unit references (a unit killed before commit)."""
+        """Remove our temporaries and part files that no committed unit references (a unit killed before commit)."""
         referenced = {s["file"] for u in self._manifest["units"] for s in u["shards"]}
-        for p in sorted(self.out_dir.iterdir()):
-            if p.is_file() and (_is_temp_name(p.name) or (p.name.startswith(PART_PREFIX) and p.name not in referenced)):
+        ours = _manifest_names(self._manifest) | set(self._own_files)
+        for p in self._entries():
+            stray = _is_our_temp(p.name, ours) or (_PART_RE.fullmatch(p.name) and p.name not in referenced)
+            if stray and p.is_file():
                 logger.info("resume: removing uncommitted file %s", p)
                 p.unlink()
 
     # ---- writing units ----------------------------------------------------------------------------------------
+
+    def _require_lock(self, what: str) -> None:
+        """The lock must be ours before any write: re-taken after finalize released it; refused after close()
+        or when a newer writer of this process took it over."""
+        if self._closed:
+            raise WriterError(f"cannot {what}: the writer of {self.out_dir} is closed")
+        try:
+            if self._lock.lost_to is not None:
+                self._lock.check()
+            self._lock.acquire()
+        except LockError as e:
+            raise WriterError(f"cannot {what}: {e}") from None
 
     def _unit(self, unit: str) -> dict[str, Any]:
         if unit not in self._units:
@@ -476,16 +834,25 @@ class CheckpointWriter:
                 )
 
     @staticmethod
-    def _check_metadata(unit: str, metadata: dict | None) -> dict:
+    def _check_metadata(unit: str, metadata: dict | None, what: str) -> dict:
         """The JSON round-trip of `metadata`, so a resumed run sees exactly what an uninterrupted one holds."""
         if metadata is None:
             return {}
         if not isinstance(metadata, dict):
-            raise WriterError(f"unit {unit!r}: metadata must be a dict, got {type(metadata).__name__}")
+            raise WriterError(f"unit {unit!r}: {what} must be a dict, got {type(metadata).__name__}")
         try:
             return json.loads(json.dumps(metadata))
         except (TypeError, ValueError) as e:
-            raise WriterError(f"unit {unit!r}: metadata is not JSON-serialisable: {e}") from e
+            raise WriterError(f"unit {unit!r}: {what} is not JSON-serialisable: {e}") from e
+
+    @staticmethod
+    def _check_own_files(own_files: Iterable[str]) -> tuple[str, ...]:
+        names = (own_files,) if isinstance(own_files, str) else tuple(own_files)
+        for name in names:
+            problem = _name_problem(name)
+            if problem is not None:
+                raise WriterError(f"own_files entry {name!r} is {problem}")
+        return names
 
     def _write_shard(
         self, seq: int, k: int, names: list[str], tensors: Mapping[str, torch.Tensor], created: list[Path]
@@ -510,14 +877,51 @@ class CheckpointWriter:
             "tensors": names,
         }
 
-    def _commit(self, entry: dict[str, Any]) -> None:
-        """Rewrite the manifest with `entry` appended; the rename of the manifest is the unit's commit point."""
+    def _commit(self, entry: dict[str, Any], measurements: dict | None, pending: dict[str, Any]) -> None:
+        """Rewrite the manifest with `entry` appended; the rename of the manifest is the unit's commit point.
+
+        The measurements file is replaced first (an entry of an uncommitted unit in it is ignored on resume). The
+        renames and the in-memory registration run with SIGINT/SIGTERM deferred (main thread), so an interrupt
+        cannot land between the commit on disk and the object's knowledge of it; `pending` tells the caller's
+        cleanup which manifest bytes may be on disk (the cleanup must be right without the deferral too)."""
+        d = self.out_dir
         manifest = {**self._manifest, "units": [*self._manifest["units"], entry]}
-        _replace_with(self.out_dir / MANIFEST_NAME, _json_bytes(manifest))
+        meas = None if measurements is None else {**self._measurements, entry["name"]: measurements}
+        pending.update(data=_json_bytes(manifest), manifest=manifest, entry=entry, measurements=meas)
+        with deferred_signals():
+            if meas is not None:
+                doc = {"format": MEASUREMENTS_FORMAT, "version": MANIFEST_VERSION, "units": meas}
+                _replace_with(d / MEASUREMENTS_NAME, _json_bytes(doc))
+            _replace_with(d / MANIFEST_NAME, pending["data"])
+            self._register(manifest, entry, meas)
+        _fsync_dir(d)
+
+    def _register(self, manifest: dict[str, Any], entry: dict[str, Any], measurements: dict | None) -> None:
+        """Make this object agree with a manifest that commits `entry`. Idempotent: an interrupted call is redone."""
         self._manifest = manifest
         self._units[entry["name"]] = entry
         self._owner.update({t: entry["name"] for s in entry["shards"] for t in s["tensors"]})
-        _fsync_dir(self.out_dir)
+        if measurements is not None:
+            self._measurements = measurements
+
+    def _committed_after_failure(self, unit: str, pending: dict[str, Any]) -> bool:
+        """Whether `unit` is committed although its write raised: the object knows it, or the manifest on disk holds
+        exactly the bytes that commit it (then the object is brought up to date). If the manifest cannot be read
+        we cannot tell, and keep the files: a resume removes unreferenced parts anyway."""
+        if unit in self._units:
+            return True
+        if not pending:
+            return False  # the manifest rename was never attempted
+        try:
+            on_disk = (self.out_dir / MANIFEST_NAME).read_bytes()
+        except OSError as e:
+            logger.warning("cannot read the manifest after a failed commit of %r (%s): keeping its files", unit, e)
+            return True
+        if on_disk != pending["data"]:
+            return False
+        self._register(pending["manifest"], pending["entry"], pending["measurements"])
+        logger.info("unit %r was committed on disk before the interruption; its files are kept", unit)
+        return True
 
     def _save_manifest(self, manifest: dict[str, Any]) -> None:
         atomic_write(self.out_dir / MANIFEST_NAME, _json_bytes(manifest))
@@ -534,37 +938,37 @@ class CheckpointWriter:
             json.dumps(config)
         except (TypeError, ValueError) as e:
             raise WriterError(f"config for {self.out_dir / CONFIG_NAME} is not JSON-serialisable: {e}") from e
-        reserved = {MANIFEST_NAME, INDEX_NAME, CONFIG_NAME}
+        dirs = {name.split("/")[0] for name in extra if isinstance(name, str) and "/" in name}
         for name, content in extra.items():
-            bad = (
-                not name
-                or "/" in name
-                or "\\" in name
-                or name.startswith(".")
-                or name in reserved
-                or name.startswith(PART_PREFIX)
-                or re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors", name)
-            )
-            if bad:
+            if _name_problem(name) is not None or _is_reserved(name) or name in dirs:
                 raise WriterError(
-                    f"extra file name {name!r} is not allowed (a plain file name that is not "
-                    "config.json, the index, the manifest or a shard)"
+                    f"extra file name {name!r} is not allowed (a plain file name, or dir/name, that is not "
+                    "config.json, the index, the manifest, the lock or a shard)"
                 )
             if not isinstance(content, (str, bytes, bytearray)):
                 raise WriterError(f"extra file {name!r}: content must be str or bytes, got {type(content).__name__}")
+        for sub in dirs:
+            p = self.out_dir / sub
+            if p.is_symlink() or (p.exists() and not p.is_dir()):
+                raise WriterError(f"extra files under {sub}/: {p} exists and is not a directory of this output")
         if source_dir is not None and not Path(source_dir).is_dir():
             raise WriterError(f"source_dir {source_dir} is not a directory")
 
-    def _record_rename_plan(self) -> list[tuple[str, str]]:
-        """Part -> final name, in unit commit order; stored in the manifest before the first rename."""
-        if self._manifest["finalize"] is not None:
-            return [tuple(r) for r in self._manifest["finalize"]["renames"]]
-        parts = [s["file"] for u in self._manifest["units"] for s in u["shards"]]
-        n = len(parts)
-        finals = ["model.safetensors"] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
-        plan = list(zip(parts, finals))
-        self._save_manifest({**self._manifest, "finalize": {"renames": [list(r) for r in plan]}})
-        return plan
+    def _record_finalize_plan(self, files: list[str]) -> list[tuple[str, str]]:
+        """Part -> final name, in unit commit order, and the names of the files finalize writes; stored in the
+        manifest before the first rename or write (so overwrite can later remove exactly those files)."""
+        fin = self._manifest["finalize"]
+        if fin is None:
+            parts = [s["file"] for u in self._manifest["units"] for s in u["shards"]]
+            n = len(parts)
+            single = ["model.safetensors"]
+            finals = single if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+            fin = {"renames": [list(r) for r in zip(parts, finals)], "files": sorted(set(files))}
+            self._save_manifest({**self._manifest, "finalize": fin})
+        elif not set(files) <= set(fin.get("files", [])):  # a resumed finalize with more files than recorded
+            fin = {**fin, "files": sorted(set(fin.get("files", [])) | set(files))}
+            self._save_manifest({**self._manifest, "finalize": fin})
+        return [tuple(r) for r in fin["renames"]]
 
     def _apply_renames(self, plan: list[tuple[str, str]]) -> None:
         """Rename each part still under its part name; one already under its final name was renamed before a kill."""
@@ -576,6 +980,13 @@ class CheckpointWriter:
                 raise WriterError(f"shard {part} (final name {final}) is missing from {self.out_dir}")
         _fsync_dir(self.out_dir)
 
+    def _write_extra(self, name: str, data: bytes) -> None:
+        path = self.out_dir / name
+        if path.parent != self.out_dir and not path.parent.is_dir():
+            path.parent.mkdir()
+            _fsync_dir(self.out_dir)
+        atomic_write(path, data)
+
     def _shard_path(self, part: str) -> Path:
         return _resolve_shard(self.out_dir, self._manifest, part)
 
@@ -583,12 +994,3 @@ class CheckpointWriter:
         """``{"metadata": {"total_size": ...}, "weight_map": {tensor: file}}`` as transformers writes it."""
         weight_map = {t: renames[s["file"]] for u in self._manifest["units"] for s in u["shards"] for t in s["tensors"]}
         return {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}
-
-    def _copy_source_files(self, source_dir: Path | None, skip: set[str]) -> None:
-        if source_dir is None:
-            return
-        for name in SOURCE_FILES:
-            src = source_dir / name
-            if name not in skip and src.is_file():
-                atomic_write(self.out_dir / name, src.read_bytes())
-                logger.debug("copied %s", src)

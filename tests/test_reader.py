@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 import shutil
 import struct
@@ -16,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sharding import DTYPES, CheckpointError, CheckpointReader, read_safetensors_header
+from sharding.reader import SourceChangedError
 from tests.tiny_models import save_tiny, tiny_model
 
 ARCHS = ["llama", "qwen3", "mixtral", "qwen3_moe"]
@@ -522,11 +524,59 @@ def case_pickle_refused(d: Path) -> Case:
     return "pytorch_model.bin", None, "pickle checkpoint refused"
 
 
+def _some_shard(d: Path) -> tuple[Path, str]:
+    name = "model.layers.1.mlp.down_proj.weight"
+    return _shard_of(d, name), name
+
+
+def case_shard_symlink_to_dev_zero(d: Path) -> Case:
+    shard, name = _some_shard(d)
+    shard.unlink()
+    shard.symlink_to("/dev/zero")
+    return (
+        shard.name,
+        None,
+        f"shard is a character device (symlink to '/dev/zero'), not a regular file, named by {INDEX}",
+    )
+
+
+def case_shard_is_a_fifo(d: Path) -> Case:  # opening it must not hang
+    shard, _ = _some_shard(d)
+    shard.unlink()
+    os.mkfifo(shard)
+    return shard.name, None, "shard is a FIFO (named pipe), not a regular file"
+
+
+def case_shard_is_a_directory(d: Path) -> Case:
+    shard, _ = _some_shard(d)
+    shard.unlink()
+    shard.mkdir()
+    return shard.name, None, "shard is a directory, not a regular file"
+
+
+def case_shard_dangling_symlink(d: Path) -> Case:
+    shard, _ = _some_shard(d)
+    shard.unlink()
+    shard.symlink_to(d / "gone.safetensors")
+    return shard.name, None, "shard is a dangling symlink to"
+
+
+def case_config_symlink_to_dev_zero(d: Path) -> Case:
+    (d / "config.json").unlink()
+    (d / "config.json").symlink_to("/dev/zero")
+    return "config.json", None, "config.json is a character device (symlink to '/dev/zero'), not a regular file"
+
+
+def case_single_file_is_a_fifo(d: Path) -> Case:
+    os.mkfifo(d / "model.safetensors")
+    return "model.safetensors", None, "model.safetensors is a FIFO (named pipe), not a regular file"
+
+
 CASES = {name[len("case_") :]: fn for name, fn in sorted(globals().items()) if name.startswith("case_")}
 
 
 def test_malformed_case_count():
-    assert len(CASES) >= 14
+    assert len(CASES) >= 20
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -559,3 +609,84 @@ def test_header_validation_reads_no_tensor_data(llama_copy):
         read_safetensors_header(shard)
     if HAS_PROC_IO:
         assert _rchar() - before <= 8 + len(json.dumps(header)) + 1024 < len(data)
+
+
+def test_header_of_a_device_is_refused_without_reading_it():
+    with pytest.raises(CheckpointError, match="/dev/zero: is a character device, not a regular file"):
+        read_safetensors_header("/dev/zero")
+
+
+def test_pickle_refusal_says_how_to_convert(llama_copy):
+    case_pickle_refused(llama_copy)
+    with pytest.raises(CheckpointError) as info:
+        CheckpointReader(llama_copy)
+    msg = str(info.value)
+    assert "only safetensors checkpoints are read" in msg and "save_pretrained" in msg and "allow_pickle" not in msg
+
+
+# ------------------------------------------------------------------------------------------------------- digests
+
+
+def test_digest_is_of_the_bytes_read(llama_copy):
+    r = CheckpointReader(llama_copy)
+    names = r.names_with_prefix("model.layers.1.")
+    got = r.read(names, dtype=torch.float64)  # conversion after hashing: the digest is of the stored bytes
+    read_bytes = r.bytes_read
+    digests = r.tensor_digests(names)
+    assert r.bytes_read == read_bytes  # already hashed while reading: nothing read again
+    for name in names:
+        info = r.info(name)
+        with open(info.file, "rb") as f:
+            f.seek(info.start)
+            raw = f.read(info.nbytes)
+        assert digests[name] == hashlib.sha256(raw).hexdigest()
+        assert got[name].dtype == torch.float64
+    fresh = CheckpointReader(llama_copy)
+    assert fresh.digest(names) == r.digest(names)  # streamed instead of read: the same
+    assert fresh.bytes_read == read_bytes and fresh.digest(reversed(names)) == r.digest(names)
+    assert CheckpointReader(llama_copy, hash_reads=False).digest(names) == r.digest(names)
+    assert r.digest(names) != r.digest(names[1:])
+
+
+def test_mid_shard_change_is_seen_by_digest_not_by_fingerprint(llama_copy):
+    """The issue-16 case: a block changed in the middle of a shard between an interrupted run and its resume."""
+    r = CheckpointReader(llama_copy)
+    names = r.names_with_prefix("model.layers.1.")
+    stored = r.digest(names)
+    per_tensor = {k: v[:16] for k, v in r.tensor_digests(names).items()}
+    fingerprint = r.fingerprint(sample_bytes=16)
+    victim = "model.layers.1.mlp.down_proj.weight"
+    info = r.info(victim)
+    with open(info.file, "r+b") as f:
+        f.seek((info.start + info.end) // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0x01]))
+    r2 = CheckpointReader(llama_copy)
+    assert r2.fingerprint(sample_bytes=16) == fingerprint  # the cheap run id misses it
+    r2.verify_digest(
+        r2.names_with_prefix("model.layers.0."), r.digest(r.names_with_prefix("model.layers.0.")), what="x"
+    )
+    with pytest.raises(SourceChangedError) as e:
+        r2.verify_digest(names, stored, what="unit 'model.layers.1.'")
+    assert "source tensors of unit 'model.layers.1.'" in str(e.value) and "changed since it was written" in str(e.value)
+    assert isinstance(e.value, CheckpointError) and "\n" not in str(e.value)
+    with pytest.raises(SourceChangedError) as e:
+        r2.verify_digest(names, per_tensor, what="unit 'model.layers.1.'")
+    assert e.value.tensor == victim and e.value.file == info.file
+    again = pickle.loads(pickle.dumps(e.value))
+    assert type(again) is SourceChangedError and str(again) == str(e.value)
+    with pytest.raises(SourceChangedError, match="is no longer in the checkpoint"):
+        r2.verify_digest(names[1:], per_tensor, what="unit 'model.layers.1.'")
+
+
+def test_digests_of_a_pickle_checkpoint(tiny_ckpt, tmp_path):
+    src = CheckpointReader(tiny_ckpt("llama"))
+    d = tmp_path / "pickled"
+    d.mkdir()
+    shutil.copy(src.model_dir / "config.json", d)
+    torch.save(src.read(src.names()), d / "pytorch_model.bin")
+    r = CheckpointReader(d, allow_pickle=True)
+    assert r.digest(r.names()) == src.digest(src.names())
+    r.read(["model.norm.weight"])
+    assert r.tensor_digests("model.norm.weight") == src.tensor_digests("model.norm.weight")

@@ -18,9 +18,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 import sharding.writer as writer_mod
+from sharding.lock import LOCK_NAME
 from sharding.writer import (
     INDEX_NAME,
     MANIFEST_NAME,
+    MEASUREMENTS_NAME,
     CheckpointWriter,
     WriterError,
     parse_size,
@@ -222,18 +224,24 @@ def test_multiple_shards_and_unit_split(llama_src, tmp_path):
 # ---- refusal rules --------------------------------------------------------------------------------------------
 
 
-def test_refuses_non_empty_output_and_overwrite_clears(tmp_path):
+def test_refuses_non_empty_output_and_overwrite_clears_only_ours(tmp_path):
     out = tmp_path / "out"
     (out / "sub").mkdir(parents=True)
     (out / "old.txt").write_text("x")
-    with pytest.raises(WriterError, match=r"not empty.*overwrite=True"):
+    with pytest.raises(WriterError, match=r"not empty.*not a blockprune output"):
         CheckpointWriter(out)
     with pytest.raises(WriterError, match=f"holds no {MANIFEST_NAME}"):
         CheckpointWriter(out, resume=True)
-    CheckpointWriter(out, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == [MANIFEST_NAME]
+    with pytest.raises(WriterError, match="refusing to overwrite .*not a blockprune output; nothing was removed"):
+        CheckpointWriter(out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["old.txt", "sub"]
+    (out / "old.txt").unlink()
+    (out / "sub").rmdir()
+    CheckpointWriter(out).close()
     with pytest.raises(WriterError, match="not empty"):  # a manifest alone still needs resume or overwrite
         CheckpointWriter(out)
+    CheckpointWriter(out, overwrite=True).close()
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST_NAME]
 
 
 def test_resume_on_missing_dir_or_temporaries_is_a_new_run(tmp_path):
@@ -308,9 +316,10 @@ def test_invalid_writes_are_refused(llama_src, tmp_path):
         w.finalize({}, extra_files={"config.json": "y"})
     assert w.committed_units() == [units[0][0]]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
-        [MANIFEST_NAME] + [s["file"] for s in manifest_of(tmp_path / "out")["units"][0]["shards"]]
+        [MANIFEST_NAME, LOCK_NAME] + [s["file"] for s in manifest_of(tmp_path / "out")["units"][0]["shards"]]
     )
     w.finalize({"model_type": "llama"})
+    assert not (tmp_path / "out" / LOCK_NAME).exists()  # finalize releases the lock
     assert (tmp_path / "out" / "model.safetensors").is_file()  # one shard: the unsharded name
     assert json.loads((tmp_path / "out" / INDEX_NAME).read_text())["weight_map"][name] == "model.safetensors"
     with pytest.raises(WriterError, match="finalized"):
@@ -489,3 +498,28 @@ def test_read_only_output_dir(llama_src, tmp_path):
         out.chmod(0o755)
     assert tree_hashes(out) == before
     CheckpointWriter(out, resume=True, run_id=RUN_ID).write_unit(*units[1])
+
+
+# ---- determinism: the manifest holds no measurements -------------------------------------------------------------
+
+
+def test_manifest_is_deterministic_and_measurements_live_beside_it(llama_src, tmp_path, caplog):
+    """Two uninterrupted runs whose timings differ: every file is byte-identical except the measurements file."""
+    outs = [tmp_path / "a", tmp_path / "b"]
+    for out, seconds in zip(outs, (1.25, 7.5)):
+        with CheckpointWriter(out, run_id=RUN_ID) as w:
+            for unit, tensors in source_units(llama_src)[:2]:
+                w.write_unit(unit, tensors, metadata=unit_report(unit), measurements={"time_s": seconds})
+            w.finalize({"model_type": "llama"})
+    a, b = tree_hashes(outs[0]), tree_hashes(outs[1])
+    assert sorted(a) == sorted(b) and [k for k in a if a[k] != b[k]] == [MEASUREMENTS_NAME]
+    assert "time_s" not in (outs[0] / MANIFEST_NAME).read_text()
+    with CheckpointWriter(outs[0], resume=True, run_id=RUN_ID) as w:
+        assert w.unit_measurements("model.layers.0.") == {"time_s": 1.25}
+        assert w.unit_metadata("model.layers.0.") == unit_report("model.layers.0.")
+    with CheckpointWriter(tmp_path / "c") as w, pytest.raises(WriterError, match="measurements is not JSON-ser"):
+        w.write_unit("x", {}, measurements={"t": object()})
+    (outs[0] / MEASUREMENTS_NAME).write_text("{")  # lost measurements never block a resume
+    with caplog.at_level("WARNING"), CheckpointWriter(outs[0], resume=True, run_id=RUN_ID) as w:
+        assert w.unit_measurements("model.layers.0.") == {}
+    assert "ignoring unreadable" in caplog.text
