@@ -30,6 +30,7 @@ from engine.fp8 import (
 )
 from engine.model_check import check_model, open_checked
 from engine.pipeline import run
+from engine.runtime import checkpoint_dtype
 from sharding.errors import CheckpointError
 from sharding.reader import CheckpointReader
 from tests.tiny_models import recipe
@@ -268,6 +269,7 @@ def test_dequantizing_reader(tiny_ckpt, tmp_path):
     assert torch.equal(f32[W8], loop_reference(raw.read([W8])[W8], raw.read([S8])[S8], (16, 32)))
     assert f32["model.norm.weight"].dtype == torch.float32
     assert reader.fingerprint() == raw.fingerprint() and reader.model_dir == raw.model_dir
+    assert checkpoint_dtype(reader) == torch.bfloat16  # runtime.dtype auto on CUDA: never an FP8 compute dtype
 
 
 # --------------------------------------------------------------------------------------------- end to end
