@@ -296,3 +296,18 @@ def test_mtp_layer_renumbered_after_depth_pruning(fp8_src, calib_file, tmp_path)
     assert torch.equal(o.read(["model.layers.2.eh_proj.weight"])["model.layers.2.eh_proj.weight"], src_mtp)
     assert not any(n.startswith("model.layers.3.") for n in o.names())
     open_checked(out)
+
+
+def test_fp8_run_killed_before_the_mtp_layer_resumes_byte_identically(fp8_src, calib_file, tmp_path, monkeypatch):
+    from engine.pipeline import EXTRA_UNIT
+    from tests.tiny_models import run_killed_before
+
+    stages = [STUN, {"method": "wanda", "sparsity": 0.5}]
+    run(config_from_dict(_auto(recipe(fp8_src, tmp_path / "full", calib_file, stages))))
+    run_killed_before(
+        EXTRA_UNIT, config_from_dict(_auto(recipe(fp8_src, tmp_path / "part", calib_file, stages))), monkeypatch
+    )
+    rep = run(config_from_dict(_auto(recipe(fp8_src, tmp_path / "part", calib_file, stages, resume=True))))
+    assert all(b.get("resumed") for b in rep["blocks"])
+    files = sorted((tmp_path / "full").glob("*.safetensors")) + [tmp_path / "full" / "config.json"]
+    assert len(files) > 2 and all(f.read_bytes() == (tmp_path / "part" / f.name).read_bytes() for f in files)
