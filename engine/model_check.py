@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from engine.fp8 import fp8_pairs
 from sharding.errors import CheckpointError
 from sharding.reader import CONFIG_NAME, PICKLE_SUFFIXES, CheckpointReader
 
@@ -55,8 +56,9 @@ def check_model(
     - the embedding is `[vocab_size, hidden_size]`, as are `lm_head` (when present) and the final norm `[hidden]`;
     - dense MLP projections match `intermediate_size` (stock configs; non-uniform blockprune outputs, which carry
       a `blockprune` section, have per-layer widths and may lack whole blocks);
-    - every tensor is float64/32/16 or bfloat16 (FP8 and integer checkpoints cannot be pruned yet), unless
-      `require_float` is False (inspect and eval read such checkpoints fine).
+    - every tensor is float64/32/16 or bfloat16, or an FP8 weight with its block scales (`engine.fp8.fp8_pairs`:
+      a fine-grained FP8 checkpoint, dequantized as it is read); FP8 without scales, FP6/FP4 and integer
+      weights are refused unless `require_float` is False (inspect and eval read such checkpoints fine).
 
     `source` (the checkpoint directory) prefixes the messages."""
     where = Path(source) / CONFIG_NAME if source is not None else Path(CONFIG_NAME)
@@ -67,7 +69,8 @@ def check_model(
     if uniform:
         _check_mlp(ints["intermediate_size"], tensor_shapes, where, source)
     if require_float:
-        _check_dtypes(tensor_dtypes, source)
+        pairs = fp8_pairs(config, tensor_shapes, tensor_dtypes, source)  # FP8 weights with their scales
+        _check_dtypes(tensor_dtypes, source, read_as_float={*pairs, *pairs.values()})
 
 
 def check_reader(reader: CheckpointReader, *, require_float: bool = True) -> None:
@@ -204,14 +207,15 @@ def _check_mlp(inter: int, shapes: Mapping[str, tuple[int, ...]], where: Path, s
             )
 
 
-def _check_dtypes(dtypes: Mapping[str, str], source: str | Path | None) -> None:
+def _check_dtypes(dtypes: Mapping[str, str], source: str | Path | None, read_as_float: set[str]) -> None:
     for name in sorted(dtypes):
         code = dtypes[name]
-        if code in FLOAT_DTYPES:
+        if code in FLOAT_DTYPES or name in read_as_float:
             continue
         if code.startswith(("F8", "F6", "F4")):
             raise CheckpointError(
-                f"dtype {code}: FP8 checkpoints are not supported yet; dequantize to bfloat16/float16/float32 first",
+                f"dtype {code}: only block-scaled FP8 weights are read (quant_method fp8); dequantize to "
+                "bfloat16/float16/float32 first",
                 source,
                 name,
             )

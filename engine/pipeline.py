@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ from engine.config import ConfigError, RunConfig, config_to_yaml, parse_size
 from engine.dense_pass import BlockBuilder, BlockRunner, StatsCollector, check_finite, free_block, stats_to
 from engine.distributed import RankWriter, run_sharded
 from engine.export import MODELING_FILE, kept_layers, nonuniform_config, output_config
+from engine.fp8 import source_reader
 from engine.memory_plan import MemoryPlan, plan_for_run
 from engine.model_check import check_reader
 from engine.prepass import scoring_pass
@@ -63,6 +65,8 @@ from sharding.writer import INDEX_NAME, MANIFEST_NAME, CheckpointWriter
 log = logging.getLogger(__name__)
 
 NON_BLOCK_UNIT = "non_block"
+EXTRA_UNIT = "extra_layers"  # layers stored after the last block (DeepSeek's MTP), written last
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 def block_unit(i: int) -> str:
@@ -133,6 +137,7 @@ def run(cfg: RunConfig) -> dict:
     t_start = time.perf_counter()
     reader = CheckpointReader(cfg.model)
     check_reader(reader)  # config.json against the tensor headers, before any weight is read
+    reader = source_reader(reader, cfg.runtime.dtype)  # FP8 sources are read dequantized (engine/fp8.py)
     check_input(reader.config)
     adapter = adapter_for(reader.config)
     stages, budget = make_stages(cfg, adapter, dict(reader.config))
@@ -239,6 +244,7 @@ def _finalize(
     fields; several -> a non-uniform checkpoint (per-layer entries, `modeling_blockprune.py`)."""
     stock, entries = split_shapes(shapes)
     out_config = output_config(dict(reader.config), {**changes.overrides, **stock}, changes.removed_layers)
+    _copy_extra_layers(reader, writer, len(shapes), reshaped=bool(stock or entries or changes.overrides))
     extra = {"blockprune_recipe.yaml": config_to_yaml(cfg), "blockprune_report.json": report.to_json()}
     if entries:
         out_config, extra[MODELING_FILE] = nonuniform_config(out_config, entries)
@@ -582,13 +588,47 @@ def _renumber(tensors: dict[str, torch.Tensor], old_prefix: str, new_prefix: str
 
 
 def _copy_non_block(reader: CheckpointReader, adapter: ArchAdapter, writer: RankWriter) -> None:
-    """Embeddings, final norm and lm_head are copied through unpruned (byte-identical), by rank 0."""
+    """Embeddings, final norm and lm_head are copied through unpruned (byte-identical; an FP8 source's weights
+    dequantized), by rank 0. Layers after the last block are `_copy_extra_layers`'."""
     if writer.is_committed(NON_BLOCK_UNIT) or writer.writer is None:
         return
-    names = adapter.non_block_keys(reader.names())
+    names = [n for n in adapter.non_block_keys(reader.names()) if _extra_layer(n, adapter.num_layers) is None]
     tensors = reader.read(names)
     check_finite(tensors)
     writer.write_unit(NON_BLOCK_UNIT, tensors)
+
+
+def _extra_layer(name: str, num_layers: int) -> int | None:
+    """The index of a layer stored after the last block (`model.layers.{k}.*`, k >= num_layers) holding `name`."""
+    m = _LAYER_RE.match(name)
+    return int(m.group(1)) if m is not None and int(m.group(1)) >= num_layers else None
+
+
+def _copy_extra_layers(reader: CheckpointReader, writer: RankWriter, n_out: int, *, reshaped: bool) -> None:
+    """Layers stored after the last block (DeepSeek-V3's multi-token-prediction layers, `num_nextn_predict_layers`)
+    copied unpruned (an FP8 source's weights dequantized) as their own unit, renumbered to follow the `n_out` written
+    blocks (depth pruning removes blocks). transformers builds no MTP module: it ignores `model.layers.61.*` by name
+    and loads any other index with an "unexpected keys" warning. `reshaped`: the written blocks' config fields differ
+    from the source's (e.g. fewer experts), which the copied layers keep: said in the log."""
+    if writer.is_committed(EXTRA_UNIT) or writer.writer is None:
+        return
+    n = int(reader.config["num_hidden_layers"])
+    names = [name for name in reader.names() if _extra_layer(name, n) is not None]
+    if not names:
+        return
+    tensors = reader.read(names)
+    check_finite(tensors)
+    out = {}
+    for name, t in tensors.items():
+        k = _extra_layer(name, n)
+        out[f"model.layers.{n_out + k - n}.{name[len(f'model.layers.{k}.') :]}"] = t
+    if reshaped:
+        log.warning(
+            "layers %s after the last block (multi-token prediction) are copied with the source's shapes, not "
+            "pruned like the blocks; transformers does not load them",
+            sorted({_extra_layer(name, n) for name in names}),
+        )
+    writer.write_unit(EXTRA_UNIT, out)
 
 
 def _embed(reader: CheckpointReader, adapter: ArchAdapter, ids: torch.Tensor, cache: ActivationCache, rt: Runtime):

@@ -30,6 +30,7 @@ __all__ = [
     "Representatives",
     "choose_representatives",
     "cluster_experts",
+    "cluster_experts_grouped",
     "coactivation_counts",
     "coactivation_distance",
     "experts_to_keep",
@@ -200,6 +201,24 @@ def cluster_experts(D: Tensor, n_keep: int) -> Tensor:
         )
         labels = _cut_by_merges(Z, E, n_keep)
     return _canonical(labels)
+
+
+def cluster_experts_grouped(D: Tensor, n_keep: int, n_group: int = 1) -> Tensor:
+    """:func:`cluster_experts` within each of ``n_group`` contiguous groups of experts (group ``c`` holds experts
+    ``[c·g, (c+1)·g)``, ``g = E / n_group``, as DeepSeek-V3's group-limited routing sees them): ``n_keep / n_group``
+    clusters per group, so no cluster spans two groups and every group keeps the same number. Ids as
+    :func:`cluster_experts` (numbered by smallest member; group ``c``'s clusters are ``c·k .. c·k + k − 1``).
+
+    Example: E = 4, ``n_group = 2``, ``n_keep = 2``: experts 0 and 1 form one cluster and 2 and 3 the other, whatever
+    ``D`` says across the groups."""
+    D = _check_square(D, "cluster_experts_grouped")
+    E = D.shape[0]
+    if n_group < 1 or E % n_group or n_keep % n_group:
+        raise ValueError(
+            f"cluster_experts_grouped: n_group = {n_group} must divide the experts ({E}) and n_keep ({n_keep})"
+        )
+    g, k = E // n_group, n_keep // n_group
+    return torch.cat([cluster_experts(D[c * g : (c + 1) * g, c * g : (c + 1) * g], k) + c * k for c in range(n_group)])
 
 
 # ---------------------------------------------------------------- representatives

@@ -151,7 +151,7 @@ ROWS = [
     ("run-string-hidden-size", ["run", "{recipe}", "model={str_hidden}"], "hidden_size = '64': must be an integer"),
     ("run-no-num-hidden-layers", ["run", "{recipe}", "model={no_layers}"], "num_hidden_layers is missing"),
     ("run-vocab-mismatch", ["run", "{recipe}", "model={vocab}"], "vocab_size = 100, but the embedding"),
-    ("run-fp8", ["run", "{recipe}", "model={fp8}"], "FP8 checkpoints are not supported yet"),
+    ("run-fp8", ["run", "{recipe}", "model={fp8}"], "FP8 weights need the block scales"),
     ("run-extra-layer", ["run", "{recipe}", "model={extra_layer}"], "but the checkpoint has block 2"),
     ("run-pickle-only", ["run", "{recipe}", "model={pickle}"], "convert it to safetensors first"),
     ("submit-alias-bomb", ["submit", "{bomb}", "--local"], "not allowed"),
@@ -177,7 +177,7 @@ ROWS = [
     ("distill-lr-nan", ["distill", "{distill}", "lr=.nan"], "lr = nan: must be a finite number"),
     ("distill-override-into-string", ["distill", "{distill}", "student.x=1"], "student is a string"),
     ("distill-bad-student", ["distill", "{distill}", "student={str_hidden}"], "hidden_size = '64'"),
-    ("distill-fp8-teacher", ["distill", "{distill}", "teacher={fp8}"], "FP8 checkpoints are not supported yet"),
+    ("distill-fp8-teacher", ["distill", "{distill}", "teacher={fp8}"], "FP8 weights need the block scales"),
 ]
 
 

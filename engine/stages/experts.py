@@ -25,6 +25,13 @@ Counts: uniform (every MoE layer keeps ``n_keep = E − round(target·E)``, stoc
 (:func:`allocate_per_layer`: one global threshold on the complete-linkage merge heights of the router-row distances,
 each layer's matrix divided by its mean off-diagonal distance; the same total as uniform; read from the router
 weights before the block loop, no forward).
+
+Group-limited routing (DeepSeek-V3, ``n_group > 1``): the router scores each of ``n_group`` contiguous groups of
+``E / n_group`` experts by the sum of its two best experts, keeps the ``topk_group`` best groups and picks the top-k
+experts inside them. Clusters are then formed within each group (:func:`solvers.clustering.cluster_experts_grouped`),
+every group keeps the same number ``n_keep / n_group`` (``n_keep`` rounded to a multiple of ``n_group``, at least 2 per
+group, since the group score sums two experts), so the kept experts, renumbered ascending, form the same contiguous
+groups; ``num_experts_per_tok`` is clipped to ``topk_group · n_keep / n_group``, what the chosen groups still hold.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import re
 import time
 from collections import Counter
@@ -39,6 +47,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 from scipy.cluster.hierarchy import linkage
 from scipy.spatial.distance import squareform
@@ -54,7 +63,7 @@ from sharding import dist
 from sharding.reader import CheckpointReader
 from solvers.clustering import (
     choose_representatives,
-    cluster_experts,
+    cluster_experts_grouped,
     coactivation_counts,
     coactivation_distance,
     mixed_distance,
@@ -66,6 +75,7 @@ from solvers.stats import InputStats, merge
 log = logging.getLogger(__name__)
 
 COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts")  # as serialised by transformers 5
+MIN_PER_GROUP = 2  # group-limited routing scores a group by its two best experts
 TOP_K_FIELD = "num_experts_per_tok"
 _EXPERT_KEY = re.compile(r"^expert(\d+)_(in|out)$")
 
@@ -111,10 +121,41 @@ def expert_count_field(config: PretrainedConfig) -> str:
     return found
 
 
+def expert_groups(config: PretrainedConfig) -> tuple[int, int]:
+    """(`n_group`, `topk_group`) of group-limited routing (DeepSeek-V3); (1, 1) for routers without groups."""
+    n_group = int(getattr(config, "n_group", None) or 1)
+    return n_group, int(getattr(config, "topk_group", None) or 1) if n_group > 1 else 1
+
+
+def routed_top_k(config: PretrainedConfig, n: int) -> int:
+    """`num_experts_per_tok` of a layer of `config` keeping `n` routed experts: at most `n`, and with group-limited
+    routing at most `topk_group · n / n_group`, the experts the selected groups hold (a larger top-k would pick
+    experts of unselected groups: the router masks them with -inf but still takes them)."""
+    n_group, topk_group = expert_groups(config)
+    return min(int(getattr(config, TOP_K_FIELD)), n if n_group == 1 else topk_group * (n // n_group))
+
+
+def grouped_keep(E: int, target: float, n_group: int) -> int:
+    """Experts kept with `n_group` routing groups: `E − round(target·E)` rounded to the nearest multiple of `n_group`
+    (halves up), so every group keeps the same number. ConfigError when that leaves a group fewer than 2 experts
+    (the router's group score sums each group's two best)."""
+    n = n_keep_for_target(E, target)
+    if n_group == 1:
+        return n
+    per_group = int(math.floor(n / n_group + 0.5))
+    if per_group < MIN_PER_GROUP:
+        most = 1 - MIN_PER_GROUP * n_group / E
+        raise ConfigError(
+            f"experts stage: target {target} keeps {n} of {E} experts, fewer than {MIN_PER_GROUP} in each of the "
+            f"n_group = {n_group} routing groups (the router's group score sums each group's best two); the "
+            f"largest target is {most:g}"
+        )
+    return per_group * n_group
+
+
 def adapter_with_experts(adapter: ArchAdapter, n: int) -> ArchAdapter:
-    """`adapter` for the config with `n` routed experts and `num_experts_per_tok` clipped to `n`."""
-    top_k = min(int(getattr(adapter.config, TOP_K_FIELD)), n)
-    return adapter.with_overrides({expert_count_field(adapter.config): n, TOP_K_FIELD: top_k})
+    """`adapter` for the config with `n` routed experts and `num_experts_per_tok` clipped (`routed_top_k`)."""
+    return adapter.with_overrides({expert_count_field(adapter.config): n, TOP_K_FIELD: routed_top_k(adapter.config, n)})
 
 
 # ------------------------------------------------------------------------------------------------ planning
@@ -131,32 +172,39 @@ def _router_rows(reader: CheckpointReader, adapter: ArchAdapter, i: int) -> Tens
     )
 
 
-def allocate_per_layer(distances: dict[int, Tensor], n_remove: int) -> tuple[dict[int, int], dict]:
+def allocate_per_layer(distances: dict[int, Tensor], n_remove: int, n_group: int = 1) -> tuple[dict[int, int], dict]:
     """Experts kept per layer when `n_remove` experts are removed in all: the `n_remove` lowest complete-linkage
     merge heights over all layers, each layer's distances divided by its mean off-diagonal entry.
 
     A layer's merge heights never decrease, so taking the globally smallest ones is one threshold `t`: layer l keeps
     the number of clusters its dendrogram has at height `t` (ties: lower layer, earlier merge). Every layer keeps at
-    least one expert. Returns ({layer: kept}, {"threshold", "scale"}) for the report."""
-    heights, scale, sizes = [], {}, {}
+    least one expert. With `n_group` routing groups (contiguous expert ranges) experts go in rounds of one per group:
+    round r of a layer costs the largest r-th merge height of its groups' own dendrograms, `n_remove / n_group` rounds
+    are taken, and every group keeps at least `MIN_PER_GROUP`. Returns ({layer: kept}, {"threshold", "scale"})."""
+    rounds, scale, sizes = [], {}, {}
+    keep_least = 1 if n_group == 1 else MIN_PER_GROUP
     for i, D in distances.items():
         E = D.shape[0]
         sizes[i] = E
-        if E < 2:
+        g = E // n_group
+        if g <= keep_least:
             continue
         off = D[~torch.eye(E, dtype=torch.bool)]
         scale[i] = float(off.mean()) if float(off.mean()) > 0 else 1.0
-        Z = linkage(squareform((D / scale[i]).numpy(), checks=False), method="complete")
-        heights += [(float(h), i, s) for s, h in enumerate(Z[:, 2])]
-    if not 0 <= n_remove <= len(heights):
+        blocks = [D[c * g : (c + 1) * g, c * g : (c + 1) * g] / scale[i] for c in range(n_group)]
+        merges = [linkage(squareform(B.numpy(), checks=False), method="complete")[:, 2] for B in blocks]
+        heights = np.max(np.stack(merges), axis=0)[: g - keep_least]  # round r: the r-th merge of every group
+        rounds += [(float(h), i, r) for r, h in enumerate(heights)]
+    if n_remove % n_group or not 0 <= n_remove // n_group <= len(rounds):
+        least = "every layer keeps one" if n_group == 1 else f"each of the {n_group} groups keeps {keep_least}"
         raise ValueError(
             f"allocate_per_layer: cannot remove {n_remove} of {sum(sizes.values())} experts "
-            f"(at most {len(heights)}: every layer keeps one)"
+            f"(at most {len(rounds) * n_group}, in multiples of {n_group}: {least})"
         )
-    chosen = sorted(heights)[:n_remove]
+    chosen = sorted(rounds)[: n_remove // n_group]
     removed = Counter(i for _, i, _ in chosen)
     threshold = chosen[-1][0] if chosen else 0.0
-    return {i: E - removed[i] for i, E in sizes.items()}, {"threshold": threshold, "scale": scale}
+    return {i: E - n_group * removed[i] for i, E in sizes.items()}, {"threshold": threshold, "scale": scale}
 
 
 # ------------------------------------------------------------------------------------------------ statistics
@@ -264,25 +312,27 @@ class ExpertsStage(StageBase):
         self.count_field = ""
         self.num_experts = 0
         self.top_k = 0
+        self.n_group = 1
         self.moe_layers: list[int] = []
         self.n_keep: dict[int, int] = {}
         self.allocation: dict = {}
 
     def setup(self, model: ModelInfo) -> None:
-        """ConfigError, before any weight is read, when the model has no MoE block, routes by expert groups
-        (DeepSeek `n_group > 1`: removing experts would regroup them), or routes top-1 under `similarity:
-        coactivation` (no co-activations to compare). Until `prepare` reads the router rows, every MoE layer is
-        planned with the uniform count."""
+        """ConfigError, before any weight is read, when the model has no MoE block, routes top-1 under `similarity:
+        coactivation` (no co-activations to compare), or routes by expert groups that the target would leave fewer
+        than 2 experts each (or whose count does not divide the experts). Until `prepare` reads the router rows,
+        every MoE layer is planned with the uniform count (with groups, rounded to a multiple of `n_group`)."""
         adapter = self.adapter = model.adapter
         config = adapter.config
         counts = {i: num_experts_of(build_meta_block(adapter.spec, config, i)) for i in range(adapter.num_layers)}
         self.moe_layers = [i for i, n in counts.items() if n]
         if not self.moe_layers:
             raise ConfigError(f"experts stage: the {adapter.model_type} model has no MoE block")
-        if int(getattr(config, "n_group", None) or 1) > 1:
+        self.n_group = expert_groups(config)[0]
+        if counts[self.moe_layers[0]] % self.n_group:
             raise ConfigError(
-                f"experts stage: {adapter.model_type} with n_group = {config.n_group} routes by expert "
-                "groups; removing experts would regroup them (only n_group = 1 is supported)"
+                f"experts stage: n_group = {self.n_group} does not divide the {counts[self.moe_layers[0]]} "
+                "routed experts (group-limited routing needs equal contiguous groups)"
             )
         self.top_k = int(getattr(config, TOP_K_FIELD))
         if self.config.similarity == "coactivation" and self.top_k < 2:
@@ -292,25 +342,35 @@ class ExpertsStage(StageBase):
             )
         self.count_field = expert_count_field(config)
         self.num_experts = counts[self.moe_layers[0]]
-        n = n_keep_for_target(self.num_experts, self.config.target)
+        n = grouped_keep(self.num_experts, self.config.target, self.n_group)
         self.n_keep = {i: n for i in self.moe_layers}
 
     def prepare(self, reader: CheckpointReader) -> None:
         """`n_keep`: `E − round(target·E)` in every MoE layer, or with `per_layer` the counts of
         :func:`allocate_per_layer` on the router rows (a few KB per layer, no forward)."""
         assert self.adapter is not None
-        E = self.num_experts
+        E, G = self.num_experts, self.n_group
+        n_uniform = grouped_keep(E, self.config.target, G)
+        if G > 1 and n_uniform != n_keep_for_target(E, self.config.target):
+            log.warning(
+                "experts: n_group = %d routing groups: experts kept per MoE layer rounded from %d to %d (%d per group)",
+                G,
+                n_keep_for_target(E, self.config.target),
+                n_uniform,
+                n_uniform // G,
+            )
         if self.config.per_layer:
             D = {i: router_distance(_router_rows(reader, self.adapter, i)) for i in self.moe_layers}
-            n_uniform = n_keep_for_target(E, self.config.target)
-            self.n_keep, self.allocation = allocate_per_layer(D, (E - n_uniform) * len(self.moe_layers))
-        clipped = sorted(i for i, n in self.n_keep.items() if n < self.top_k)
+            self.n_keep, self.allocation = allocate_per_layer(D, (E - n_uniform) * len(self.moe_layers), G)
+        clipped = sorted(i for i, n in self.n_keep.items() if self.top_k_for(n) < self.top_k)
         if clipped:
             log.warning(
-                "experts: layers %s keep fewer experts than num_experts_per_tok = %d; top_k is clipped to the "
-                "experts kept there",
+                "experts: layers %s keep fewer experts than num_experts_per_tok = %d can pick%s; top_k is clipped "
+                "to %s there",
                 clipped,
                 self.top_k,
+                f" (topk_group x experts per group with n_group = {G})" if G > 1 else "",
+                sorted({self.top_k_for(self.n_keep[i]) for i in clipped}),
             )
         log.info(
             "experts: %s similarity, %s representative; experts kept per MoE layer %s (of %d)",
@@ -320,9 +380,14 @@ class ExpertsStage(StageBase):
             E,
         )
 
+    def top_k_for(self, n: int) -> int:
+        """`num_experts_per_tok` of a layer keeping `n` routed experts (`routed_top_k`)."""
+        assert self.adapter is not None
+        return routed_top_k(self.adapter.config, n)
+
     def layer_fields(self, n: int) -> dict[str, int]:
-        """Config fields of a layer keeping `n` routed experts: the count and `top_k ≤ n`."""
-        return {self.count_field: n, TOP_K_FIELD: min(self.top_k, n)}
+        """Config fields of a layer keeping `n` routed experts: the count and its top-k (`top_k_for`)."""
+        return {self.count_field: n, TOP_K_FIELD: self.top_k_for(n)}
 
     def layer_shape(self, i: int, target=None) -> LayerShape:
         """MoE layers: their expert count; dense layers (which the count does not change) the largest count, so that
@@ -358,7 +423,7 @@ class ExpertsStage(StageBase):
         t0 = time.perf_counter()
         E, n, cfg = num_experts_of(block), self.n_keep[i], self.config
         D = expert_distance(cfg, visit.adapter.router(block).weight.detach(), routing)
-        clusters = cluster_experts(D, n)
+        clusters = cluster_experts_grouped(D, n, self.n_group)
         keep = choose_representatives(clusters, None, "centroid", D=expert_weight_distance(block.mlp.experts)).keep
         t1 = time.perf_counter()
         tokens = routing["coactivation"].diagonal()
@@ -372,8 +437,8 @@ class ExpertsStage(StageBase):
             "after": n,
             "kept": keep,
             "clusters": clusters.tolist(),
-            "top_k": min(self.top_k, n),
-            **({"top_k_clipped_from": self.top_k} if n < self.top_k else {}),
+            "top_k": self.top_k_for(n),
+            **({"top_k_clipped_from": self.top_k} if self.top_k_for(n) < self.top_k else {}),
             "tokens": int(routing["tokens"]),
             "tokens_per_expert": tokens.tolist(),
             **_spread(D, clusters),
@@ -387,7 +452,7 @@ class ExpertsStage(StageBase):
         """The `experts` section of `blockprune_report.json`."""
         kept = sum(self.n_keep.values())
         total = self.num_experts * len(self.moe_layers)
-        clipped = sorted(i for i, n in self.n_keep.items() if n < self.top_k)
+        clipped = sorted(i for i, n in self.n_keep.items() if self.top_k_for(n) < self.top_k)
         section = {
             "target": self.config.target,
             "similarity": self.config.similarity,
@@ -398,21 +463,35 @@ class ExpertsStage(StageBase):
             "achieved": round(1 - kept / total, 6),
             "top_k": self.top_k,
             **({"top_k_clipped_layers": clipped} if clipped else {}),
+            **(self._groups_section() if self.n_group > 1 else {}),
             **({"allocation": {"threshold": self.allocation["threshold"]}} if self.allocation else {}),
         }
         return OutputChanges(report={"experts": section})
 
+    def _groups_section(self) -> dict:
+        """Report entries of group-limited routing: groups, the rounding of the kept count, top-k's cap."""
+        E, G = self.num_experts, self.n_group
+        assert self.adapter is not None
+        return {
+            "n_group": G,
+            "topk_group": expert_groups(self.adapter.config)[1],
+            "experts_per_group_after": {str(i): self.n_keep[i] // G for i in self.moe_layers},
+            "rounded_from": n_keep_for_target(E, self.config.target),
+        }
+
     def plan_summary(self) -> tuple[dict[int, str], str]:
         """For `blockprune plan` (no tensor read): {MoE layer: "E->n"} ("E->?" with per-layer counts, decided from
         the router rows when the run starts) and one summary line."""
-        E, cfg, layers = self.num_experts, self.config, len(self.moe_layers)
-        n = n_keep_for_target(E, cfg.target)
+        E, cfg, layers, G = self.num_experts, self.config, len(self.moe_layers), self.n_group
+        n = grouped_keep(E, cfg.target, G)
         per_block = {i: f"{E}->{'?' if cfg.per_layer else n}" for i in self.moe_layers}
         counts = "per-layer counts from the router rows at run time, " if cfg.per_layer else ""
-        top_k = "clipped per layer to the experts kept" if cfg.per_layer else f"-> {min(self.top_k, n)}"
+        top_k = "clipped per layer to the experts kept" if cfg.per_layer else f"-> {self.top_k_for(n)}"
+        rounded = f", rounded from {n_keep_for_target(E, cfg.target)}" if n != n_keep_for_target(E, cfg.target) else ""
+        groups = f" ({n // G} in each of {G} routing groups{rounded})" if G > 1 else ""
         line = (
             f"experts ({cfg.similarity} similarity, {cfg.representative} representative): {counts}"
-            f"{n * layers} of {E * layers} routed experts kept in {layers} MoE layers; "
+            f"{n * layers} of {E * layers} routed experts kept in {layers} MoE layers{groups}; "
             f"num_experts_per_tok {self.top_k} {top_k}"
         )
         return per_block, line

@@ -127,7 +127,8 @@ class StructuredStage(StageBase):
         self.adapter = model.adapter
         if model.adapter.spec.attention != "gqa":
             raise ConfigError(
-                f"{self.key}: structured pruning of {model.adapter.model_type} (MLA attention) is not supported yet"
+                f"{self.key}: structured pruning of {model.adapter.model_type} (MLA attention) is not supported; "
+                "prune it with magnitude, wanda or sparsegpt, and its routed experts with the experts stage"
             )
         if self.config.allocation["rule"] == "uniform":
             self.plan = plan_uniform(model.adapter, dataclasses.replace(self.config, target=self.target))
