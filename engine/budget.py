@@ -121,6 +121,7 @@ class Budget:
         self._key = ""
         self._entry: dict | None = None
         self._is_main = True
+        self._reader: Any = None
         self._check_reach(list(self.models))
         if not self.coordinated:
             stage.set_uniform_target(self.S)
@@ -176,6 +177,7 @@ class Budget:
         if not self.coordinated:
             return
         info = rt.dist
+        self._reader = reader
         digests = all_gather_object(ids_digest(ids), info) if info.enabled else None
         self._key = cache_key(reader.fingerprint(), ids, rt.dtype, info.world_size, self._identity(), digests)
         entry = self._cached.get(self._key)
@@ -246,6 +248,7 @@ class Budget:
         return the block's `allocation` record."""
         if self.coordinator is None or decision is None:
             return None
+        self._check_source(i)
         m = self.models[i]
         removed = int(record.removed.get(self.stage.key, 0))
         self.coordinator.record(i, removed, decision)
@@ -259,6 +262,25 @@ class Budget:
         }
         self.blocks[i] = rec
         return rec
+
+    def block_digest(self, i: int) -> str | None:
+        """The digest of source block `i`'s bytes as the reader has hashed them (None without a reader)."""
+        if self._reader is None or not hasattr(self._reader, "digest"):
+            return None
+        return self._reader.digest(self._reader.names_with_prefix(self.adapter.block_prefix(i)))
+
+    def _check_source(self, i: int) -> None:
+        """Reused scores were computed from these bytes: the header fingerprint in the cache key cannot tell a
+        block whose values changed, the digest recorded with each layer's scores can."""
+        if not self.score_info.get("reused"):
+            return
+        want = next((r.get("source_digest") for r in self.scores if r["layer"] == i), None)
+        got = self.block_digest(i)
+        if want is not None and got is not None and want != got:
+            raise ConfigError(
+                f"{self._scores_path} was scored from other weights of block {i} than the checkpoint holds now; "
+                "delete it (or rerun with --overwrite) to score again"
+            )
 
     # ---- after the loop -----------------------------------------------------------------------------------------
     def report(self) -> dict:
@@ -341,6 +363,9 @@ class BudgetScorer:
 
         part, masks = stage.score_block(adapter, block, i, dense.stats, norm, self.budget.models[i], measure)
         rec.update(part)
+        digest = self.budget.block_digest(i)
+        if digest is not None:
+            rec["source_digest"] = digest
         measured = {_grid_key(S): measure(masks(S)) for S in self.grid}
         rec["errors"] = {k: pooled / norm for k, (pooled, _) in measured.items()}
         rec["errors_token"] = {k: per_token / tokens for k, (_, per_token) in measured.items()}

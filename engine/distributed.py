@@ -125,10 +125,24 @@ class RankWriter:
         tensors = self.writer.read_unit(unit, device="cpu") if self.writer else None
         return broadcast_tensors(tensors, self.info, device=device)
 
-    def write_unit(self, unit: str, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    def unit_measurements(self, unit: str) -> dict:
+        return broadcast_object(self.writer.unit_measurements(unit) if self.writer else None, self.info) or {}
+
+    def write_unit(
+        self,
+        unit: str,
+        tensors: dict[str, torch.Tensor],
+        metadata: dict | None = None,
+        measurements: dict | None = None,
+    ) -> None:
         if self.writer is not None:
-            self.writer.write_unit(unit, tensors, metadata=metadata)
+            self.writer.write_unit(unit, tensors, metadata=metadata, measurements=measurements)
 
     def finalize(self, *args: Any, **kwargs: Any) -> None:
         if self.writer is not None:
             self.writer.finalize(*args, **kwargs)
+
+    def close(self) -> None:
+        """Release the output (its lock) on rank 0; idempotent."""
+        if self.writer is not None:
+            self.writer.close()

@@ -275,6 +275,17 @@ class DequantizingReader:
     def __repr__(self) -> str:
         return f"DequantizingReader({self.raw!r}, block {self.fmt.block}, as {self.dtype})"
 
+    def _with_scales(self, names: str | Iterable[str]) -> list[str]:
+        wanted = [names] if isinstance(names, str) else list(names)
+        return wanted + [self.pairs[n] for n in wanted if n in self.pairs]
+
+    def digest(self, names: str | Iterable[str]) -> str:
+        """The raw reader's digest of `names` and their scale tensors (a changed scale changes the weights)."""
+        return self.raw.digest(self._with_scales(names))
+
+    def verify_digest(self, names: str | Iterable[str], expected: Any, *, what: str) -> None:
+        self.raw.verify_digest(self._with_scales(names), expected, what=what)
+
     def read(
         self, names: str | Iterable[str], *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
     ) -> dict[str, Tensor]:

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from engine import memory
 from engine import sequential as seq_mod
 from engine.arch import ArchAdapter, LinearSpec, adapter_for
-from engine.budget import Budget, make_budget
+from engine.budget import SCORES_FILE, Budget, make_budget
 from engine.cache import ActivationCache
 from engine.calibration import load_calibration
 from engine.config import ConfigError, RunConfig, config_to_yaml, parse_size
@@ -175,9 +175,18 @@ def run(cfg: RunConfig) -> dict:
             overwrite=cfg.overwrite,
             resume=cfg.resume,
             run_id=run_id,
+            protected=_protected(cfg),
+            own_files=[SCORES_FILE],
         ),
         rt.dist,
     )
+    try:
+        return _run(cfg, reader, adapter, stages, budget, memory_plan, rt, ids, writer, run_id, t_start)
+    finally:
+        writer.close()
+
+
+def _run(cfg, reader, adapter, stages, budget, memory_plan, rt, ids, writer, run_id, t_start) -> dict:
     report = RunReport.start(cfg, adapter, rt)
     report.data["run_id"] = run_id
     report.data["world_size"] = rt.dist.world_size
@@ -232,6 +241,15 @@ def run(cfg: RunConfig) -> dict:
     return report.data
 
 
+def _protected(cfg: RunConfig) -> dict[str, str]:
+    """What the writer must never remove, whatever `overwrite` says: the input model, the calibration data."""
+    out = {cfg.model: "the input model"}
+    data = Path(str(cfg.calibration.data))
+    if data.exists():
+        out[str(data)] = "the calibration data"
+    return out
+
+
 def _finalize(
     cfg: RunConfig,
     reader: CheckpointReader,
@@ -245,14 +263,17 @@ def _finalize(
     stock, entries = split_shapes(shapes)
     out_config = output_config(dict(reader.config), {**changes.overrides, **stock}, changes.removed_layers)
     _copy_extra_layers(reader, writer, len(shapes), reshaped=bool(stock or entries or changes.overrides))
-    extra = {"blockprune_recipe.yaml": config_to_yaml(cfg), "blockprune_report.json": report.to_json()}
+    extra: dict[str, str | bytes] = {
+        "blockprune_recipe.yaml": config_to_yaml(cfg),
+        "blockprune_report.json": report.to_json(),
+    }
     if entries:
         out_config, extra[MODELING_FILE] = nonuniform_config(out_config, entries)
-    writer.finalize(out_config, source_dir=cfg.model, extra_files=extra)
-    if cfg.report_plots:
-        from engine.report.render import write_report_files
+    if cfg.report_plots:  # written by finalize, inside the output's commit (the writer knows them as its own)
+        from engine.report.render import render_report
 
-        write_report_files(cfg.output, report.data)
+        extra.update(render_report(report.data))
+    writer.finalize(out_config, source_dir=cfg.model, extra_files=extra)
 
 
 def split_shapes(shapes: list[LayerShape]) -> tuple[dict, list[dict]]:
@@ -420,10 +441,18 @@ class BlockLoop:
             "peak_device_mb": memory.device_peak_mb(self.rt.device),
         }
         self._record_budget(record, decision)
+        metadata = {**record.to_dict(volatile=False), "source_digest": self._source_digest(record.block)}
         t = time.perf_counter()
-        self.writer.write_unit(unit, tensors, metadata=record.to_dict())
+        self.writer.write_unit(unit, tensors, metadata=metadata, measurements=_measurements(record))
         record.time_s["write"] = round(time.perf_counter() - t, 4)
         record.time_s["total"] = round(time.perf_counter() - t0, 4)
+
+    def _source_names(self, i: int) -> list[str]:
+        return self.builder.reader.names_with_prefix(self.adapter.block_prefix(i))
+
+    def _source_digest(self, i: int) -> str:
+        """The digest of source block `i`'s bytes (hashed as they were read: no second read)."""
+        return self.builder.reader.digest(self._source_names(i))
 
     def _record_budget(self, record: BlockRecord, decision) -> None:
         if self.budget is not None and decision is not None:
@@ -439,12 +468,20 @@ class BlockLoop:
             self.adapter.block_prefix(j),
             self.adapter.block_prefix(i),
         )
+        meta = self.writer.unit_metadata(unit)
+        if "source_digest" in meta:  # the source bytes it was computed from are still the checkpoint's
+            self.builder.reader.verify_digest(
+                self._source_names(i), meta["source_digest"], what=f"unit {unit!r} (block {i})"
+            )
         block = self.builder.build(i, disk, shape)
         del disk
         self.runner.propagate(block)
         free_block(block)
-        record = BlockRecord.from_dict(self.writer.unit_metadata(unit))
+        record = BlockRecord.from_dict(meta)
         record.resumed = True
+        measured = self.writer.unit_measurements(unit)  # the interrupted run's times and memory
+        record.time_s = dict(measured.get("time_s", {}))
+        record.memory = {k: v for k, v in measured.items() if k != "time_s"}
         record.sections.pop("allocation", None)
         self._record_budget(record, decision)
         return record
@@ -590,12 +627,23 @@ def _renumber(tensors: dict[str, torch.Tensor], old_prefix: str, new_prefix: str
 def _copy_non_block(reader: CheckpointReader, adapter: ArchAdapter, writer: RankWriter) -> None:
     """Embeddings, final norm and lm_head are copied through unpruned (byte-identical; an FP8 source's weights
     dequantized), by rank 0. Layers after the last block are `_copy_extra_layers`'."""
-    if writer.is_committed(NON_BLOCK_UNIT) or writer.writer is None:
-        return
     names = [n for n in adapter.non_block_keys(reader.names()) if _extra_layer(n, adapter.num_layers) is None]
+    _copy_unit(reader, writer, NON_BLOCK_UNIT, names, lambda tensors: tensors, "the embeddings/norm/lm_head unit")
+
+
+def _copy_unit(reader: CheckpointReader, writer: RankWriter, unit: str, names: list[str], rename, what: str) -> None:
+    """Copy source tensors `names` (renamed by `rename`) as `unit`, with their source digest; a committed unit's
+    sources are verified instead (resume)."""
+    if writer.writer is None:
+        return
+    if writer.is_committed(unit):
+        digest = writer.unit_metadata(unit).get("source_digest")
+        if digest is not None:
+            reader.verify_digest(names, digest, what=what)
+        return
     tensors = reader.read(names)
     check_finite(tensors)
-    writer.write_unit(NON_BLOCK_UNIT, tensors)
+    writer.write_unit(unit, rename(tensors), metadata={"source_digest": reader.digest(names)})
 
 
 def _extra_layer(name: str, num_layers: int) -> int | None:
@@ -610,25 +658,30 @@ def _copy_extra_layers(reader: CheckpointReader, writer: RankWriter, n_out: int,
     blocks (depth pruning removes blocks). transformers builds no MTP module: it ignores `model.layers.61.*` by name
     and loads any other index with an "unexpected keys" warning. `reshaped`: the written blocks' config fields differ
     from the source's (e.g. fewer experts), which the copied layers keep: said in the log."""
-    if writer.is_committed(EXTRA_UNIT) or writer.writer is None:
-        return
     n = int(reader.config["num_hidden_layers"])
     names = [name for name in reader.names() if _extra_layer(name, n) is not None]
-    if not names:
+    if not names or writer.writer is None:
         return
-    tensors = reader.read(names)
-    check_finite(tensors)
-    out = {}
-    for name, t in tensors.items():
-        k = _extra_layer(name, n)
-        out[f"model.layers.{n_out + k - n}.{name[len(f'model.layers.{k}.') :]}"] = t
-    if reshaped:
+
+    def renumber(tensors: dict) -> dict:
+        out = {}
+        for name, t in tensors.items():
+            k = _extra_layer(name, n)
+            out[f"model.layers.{n_out + k - n}.{name[len(f'model.layers.{k}.') :]}"] = t
+        return out
+
+    if reshaped and not writer.is_committed(EXTRA_UNIT):
         log.warning(
             "layers %s after the last block (multi-token prediction) are copied with the source's shapes, not "
             "pruned like the blocks; transformers does not load them",
             sorted({_extra_layer(name, n) for name in names}),
         )
-    writer.write_unit(EXTRA_UNIT, out)
+    _copy_unit(reader, writer, EXTRA_UNIT, names, renumber, "the layers after the last block")
+
+
+def _measurements(record: BlockRecord) -> dict:
+    """What the writer keeps beside the manifest (never in it: they differ between two runs of one recipe)."""
+    return {**record.memory, "time_s": dict(record.time_s)}
 
 
 def _embed(reader: CheckpointReader, adapter: ArchAdapter, ids: torch.Tensor, cache: ActivationCache, rt: Runtime):

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 import textwrap
 from pathlib import Path
@@ -416,6 +417,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if int(os.environ.get("RANK", "0")) != 0 and not args.verbose:
         logging.getLogger().setLevel(logging.WARNING)  # rank 0 narrates a multi-rank run
+    from sharding.signals import Terminated, raise_on_sigterm
+
+    raise_on_sigterm()  # SIGTERM (Slurm, `scontrol requeue`, kill) stops like Ctrl-C: committed work stays resumable
     try:
         return args.func(args)
     except _mapped_errors() as e:
@@ -423,8 +427,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"blockprune: error: {_one_line(e)}  (run with -v for the traceback)", file=sys.stderr)
         return 2
+    except Terminated as e:
+        name = signal.Signals(e.signum).name if e.signum else "a signal"
+        print(f"blockprune: stopped by {name}; rerun the same command to resume", file=sys.stderr)
+        return 128 + (e.signum or 15)
     except KeyboardInterrupt:
-        print("blockprune: interrupted", file=sys.stderr)
+        print("blockprune: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
 
 

@@ -170,10 +170,10 @@ def run_killed_before(unit: str, cfg, monkeypatch) -> None:
 
     real_write = CheckpointWriter.write_unit
 
-    def dying_write(self, name, tensors, metadata=None):
+    def dying_write(self, name, tensors, metadata=None, **kwargs):
         if name == unit:
             raise KeyboardInterrupt("simulated kill")
-        return real_write(self, name, tensors, metadata)
+        return real_write(self, name, tensors, metadata, **kwargs)
 
     monkeypatch.setattr(CheckpointWriter, "write_unit", dying_write)
     with pytest.raises(KeyboardInterrupt):

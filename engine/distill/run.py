@@ -430,7 +430,12 @@ def _save(job: _Job, summary: dict, t0: float) -> None:
     t_save = time.perf_counter()
     writer = None
     if job.rank == 0:
-        writer = CheckpointWriter(cfg.output, max_shard_size=parse_size(cfg.max_shard_size), overwrite=cfg.overwrite)
+        writer = CheckpointWriter(
+            cfg.output,
+            max_shard_size=parse_size(cfg.max_shard_size),
+            overwrite=cfg.overwrite,
+            protected={cfg.student: "the student model", cfg.teacher: "the teacher model", cfg.data: "the data"},
+        )
     write_gathered(job.engine.module, cfg.student, writer, job.rank)
     if job.rank == 0:
         summary["save_s"] = round(time.perf_counter() - t_save, 2)
