@@ -1,4 +1,4 @@
-"""Tests of solvers.group_prune, solvers.scores and solvers.admm against float64 references (explicit X, lstsq)."""
+"""Tests of solvers.groups, .obs, .scores, .admm and .group_prune against float64 references (explicit X, lstsq)."""
 
 from __future__ import annotations
 
@@ -10,19 +10,18 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from solvers import group_prune as structured
+from solvers import obs
 from solvers.admm import admm_group_prune
-from solvers.group_prune import (
+from solvers.group_prune import prune_groups
+from solvers.groups import (
     closed_form_reconstruct,
     closed_form_with_bias,
     group_columns,
     groups_contiguous,
     obs_group_costs,
-    obs_group_prune,
-    prune_groups,
     support_error,
-    swap_refine,
 )
+from solvers.obs import obs_group_prune, swap_refine
 from solvers.scores import (
     block_influence,
     flap_bias_compensation,
@@ -254,7 +253,7 @@ def test_blocked_column_greedy_equals_stepwise_exact_greedy(seed, monkeypatch):
     """Single-column groups take the blocked path (downdates applied every `_LAZY_STEPS` steps): the same removal
     order as the step-by-step exact greedy across several blocks and a partial one, groups in shuffled column
     order, ungrouped columns and a dead input; the weights are the damped closed form on the kept columns."""
-    monkeypatch.setattr(structured, "_LAZY_STEPS", 7)
+    monkeypatch.setattr(obs, "_LAZY_STEPS", 7)
     X, W = _problem(40 + seed, n=120, d_out=6, d_in=30)
     X[:, 4] = 0.0  # dead: free to remove, so it goes first
     cols = [
