@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from solvers.masks import PruneResult, magnitude_prune, nm_mask, parse_pattern, wanda_prune
+from solvers.masks import PruneResult, magnitude_prune, nm_mask, parse_pattern, prune_lowest, wanda_prune
 from solvers.registry import available_solvers, get_solver, needs_gram, needs_stats
 from solvers.sparsegpt import sparsegpt_prune
 from solvers.stats import accumulate, col_norm_sq, init_stats, layer_error, merge
@@ -239,6 +239,20 @@ def test_nm_masks_keep_n_largest_of_every_m(pattern):
         assert res.info["sparsity"] == pytest.approx(1 - n / m)
 
 
+@pytest.mark.parametrize("m", [4, 8, 16])
+def test_selection_with_many_ties_matches_the_stable_sort(m):
+    """Integer scores (ties everywhere): the fast paths (threshold when no tie straddles it, pairwise ranks for
+    small N:M groups) choose exactly the stable sort's set."""
+    g = _gen(30 + m)
+    scores = torch.randint(0, 4, (6, 8 * m), generator=g).float()
+    for k in (0, 1, 5, 8 * m - 1, 8 * m):
+        assert np.array_equal(prune_lowest(scores, k).numpy(), _ref_prune_lowest_rows(scores.numpy(), k)), k
+    continuous = torch.rand(6, 8 * m, generator=g)
+    assert np.array_equal(prune_lowest(continuous, 13).numpy(), _ref_prune_lowest_rows(continuous.numpy(), 13))
+    for n in (1, m // 2, m - 1):
+        assert np.array_equal(nm_mask(scores, n, m).numpy(), _ref_nm(scores.numpy(), n, m)), n
+
+
 def test_nm_mask_rejects_bad_shapes():
     with pytest.raises(ValueError, match="multiple of M=4"):
         nm_mask(torch.ones(2, 10), 2, 4)
@@ -381,13 +395,13 @@ def test_error_order_sparsegpt_wanda_magnitude(pattern):
 
 
 def test_registry():
-    assert available_solvers() == ("magnitude", "sparsegpt", "wanda")
+    assert available_solvers() == ("admm", "magnitude", "sparsegpt", "wanda")
     assert not needs_stats("magnitude") and not needs_gram("magnitude")
     assert needs_stats("wanda") and not needs_gram("wanda")
     assert needs_stats("sparsegpt") and needs_gram("sparsegpt")
-    with pytest.raises(ValueError, match="magnitude, sparsegpt, wanda"):
+    with pytest.raises(ValueError, match="admm, magnitude, sparsegpt, wanda"):
         get_solver("obs")
-    with pytest.raises(ValueError, match="magnitude, sparsegpt, wanda"):
+    with pytest.raises(ValueError, match="admm, magnitude, sparsegpt, wanda"):
         needs_gram("Wanda")
 
 
