@@ -3,12 +3,17 @@
 Every entry is a callable ``solve(W, stats, sparsity, pattern, **options) -> PruneResult`` and declares which
 statistics it needs, so the engine can skip hooks (magnitude: none) or the ``d×d`` Gram (Wanda: column norms only,
 ``init_stats(d, gram=False)``). ``options`` are solver keywords (SparseGPT: ``blocksize``, ``percdamp``;
-magnitude: ``per_row``); every solver also takes ``compute_error=True`` to add ``info["error"]``, the mean
-per-token reconstruction error ``tr(ΔW H ΔWᵀ) / n`` (needs the Gram).
+ADMM: ``iterations``, ``schedule_iterations``, ``percdamp``, ``rho``, ``per_row``, ``refine_iterations``,
+``refine_tol``; magnitude: ``per_row``); every solver also takes ``compute_error=True`` to add ``info["error"]``, the
+mean per-token reconstruction error ``tr(ΔW H ΔWᵀ) / n`` (needs the Gram).
 
     solve = get_solver("wanda")
     stats = init_stats(d, gram=needs_gram("wanda")); accumulate(stats, X)
     res = solve(W, stats, 0.5, "2:4")
+
+``get_solver_many(name)`` solves several matrices that read the same input at once,
+``(Ws, stats, sparsity, pattern, **options) -> list[PruneResult]``: one factorisation for SparseGPT and ADMM, a
+loop for the others.
 """
 
 from __future__ import annotations
@@ -19,14 +24,17 @@ from typing import Any
 
 from torch import Tensor
 
+from solvers.admm_unstructured import ADMMOptions, admm_prune_many
 from solvers.masks import PruneResult, magnitude_prune, wanda_prune
-from solvers.sparsegpt import sparsegpt_prune
+from solvers.sparsegpt import sparsegpt_prune_many
 from solvers.stats import InputStats, col_norm_sq, layer_error
 
 __all__ = [
     "SolverFn",
+    "SolverManyFn",
     "SolverSpec",
     "get_solver",
+    "get_solver_many",
     "needs_gram",
     "needs_stats",
     "available_solvers",
@@ -35,16 +43,18 @@ __all__ = [
 ]
 
 SolverFn = Callable[..., PruneResult]
+SolverManyFn = Callable[..., list[PruneResult]]
 
 
 @dataclass(frozen=True)
 class SolverSpec:
-    """A registered solver and the statistics it reads."""
+    """A registered solver, its shared-input variant (``None``: solve one by one) and the statistics it reads."""
 
     name: str
     fn: SolverFn
     needs_stats: bool
     needs_gram: bool
+    many: SolverManyFn | None = None
 
 
 def _with_error(W: Tensor, stats: InputStats | None, res: PruneResult, compute_error: bool) -> PruneResult:
@@ -84,8 +94,8 @@ def _wanda(
     return _with_error(W, stats, res, compute_error)
 
 
-def _sparsegpt(
-    W: Tensor,
+def _sparsegpt_many(
+    Ws: list[Tensor],
     stats: InputStats | None,
     sparsity: float,
     pattern: str | None,
@@ -93,28 +103,63 @@ def _sparsegpt(
     blocksize: int = 128,
     percdamp: float = 0.01,
     compute_error: bool = False,
-) -> PruneResult:
+) -> list[PruneResult]:
     stats = _require(stats, "sparsegpt", gram=True)
     assert stats.H is not None
-    res = sparsegpt_prune(
-        W, stats.H, sparsity, pattern=pattern, blocksize=blocksize, percdamp=percdamp, n_tokens=stats.n
+    res = sparsegpt_prune_many(
+        Ws, stats.H, sparsity, pattern=pattern, blocksize=blocksize, percdamp=percdamp, n_tokens=stats.n
     )
-    return _with_error(W, stats, res, compute_error)
+    return [_with_error(W, stats, r, compute_error) for W, r in zip(Ws, res)]
+
+
+def _admm_many(
+    Ws: list[Tensor],
+    stats: InputStats | None,
+    sparsity: float,
+    pattern: str | None,
+    *,
+    iterations: int = 20,
+    schedule_iterations: int = 15,
+    percdamp: float = 0.1,
+    rho: float = 1.0,
+    per_row: bool = False,
+    refine_iterations: int = 10,
+    refine_tol: float = 1e-4,
+    compute_error: bool = False,
+) -> list[PruneResult]:
+    stats = _require(stats, "admm", gram=True)
+    assert stats.H is not None
+    opts = ADMMOptions(iterations, schedule_iterations, percdamp, rho, per_row, refine_iterations, refine_tol)
+    res = admm_prune_many(Ws, stats.H, sparsity, pattern=pattern, n_tokens=stats.n, options=opts)
+    return [_with_error(W, stats, r, compute_error) for W, r in zip(Ws, res)]
+
+
+def _one(many: SolverManyFn) -> SolverFn:
+    """The single-matrix form of a shared-input solver."""
+
+    def solve(W: Tensor, stats: InputStats | None, sparsity: float, pattern: str | None, **options: Any) -> PruneResult:
+        return many([W], stats, sparsity, pattern, **options)[0]
+
+    return solve
 
 
 _REGISTRY: dict[str, SolverSpec] = {}
 
 
-def register_solver(name: str, fn: SolverFn, *, needs_stats: bool, needs_gram: bool) -> None:
-    """Add a solver under ``name``; a name can be registered only once."""
+def register_solver(
+    name: str, fn: SolverFn, *, needs_stats: bool, needs_gram: bool, many: SolverManyFn | None = None
+) -> None:
+    """Add a solver under ``name`` (``many``: its shared-input variant, if it has one); a name can be registered only
+    once."""
     if name in _REGISTRY:
         raise ValueError(f"solver '{name}' is already registered")
-    _REGISTRY[name] = SolverSpec(name=name, fn=fn, needs_stats=needs_stats, needs_gram=needs_gram)
+    _REGISTRY[name] = SolverSpec(name=name, fn=fn, needs_stats=needs_stats, needs_gram=needs_gram, many=many)
 
 
 register_solver("magnitude", _magnitude, needs_stats=False, needs_gram=False)
 register_solver("wanda", _wanda, needs_stats=True, needs_gram=False)
-register_solver("sparsegpt", _sparsegpt, needs_stats=True, needs_gram=True)
+register_solver("sparsegpt", _one(_sparsegpt_many), needs_stats=True, needs_gram=True, many=_sparsegpt_many)
+register_solver("admm", _one(_admm_many), needs_stats=True, needs_gram=True, many=_admm_many)
 
 
 def available_solvers() -> tuple[str, ...]:
@@ -134,13 +179,28 @@ def get_solver(name: str) -> SolverFn:
     return _spec(name).fn
 
 
+def get_solver_many(name: str) -> SolverManyFn:
+    """``(Ws, stats, sparsity, pattern, **options) -> list[PruneResult]`` for matrices that read the same input:
+    the registered shared-input variant (SparseGPT, ADMM: one factorisation, stacked rows), else one by one."""
+    spec = _spec(name)
+    if spec.many is not None:
+        return spec.many
+
+    def one_by_one(
+        Ws: list[Tensor], stats: InputStats | None, sparsity: float, pattern: str | None, **options: Any
+    ) -> list[PruneResult]:
+        return [spec.fn(W, stats, sparsity, pattern, **options) for W in Ws]
+
+    return one_by_one
+
+
 def needs_stats(name: str) -> bool:
     """Whether ``name`` reads calibration statistics at all (magnitude does not)."""
     return _spec(name).needs_stats
 
 
 def needs_gram(name: str) -> bool:
-    """Whether ``name`` needs the full ``d×d`` Gram ``H`` (SparseGPT) rather than column norms only."""
+    """Whether ``name`` needs the full ``d×d`` Gram ``H`` (SparseGPT, ADMM) rather than column norms only."""
     return _spec(name).needs_gram
 
 
