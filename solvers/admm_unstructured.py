@@ -22,7 +22,9 @@ Final exact update: ADMM's ``Z`` is close to, but not at, the least-squares opti
 are finished by conjugate gradients on the support, warm-started at ``Z``: per row ``i`` with kept set ``S_i`` the
 minimiser is ``V_{i,S} = W̃_i H̃_λ[:, S] (H̃_λ[S, S])⁻¹`` (in original coordinates ``W_{i,S} = W_i H_{:,S} H_{S,S}⁻¹``
 with ``H ← H + λ·diag(H)``); every CG step is one ``[d_out, d_in] × [d_in, d_in]`` product for all rows at once,
-stopping once a step lowers the objective by less than ``refine_tol`` of it (or after ``refine_iterations``).
+stopping once a step lowers the objective by less than ``refine_tol`` of it (or after ``refine_iterations``). On
+SmolLM2's layers ADMM's ``Z`` is already within 0.01-0.06% of the support's optimum, so the default usually stops
+after one step; ``refine_tol=0`` with enough steps reaches the optimum to rounding (tested against float64).
 
 Cost: one ``[d_in, d_in]`` factorisation and inverse, then one ``[d_out, d_in] × [d_in, d_in]`` product per
 iteration and per refinement step (about 25 in all with the defaults), against SparseGPT's ``≈ d_out·d_in²`` flops
@@ -282,12 +284,12 @@ def _admm(prob: _Normalised, opts: ADMMOptions, select: Callable[[int, Tensor], 
     Ainv = (Ainv + Ainv.T) / 2
     BA = prob.B @ Ainv
     V, U = prob.Wt.clone(), torch.zeros_like(prob.Wt)
-    signed, score = torch.empty_like(V), torch.empty_like(V)
+    signed = torch.empty_like(V)  # also holds the scores |V + U| while a mask is chosen
     for t in range(opts.iterations):
         if t > 0:
             V.add_(U)  # V + U, in place: V is rewritten below
             if t < schedule:
-                keep = select(t, torch.abs(V, out=score))
+                keep = select(t, torch.abs(V, out=signed))
         if t == 0 or t < schedule:
             pruned = (~keep).to(V.dtype)
         torch.mul(V, pruned, out=U)  # U ← (V+U)⊙(1−M)
