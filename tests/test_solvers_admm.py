@@ -214,3 +214,18 @@ def test_solve_many_loops_for_solvers_without_a_shared_variant():
     many = get_solver_many("wanda")([W, 2 * W], st, 0.5, None)
     assert torch.equal(many[0].mask, get_solver("wanda")(W, st, 0.5, None).mask)
     assert torch.equal(many[1].mask, many[0].mask)  # scaling a row's weights does not change Wanda's order
+
+
+def test_sampled_threshold_visits_every_column():
+    """The intermediate masks threshold at a strided sample's quantile: the stride must not alias with the row
+    length (1024 x 576 would give stride 9 = a ninth of the columns), and +inf entries (N:M's always-kept) are never
+    counted, so asking for every finite entry gives the largest finite one, not inf."""
+    from solvers.admm_unstructured import _sample_threshold
+
+    g = torch.Generator().manual_seed(13)
+    x = torch.rand(1024, 576, generator=g) * torch.where(torch.arange(576) % 9 == 0, 10.0, 1.0)
+    for q in (0.1, 0.5, 0.9):
+        assert float((x <= _sample_threshold(x, q)).float().mean()) == pytest.approx(q, abs=0.01)
+    half = x.masked_fill(torch.rand(x.shape, generator=g) < 0.5, float("inf"))
+    thr = _sample_threshold(half, 0.5)
+    assert bool(torch.isfinite(thr)) and float((half <= thr).float().mean()) == pytest.approx(0.5, abs=0.01)
