@@ -9,7 +9,7 @@ input columns being nonzero. Split ``W = Z`` with ``Z`` in the group-sparse set 
 
 ``ρ`` grows geometrically (``ρ ← γρ``, ``U ← U/γ`` so that the unscaled dual is kept) which drives ``W`` onto the
 support; the run stops once the support has stayed the same for ``patience`` iterations with a small primal residual,
-and finishes with the exact closed form on the final support (:func:`solvers.group_prune.closed_form_reconstruct`).
+and finishes with the exact closed form on the final support (:func:`solvers.groups.closed_form_reconstruct`).
 
 Two choices, and why:
 - The iterations run in column-normalised coordinates ``W̃ = W D``, ``H̃ = D⁻¹ H D⁻¹`` with ``D = diag(H)^½`` (unit
@@ -21,7 +21,7 @@ Two choices, and why:
 Plain ADMM stops at a fixed point that is often not the best support (on 10-group test problems it is within 1% of
 the brute-force optimum in only ~75% of cases). Two cheap finishing steps fix most of that: the best support seen
 along the path (exact least-squares error; the start ``init_keep`` included, so the result is never worse than the
-closed form on it), then single-swap local search (:func:`solvers.group_prune.swap_refine`); together ~98%.
+closed form on it), then single-swap local search (:func:`solvers.obs.swap_refine`); together ~98%.
 """
 
 from __future__ import annotations
@@ -32,28 +32,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from solvers.group_prune import (
-    _check_k,
-    _check_w_h,
-    check_groups,
-    closed_form_reconstruct,
-    damped_gram,
-    group_columns,
-    kept_error,
-    swap_refine,
-)
+from solvers.gram import check_weight_gram, damped_gram
+from solvers.groups import check_count, check_groups, closed_form_reconstruct, group_columns, group_ids, kept_error
+from solvers.obs import swap_refine
 
 __all__ = ["admm_group_prune"]
 
 logger = logging.getLogger(__name__)
-
-
-def _group_ids(groups: list[Tensor], d_in: int, device: torch.device) -> Tensor:
-    """Group id per column, ``len(groups)`` for ungrouped (always kept) columns."""
-    gid = torch.full((d_in,), len(groups), dtype=torch.long, device=device)
-    for i, g in enumerate(groups):
-        gid[g.to(device)] = i
-    return gid
 
 
 def _mask_groups(V: Tensor, keep: Tensor, gid: Tensor, n_groups: int) -> Tensor:
@@ -120,13 +105,13 @@ def admm_group_prune(
     (sorted group ids) starts ``Z`` on that support (default: the ``k_keep`` groups of largest ``‖W_G D_G‖``).
     Stops after ``iters`` iterations, or once the support has been stable for ``patience`` iterations and
     ``‖W̃ − Z‖ ≤ tol·‖W̃‖``. ``best_of_path`` picks the best support visited rather than the last; ``max_swaps``
-    rounds of :func:`solvers.group_prune.swap_refine` follow (``0``: none). Iterations run in float32 (float64 for
+    rounds of :func:`solvers.obs.swap_refine` follow (``0``: none). Iterations run in float32 (float64 for
     float64 weights); the eigendecomposition and the final solve in float64. Returns ``(keep_groups, W_new)``: sorted kept ids and the full-width ``[d_out, d_in]``
     closed-form weight on the kept columns (removed columns exactly zero), in ``W.dtype``.
     """
-    _check_w_h(W, H, "admm_group_prune")
+    check_weight_gram(W, H, "admm_group_prune")
     check_groups(groups, W.shape[1], "admm_group_prune")
-    _check_k(k_keep, len(groups), "k_keep", "admm_group_prune")
+    check_count(k_keep, len(groups), "k_keep", "admm_group_prune")
     schedule = _Schedule(rho0, rho_growth, iters, patience, tol)
     keep, seen = _admm_support(W, H, groups, k_keep, schedule, percdamp, init_keep)
     logger.debug("admm_group_prune: %d distinct supports visited", len(seen))
@@ -151,7 +136,7 @@ def _admm_support(
     evals, Q, Dg = evals.to(dtype), Q.to(dtype), Dg.to(dtype)
     W0 = (W.to(dtype) * Dg).masked_fill(dead[None, :], 0.0)
     PQ = W0 @ Q * evals  # W̃₀ H̃ Q = W̃₀ Q Λ
-    gid = _group_ids(groups, d_in, W.device)
+    gid = group_ids(groups, d_in, W.device)
     if init_keep is None:
         Z, keep = _project(W0, gid, n_groups, k_keep)
     else:

@@ -82,6 +82,9 @@ def prune_lowest(scores: Tensor, k: int) -> Tensor:
     if k >= scores.shape[1]:
         return torch.zeros_like(scores, dtype=torch.bool)
     thr = torch.kthvalue(scores, k, dim=1, keepdim=True).values
+    keep = scores > thr
+    if bool(((~keep).sum(dim=1) == k).all()):  # no tie straddles the threshold (the usual case): done
+        return keep
     below = scores < thr
     tie = scores == thr
     need = k - below.sum(dim=1, keepdim=True)
@@ -99,7 +102,24 @@ def nm_mask(scores: Tensor, n: int, m: int) -> Tensor:
     if d_in % m != 0:
         raise ValueError(f"nm_mask: input width {d_in} is not a multiple of M={m} for an {n}:{m} pattern")
     groups = scores.reshape(d_out * (d_in // m), m)
-    return prune_lowest(groups, m - n).reshape(d_out, d_in)
+    if m > _PAIRWISE_MAX_M:
+        return prune_lowest(groups, m - n).reshape(d_out, d_in)
+    return (_stable_ranks(groups) >= m - n).reshape(d_out, d_in)
+
+
+_PAIRWISE_MAX_M = 8  # up to this group size, ranks by pairwise comparisons beat a selection over tiny rows (~3x)
+
+
+def _stable_ranks(groups: Tensor) -> Tensor:
+    """Position of every entry in its row's stable ascending order (``uint8``, rows of at most 255 entries):
+    entry ``j`` is preceded by every ``i`` with ``s_i < s_j``, or ``s_i == s_j`` and ``i < j``."""
+    m = groups.shape[1]
+    rank = torch.zeros(groups.shape, dtype=torch.uint8, device=groups.device)
+    for j in range(m):
+        for i in range(m):
+            if i != j:
+                rank[:, j] += groups[:, i] <= groups[:, j] if i < j else groups[:, i] < groups[:, j]
+    return rank
 
 
 def _mask_from_scores(scores: Tensor, sparsity: float, nm: tuple[int, int] | None, per_row: bool) -> Tensor:

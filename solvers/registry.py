@@ -3,12 +3,17 @@
 Every entry is a callable ``solve(W, stats, sparsity, pattern, **options) -> PruneResult`` and declares which
 statistics it needs, so the engine can skip hooks (magnitude: none) or the ``d×d`` Gram (Wanda: column norms only,
 ``init_stats(d, gram=False)``). ``options`` are solver keywords (SparseGPT: ``blocksize``, ``percdamp``;
-magnitude: ``per_row``); every solver also takes ``compute_error=True`` to add ``info["error"]``, the mean
-per-token reconstruction error ``tr(ΔW H ΔWᵀ) / n`` (needs the Gram).
+ADMM: ``iterations``, ``schedule_iterations``, ``percdamp``, ``rho``, ``per_row``, ``refine_iterations``,
+``refine_tol``; magnitude: ``per_row``); every solver also takes ``compute_error=True`` to add ``info["error"]``, the
+mean per-token reconstruction error ``tr(ΔW H ΔWᵀ) / n`` (needs the Gram).
 
     solve = get_solver("wanda")
     stats = init_stats(d, gram=needs_gram("wanda")); accumulate(stats, X)
     res = solve(W, stats, 0.5, "2:4")
+
+``get_solver_many(name)`` solves several matrices that read the same input at once,
+``(Ws, stats, sparsity, pattern, **options) -> list[PruneResult]``: one factorisation for SparseGPT and ADMM, a
+loop for the others.
 """
 
 from __future__ import annotations
@@ -20,14 +25,17 @@ from typing import Any
 
 from torch import Tensor
 
+from solvers.admm_unstructured import ADMMOptions, admm_prune_many
 from solvers.masks import PruneResult, magnitude_prune, wanda_prune
-from solvers.sparsegpt import sparsegpt_prune, sparsegpt_prune_many
+from solvers.sparsegpt import sparsegpt_prune_many
 from solvers.stats import InputStats, col_norm_sq, layer_error
 
 __all__ = [
     "SolverFn",
+    "SolverManyFn",
     "SolverSpec",
     "get_solver",
+    "get_solver_many",
     "get_group_solver",
     "solver_options",
     "workspace_bytes",
@@ -39,20 +47,18 @@ __all__ = [
 ]
 
 SolverFn = Callable[..., PruneResult]
-# ``solve_many(Ws, stats, sparsity, pattern, **options) -> [PruneResult]``: several matrices that read one input, solved
-# together (one factorisation of H), with the same results as one by one
-GroupSolverFn = Callable[..., list[PruneResult]]
+SolverManyFn = Callable[..., list[PruneResult]]
 
 
 @dataclass(frozen=True)
 class SolverSpec:
-    """A registered solver and the statistics it reads."""
+    """A registered solver, its shared-input variant (``None``: solve one by one) and the statistics it reads."""
 
     name: str
     fn: SolverFn
     needs_stats: bool
     needs_gram: bool
-    many: GroupSolverFn | None = None
+    many: SolverManyFn | None = None
     workspace: Callable[[int, int], int] | None = None
 
 
@@ -93,24 +99,6 @@ def _wanda(
     return _with_error(W, stats, res, compute_error)
 
 
-def _sparsegpt(
-    W: Tensor,
-    stats: InputStats | None,
-    sparsity: float,
-    pattern: str | None,
-    *,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
-    compute_error: bool = False,
-) -> PruneResult:
-    stats = _require(stats, "sparsegpt", gram=True)
-    assert stats.H is not None
-    res = sparsegpt_prune(
-        W, stats.H, sparsity, pattern=pattern, blocksize=blocksize, percdamp=percdamp, n_tokens=stats.n
-    )
-    return _with_error(W, stats, res, compute_error)
-
-
 def _sparsegpt_many(
     Ws: list[Tensor],
     stats: InputStats | None,
@@ -119,12 +107,45 @@ def _sparsegpt_many(
     *,
     blocksize: int = 128,
     percdamp: float = 0.01,
+    compute_error: bool = False,
 ) -> list[PruneResult]:
     stats = _require(stats, "sparsegpt", gram=True)
     assert stats.H is not None
-    return sparsegpt_prune_many(
+    res = sparsegpt_prune_many(
         Ws, stats.H, sparsity, pattern=pattern, blocksize=blocksize, percdamp=percdamp, n_tokens=stats.n
     )
+    return [_with_error(W, stats, r, compute_error) for W, r in zip(Ws, res)]
+
+
+def _admm_many(
+    Ws: list[Tensor],
+    stats: InputStats | None,
+    sparsity: float,
+    pattern: str | None,
+    *,
+    iterations: int = 20,
+    schedule_iterations: int = 15,
+    percdamp: float = 0.1,
+    rho: float = 1.0,
+    per_row: bool = False,
+    refine_iterations: int = 10,
+    refine_tol: float = 1e-4,
+    compute_error: bool = False,
+) -> list[PruneResult]:
+    stats = _require(stats, "admm", gram=True)
+    assert stats.H is not None
+    opts = ADMMOptions(iterations, schedule_iterations, percdamp, rho, per_row, refine_iterations, refine_tol)
+    res = admm_prune_many(Ws, stats.H, sparsity, pattern=pattern, n_tokens=stats.n, options=opts)
+    return [_with_error(W, stats, r, compute_error) for W, r in zip(Ws, res)]
+
+
+def _one(many: SolverManyFn) -> SolverFn:
+    """The single-matrix form of a shared-input solver."""
+
+    def solve(W: Tensor, stats: InputStats | None, sparsity: float, pattern: str | None, **options: Any) -> PruneResult:
+        return many([W], stats, sparsity, pattern, **options)[0]
+
+    return solve
 
 
 _REGISTRY: dict[str, SolverSpec] = {}
@@ -136,12 +157,11 @@ def register_solver(
     *,
     needs_stats: bool,
     needs_gram: bool,
-    many: GroupSolverFn | None = None,
+    many: SolverManyFn | None = None,
     workspace: Callable[[int, int], int] | None = None,
 ) -> None:
-    """Add a solver under ``name`` (and optionally its shared-input group form ``many``, and ``workspace(d_out,
-    d_in)``: the bytes it allocates beyond ``W`` and the statistics, for the memory plan); a name can be registered
-    only once."""
+    """Add a solver under ``name`` (``many``: its shared-input variant, if it has one; ``workspace(d_out, d_in)``:
+    the bytes it allocates beyond ``W`` and the statistics, for the memory plan); a name can be registered once."""
     if name in _REGISTRY:
         raise ValueError(f"solver '{name}' is already registered")
     _REGISTRY[name] = SolverSpec(
@@ -160,11 +180,23 @@ def _sparsegpt_workspace(d_out: int, d_in: int) -> int:
     return 4 * (4 * d_in * d_in + 3 * d_out * d_in)
 
 
+def _admm_workspace(d_out: int, d_in: int) -> int:
+    """The normalised damped Gram and its inverse (2·d² floats) and the ADMM iterates W, Z, U, scores and the
+    products (~6·d_out·d_in floats)."""
+    return 4 * (2 * d_in * d_in + 6 * d_out * d_in)
+
+
 register_solver("magnitude", _magnitude, needs_stats=False, needs_gram=False, workspace=_mask_workspace)
 register_solver("wanda", _wanda, needs_stats=True, needs_gram=False, workspace=_mask_workspace)
 register_solver(
-    "sparsegpt", _sparsegpt, needs_stats=True, needs_gram=True, many=_sparsegpt_many, workspace=_sparsegpt_workspace
+    "sparsegpt",
+    _one(_sparsegpt_many),
+    needs_stats=True,
+    needs_gram=True,
+    many=_sparsegpt_many,
+    workspace=_sparsegpt_workspace,
 )
+register_solver("admm", _one(_admm_many), needs_stats=True, needs_gram=True, many=_admm_many, workspace=_admm_workspace)
 
 
 def available_solvers() -> tuple[str, ...]:
@@ -184,19 +216,32 @@ def get_solver(name: str) -> SolverFn:
     return _spec(name).fn
 
 
-def needs_stats(name: str) -> bool:
-    """Whether ``name`` reads calibration statistics at all (magnitude does not)."""
-    return _spec(name).needs_stats
+def get_solver_many(name: str) -> SolverManyFn:
+    """``(Ws, stats, sparsity, pattern, **options) -> list[PruneResult]`` for matrices that read the same input:
+    the registered shared-input variant (SparseGPT, ADMM: one factorisation, stacked rows), else one by one."""
+    spec = _spec(name)
+    if spec.many is not None:
+        return spec.many
+
+    def one_by_one(
+        Ws: list[Tensor], stats: InputStats | None, sparsity: float, pattern: str | None, **options: Any
+    ) -> list[PruneResult]:
+        return [spec.fn(W, stats, sparsity, pattern, **options) for W in Ws]
+
+    return one_by_one
 
 
-def needs_gram(name: str) -> bool:
-    """Whether ``name`` needs the full ``d×d`` Gram ``H`` (SparseGPT) rather than column norms only."""
-    return _spec(name).needs_gram
-
-
-def get_group_solver(name: str) -> GroupSolverFn | None:
-    """The shared-input group form of ``name`` (None when it has none: its matrices are solved one by one)."""
+def get_group_solver(name: str) -> SolverManyFn | None:
+    """The registered shared-input variant of ``name`` (one factorisation for matrices that read one input), None
+    when it has none (its matrices are then solved one by one, each its own task)."""
     return _spec(name).many
+
+
+def solver_options(name: str) -> tuple[str, ...]:
+    """The keyword options ``name`` accepts besides ``compute_error`` (e.g. SparseGPT: blocksize, percdamp)."""
+    spec = _spec(name)
+    params = inspect.signature(spec.many or spec.fn).parameters.values()
+    return tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name != "compute_error")
 
 
 def workspace_bytes(name: str, d_out: int, d_in: int) -> int:
@@ -206,10 +251,14 @@ def workspace_bytes(name: str, d_out: int, d_in: int) -> int:
     return int(ws(d_out, d_in)) if ws is not None else 0
 
 
-def solver_options(name: str) -> tuple[str, ...]:
-    """The keyword options ``name`` accepts besides ``compute_error`` (e.g. SparseGPT: blocksize, percdamp)."""
-    params = inspect.signature(_spec(name).fn).parameters.values()
-    return tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name != "compute_error")
+def needs_stats(name: str) -> bool:
+    """Whether ``name`` reads calibration statistics at all (magnitude does not)."""
+    return _spec(name).needs_stats
+
+
+def needs_gram(name: str) -> bool:
+    """Whether ``name`` needs the full ``d×d`` Gram ``H`` (SparseGPT, ADMM) rather than column norms only."""
+    return _spec(name).needs_gram
 
 
 def describe(name: str) -> dict[str, Any]:

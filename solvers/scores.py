@@ -1,7 +1,7 @@
 """Importance of groups of input channels, FLAP bias compensation and depth scores (DESIGN.md §4).
 
 Notation: consumer ``W [d_out, d_in]``, calibration inputs ``X [n, d_in]`` summarised by :class:`InputStats`
-(``H = XᵀX``, ``Σx``, ``Σx²``, ``n``); a group ``G`` is a set of input columns (see :mod:`solvers.group_prune`).
+(``H = XᵀX``, ``Σx``, ``Σx²``, ``n``); a group ``G`` is a set of input columns (see :mod:`solvers.groups`).
 Low score = cheap to remove. Scores per group (``‖X_j‖ = √H_jj``, ``x̄ = Σx / n``):
 
 - ``magnitude``:   ``Σ_{i, j∈G} W_ij²`` (squared Frobenius norm of the group's columns)
@@ -10,7 +10,7 @@ Low score = cheap to remove. Scores per group (``‖X_j‖ = √H_jj``, ``x̄ = 
   one channel: the channel's value, a head group: the mean over its columns); standardise with
   :func:`standardize` before comparing layers.
 - ``obs``:         ``tr(W_{:,G}([H_λ⁻¹]_{GG})⁻¹W_{:,G}ᵀ) / n``: the per-token error increase of removing ``G`` alone
-  with optimal reconstruction of the rest (single shot; :func:`solvers.group_prune.obs_group_prune` is greedy).
+  with optimal reconstruction of the rest (single shot; :func:`solvers.obs.obs_group_prune` is greedy).
 
 Worked example (one output row, two single-column groups): ``W = [[2, −1]]``, ``X = [[1, 0], [1, 2]]``:
 ``magnitude = [4, 1]``, ``wanda = [2·√2, 1·2] = [2.83, 2]``, ``Var = [0, 1]`` so ``fluctuation = [0, 1]``.
@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from solvers.group_prune import SCORES, check_groups, obs_group_costs
+from solvers.groups import check_groups, group_ids, obs_group_costs
 from solvers.stats import InputStats, col_norm_sq
 
 __all__ = [
@@ -37,14 +37,14 @@ __all__ = [
     "output_change",
 ]
 
+SCORES = ("magnitude", "wanda", "fluctuation", "obs")  # the structured scores a recipe may name
+
 
 def group_reduce(per_col: Tensor, groups: list[Tensor], how: str = "sum") -> Tensor:
     """Per-group ``sum`` or ``mean`` of per-column values ``[d_in]`` -> ``[n_groups]``."""
     if how not in ("sum", "mean"):
         raise ValueError(f"group_reduce: 'how' must be 'sum' or 'mean', got {how!r}")
-    gid = torch.full((per_col.numel(),), len(groups), dtype=torch.long, device=per_col.device)
-    for i, g in enumerate(groups):
-        gid[g.to(per_col.device)] = i
+    gid = group_ids(groups, per_col.numel(), per_col.device)
     out = torch.zeros(len(groups) + 1, dtype=per_col.dtype, device=per_col.device).index_add_(0, gid, per_col)[:-1]
     if how == "mean":
         sizes = torch.tensor([g.numel() for g in groups], dtype=per_col.dtype, device=per_col.device)

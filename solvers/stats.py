@@ -81,24 +81,34 @@ def accumulate(stats: InputStats, X: Tensor) -> None:
 
 
 _GRAM_SPLIT = 4  # column blocks of `gram_add_`
-_GRAM_MIN_WIDTH = 256  # narrower inputs: one plain matmul
+_GRAM_MIN_WIDTH = 256  # narrower inputs: one block
 
 
 def gram_add_(H: Tensor, X: Tensor) -> None:
     """``H += XᵀX`` in place for ``X [n, d]``, computing only the blocks on and above the diagonal.
 
-    The columns are split in `_GRAM_SPLIT` blocks ``a``: ``H[a, a:] += X[:, a]ᵀ X[:, a:]``, then the block below the
-    diagonal is copied from its transpose: about 30% fewer flops than the full product (the 4-block upper triangle is
-    62.5% of it) and an exactly symmetric ``H``."""
+    The columns are split in `_GRAM_SPLIT` blocks ``a`` (one block below `_GRAM_MIN_WIDTH` columns):
+    ``H[a, a:] += X[:, a]ᵀ X[:, a:]``; then the strict lower triangle of the diagonal block ``H[a, a]`` is overwritten
+    by the transpose of its upper triangle, and the blocks below the diagonal are copied from their transposes. The
+    result is therefore exactly symmetric by construction (every entry below the diagonal is a copy, never a
+    computed value), whatever the BLAS kernel rounds (a GEMM's ``XᵀX`` is not bitwise symmetric on every CPU), and
+    whether or not ``H`` was symmetric on entry. The 4-block upper triangle is 62.5% of the full product's flops.
+
+    Example: ``H = 0``, ``X = [[1, 0], [1, 2]]`` gives ``H = [[2, 2], [2, 4]]``."""
     d = X.shape[1]
-    if d < _GRAM_MIN_WIDTH:
-        H.addmm_(X.T, X)
-        return
-    edges = [round(k * d / _GRAM_SPLIT) for k in range(_GRAM_SPLIT + 1)]
+    split = _GRAM_SPLIT if d >= _GRAM_MIN_WIDTH else 1
+    edges = [round(k * d / split) for k in range(split + 1)]
     for a, b in zip(edges[:-1], edges[1:]):
         H[a:b, a:].addmm_(X[:, a:b].T, X[:, a:])
+        _mirror_upper_(H[a:b, a:b])
         if b < d:
             H[b:, a:b] = H[a:b, b:].T
+
+
+def _mirror_upper_(B: Tensor) -> None:
+    """Copy the strict upper triangle of the square ``B`` onto its lower triangle, in place (exact copies)."""
+    upper = torch.ones(B.shape, dtype=torch.bool, device=B.device).triu_()
+    B.copy_(torch.where(upper, B, B.mT))
 
 
 def _add(a: Tensor | None, b: Tensor | None, field: str) -> Tensor | None:

@@ -60,7 +60,9 @@ class UnstructuredConfig:
     targets: list[str] = field(default_factory=lambda: ["*"])
     ignore: list[str] = field(default_factory=list)
     blocksize: int = 128  # SparseGPT lazy-update block
-    percdamp: float = 0.01  # SparseGPT damping, fraction of mean(diag H)
+    percdamp: float | None = None  # damping of the Gram (None: the solver's default; SparseGPT 0.01, ADMM 0.1)
+    iterations: int = 20  # ADMM iterations
+    schedule_iterations: int = 15  # ADMM iterations over which the mask grows to the target (cubic schedule)
     allocation: dict[str, Any] = field(default_factory=lambda: {"rule": "uniform"})  # docs/allocation.md
 
     def validate(self, where: str) -> None:
@@ -80,8 +82,13 @@ class UnstructuredConfig:
             )
         if self.blocksize < 1:
             raise ConfigError(f"{where}.blocksize must be >= 1")
-        if not 0 <= self.percdamp < math.inf:
+        if self.percdamp is not None and not 0 <= self.percdamp < math.inf:
             raise ConfigError(f"{where}.percdamp = {self.percdamp}: must be a finite number >= 0")
+        if self.iterations < 1 or not 0 <= self.schedule_iterations <= self.iterations:
+            raise ConfigError(
+                f"{where}: need iterations >= 1 and 0 <= schedule_iterations <= iterations, got {self.iterations} "
+                f"and {self.schedule_iterations}"
+            )
         for p in self.targets + self.ignore:
             compile_pattern(p, where)
 
@@ -103,7 +110,9 @@ class UnstructuredStage(StageBase):
     def __init__(self, config: UnstructuredConfig, index: int) -> None:
         super().__init__(config, index)
         self.sparsity = config.effective_sparsity  # what every layer gets without a coordinated budget
-        self.options = {k: getattr(config, k) for k in solver_options(config.method) if hasattr(config, k)}
+        self.options = {  # recipe keys that name one of the solver's options (None: the solver's default)
+            k: getattr(config, k) for k in solver_options(config.method) if getattr(config, k, None) is not None
+        }
 
     # ---- before the loop ----------------------------------------------------------------------------------------
     def setup(self, model: ModelInfo) -> None:
