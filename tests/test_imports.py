@@ -126,6 +126,24 @@ def test_solvers_have_no_import_cycle():
     assert find_cycle(graph) is None, find_cycle(graph)
 
 
+def test_no_import_cycle_anywhere():
+    """engine, solvers, sharding and launch together: imports flow one way (`if TYPE_CHECKING:` imports are not
+    run, so they do not count)."""
+    cycle = find_cycle(import_graph(ROOT, PACKAGES))
+    assert cycle is None, " -> ".join(cycle)
+
+
+def test_layers_flow_one_way():
+    """solvers and sharding never import engine or launch; engine never imports launch."""
+    for package, banned in (
+        ("solvers", {"engine", "launch"}),
+        ("sharding", {"engine", "launch"}),
+        ("engine", {"launch"}),
+    ):
+        bad = {m: sorted(n & banned) for m, n in top_level_imports(ROOT, package).items() if n & banned}
+        assert not bad, bad
+
+
 def test_solvers_import_only_torch_numpy_scipy_and_the_standard_library():
     allowed = {"torch", "numpy", "scipy", "solvers"} | set(sys.stdlib_module_names)
     bad = {m: sorted(names - allowed) for m, names in top_level_imports(ROOT, "solvers").items() if names - allowed}
