@@ -158,16 +158,23 @@ class ArchAdapter:
 
     # ---- build and write ---------------------------------------------------------------------------------------
     def build_block(
-        self, i: int, disk_tensors: dict[str, Tensor], *, device: torch.device | str, dtype: torch.dtype | None
+        self,
+        i: int,
+        disk_tensors: dict[str, Tensor],
+        *,
+        device: torch.device | str,
+        dtype: torch.dtype | None,
+        consume: bool = False,
     ) -> nn.Module:
         """Block `i` from its on-disk tensors (full names): meta build, rename, fuse experts, `assign=True` load.
 
-        `dtype` None keeps each tensor's disk dtype. Parameters have `requires_grad=False`; the block is in eval mode.
+        `dtype` None keeps each tensor's disk dtype. `consume`: the tensors are taken out of `disk_tensors` as they are
+        renamed, fused and cast, so the block is never held twice. Parameters have `requires_grad=False`; the block is in eval mode.
         Raises ValueError naming missing/unexpected tensors or a shape that does not match the config.
         """
         prefix = self.block_prefix(i)
         meta = build_meta_block(self.spec, self.config, i)
-        state, layout = disk_to_memory_state(disk_tensors, prefix, meta, self.spec)
+        state, layout = disk_to_memory_state(disk_tensors, prefix, meta, self.spec, consume=consume)
         check_shapes(state, meta, prefix, layout)
         block = load_assign(meta, cast_state(state, self.spec, device=device, dtype=dtype), prefix)
         setattr(block, DISK_LAYOUT_ATTR, layout)

@@ -114,7 +114,8 @@ def _split_experts(
     experts: dict[tuple[int, str], Tensor] = {}
     ignored: list[str] = []
     part_of = dict(zip(spec.expert_disk_names, (GATE, UP, DOWN)))
-    for rel, t in rel_tensors.items():
+    for rel in list(rel_tensors):  # consumed: the caller's renamed dict lets go of each tensor
+        t = rel_tensors.pop(rel)
         if _IGNORED_RE.search(rel):
             ignored.append(rel)
             continue
@@ -144,8 +145,15 @@ def _fuse_experts(
         if tuple(t.shape) != shapes[part]:
             name = expert_disk_name(prefix, spec, e, part)
             raise ValueError(f"tensor {name}: shape {tuple(t.shape)} does not match the config's {shapes[part]}")
-    gate_up = torch.stack([torch.cat([experts[(e, GATE)], experts[(e, UP)]], dim=0) for e in range(num_experts)])
-    down = torch.stack([experts[(e, DOWN)] for e in range(num_experts)])
+    # filled expert by expert, each per-expert tensor dropped once copied: no second copy of all experts at once
+    # (when the caller hands its tensors over, `disk_to_memory_state(consume=True)`)
+    ref = experts[(0, GATE)]
+    gate_up = torch.empty((num_experts, two_inter, hidden), dtype=ref.dtype, device=ref.device)
+    down = torch.empty((num_experts, hidden, two_inter // 2), dtype=ref.dtype, device=ref.device)
+    for e in range(num_experts):
+        gate_up[e, : two_inter // 2].copy_(experts.pop((e, GATE)))
+        gate_up[e, two_inter // 2 :].copy_(experts.pop((e, UP)))
+        down[e].copy_(experts.pop((e, DOWN)))
     return {FUSED_GATE_UP: gate_up, FUSED_DOWN: down}, [], []
 
 
@@ -156,17 +164,18 @@ def num_experts_of(block: nn.Module) -> int:
 
 
 def disk_to_memory_state(
-    disk_tensors: dict[str, Tensor], prefix: str, meta_block: nn.Module, spec: ArchSpec
+    disk_tensors: dict[str, Tensor], prefix: str, meta_block: nn.Module, spec: ArchSpec, *, consume: bool = False
 ) -> tuple[dict[str, Tensor], DiskLayout]:
     """Rename and fuse the disk tensors of one block into the meta block's state-dict names.
 
     Returns (state dict, its disk layout). Raises ValueError naming every missing or unexpected tensor.
+    `consume`: take the tensors out of `disk_tensors` (the caller's dict is emptied), so that fusing the experts
+    never holds them twice.
     """
     rel = {}
     outside = sorted(n for n in disk_tensors if not n.startswith(prefix))
-    for name, t in disk_tensors.items():
-        if name.startswith(prefix):
-            rel[name[len(prefix) :]] = t
+    for name in [n for n in disk_tensors if n.startswith(prefix)]:
+        rel[name[len(prefix) :]] = disk_tensors.pop(name) if consume else disk_tensors[name]
     dense, experts, ignored, names = _split_experts(rel, spec)
     if ignored:
         logger.debug("block %s: ignoring %s", prefix, ignored)
@@ -204,7 +213,8 @@ def check_shapes(state: dict[str, Tensor], meta_block: nn.Module, prefix: str, l
 def cast_state(
     state: dict[str, Tensor], spec: ArchSpec, *, device: torch.device | str, dtype: torch.dtype | None
 ) -> dict[str, Tensor]:
-    """Move every tensor to `device` and floating ones to `dtype` (None keeps the disk dtype).
+    """Move every tensor to `device` and floating ones to `dtype` (None keeps the disk dtype). Consumes `state`
+    (emptied as its tensors are moved).
 
     Tensors the model class keeps in float32 (`_keep_in_fp32_modules_strict` for fp16/bf16, `_keep_in_fp32_modules`
     for fp16, e.g. DeepSeek's router) stay float32, as in `from_pretrained`.
@@ -213,7 +223,8 @@ def cast_state(
     keep = strict if dtype in (torch.float16, torch.bfloat16) else ()
     keep = keep + (loose if dtype == torch.float16 else ())
     out = {}
-    for name, t in state.items():
+    for name in list(state):  # each source tensor dropped once cast: never the whole block in both dtypes
+        t = state.pop(name)
         target = dtype if dtype is not None and t.is_floating_point() else t.dtype
         if keep and t.is_floating_point() and any(re.search(re.escape(k), name) for k in keep):
             target = torch.float32

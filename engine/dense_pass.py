@@ -64,8 +64,7 @@ class BlockBuilder:
         disk = self.reader.read(self.reader.names_with_prefix(self.adapter.block_prefix(i)), device=self.rt.device)
         check_finite(disk)
         dtypes = {n: t.dtype for n, t in disk.items()}
-        block = self.adapter.build_block(i, disk, device=self.rt.device, dtype=self.rt.dtype)
-        del disk
+        block = self.adapter.build_block(i, disk, device=self.rt.device, dtype=self.rt.dtype, consume=True)
         if shape is not None and shape.sublayers_removed:
             remove_sublayers(block, attention=shape.attention, mlp=shape.mlp)
         return block, dtypes
