@@ -163,6 +163,7 @@ def _cli(*args, cwd=None) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line(tiny_ckpt, calib_file, tmp_path):
     src = tiny_ckpt("llama")
     cases = {
@@ -197,6 +198,7 @@ def test_cli_errors_are_one_line(tiny_ckpt, calib_file, tmp_path):
             assert sorted(x.name for x in out.iterdir()) == ["keep.txt"]
 
 
+@pytest.mark.slow
 def test_cli_run_with_overrides_and_plan(tiny_ckpt, calib_file, tmp_path):
     src = tiny_ckpt("mistral")
     rec = tmp_path / "r.yaml"
