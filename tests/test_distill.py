@@ -293,6 +293,7 @@ def pruned(tmp_path_factory, tiny_ckpt, calib_file):
     return dense, root / "mag"
 
 
+@pytest.mark.slow
 def test_distill_uniform_two_ranks(tmp_path, pruned, calib_file):
     from transformers import AutoModelForCausalLM
 
@@ -333,6 +334,7 @@ def test_distill_uniform_two_ranks(tmp_path, pruned, calib_file):
     )
 
 
+@pytest.mark.slow
 def test_distill_nonuniform_self_data_two_ranks(tmp_path, tiny_ckpt, calib_file):
     """Depth by sublayer (non-uniform, modeling_blockprune.py) with zeros written into one tensor; self-data; no
     persistent parameters (every parameter partitioned, the non-persistent mask path)."""

@@ -124,6 +124,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_two_ranks_match_one_rank(case, calib_file, tmp_path):
     arch, stages = CASES[case]
@@ -169,6 +170,7 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
+@pytest.mark.slow
 def test_kill_9_at_three_points_then_rerun_is_byte_identical(calib_file, tmp_path):
     src = build_tiny_checkpoint("llama", tmp_path / "src", num_hidden_layers=5)
     stages = [{"method": "sparsegpt", "sparsity": 0.5}]
@@ -245,6 +247,7 @@ def _wait_for_units(out: Path, n: int, job, timeout: float = 300.0) -> None:
     raise AssertionError(f"{n} units not committed in {timeout} s")
 
 
+@pytest.mark.slow
 def test_submitit_local_two_tasks_and_preemption_requeue(calib_file, tmp_path):
     import psutil
 

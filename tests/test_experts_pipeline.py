@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -29,9 +27,8 @@ from launch.benchmarks.moe_planted import (
 from sharding.reader import CheckpointReader
 from solvers.clustering import coactivation_counts
 from tests.test_structured_pipeline import remote_logits
-from tests.tiny_models import build_tiny_checkpoint, recipe, run_killed_before
+from tests.tiny_models import build_tiny_checkpoint, peak_rss_by_depth, recipe, run_killed_before
 
-REPO = Path(__file__).resolve().parents[1]
 MOE = ["mixtral", "qwen2_moe", "qwen3_moe"]
 STUN = {"method": "experts", "target": 0.25, "similarity": "router", "representative": "centroid"}
 SIZES = [2, 2, 1, 1, 1, 1]  # 8 experts, 6 clusters: target 0.25 removes exactly the planted duplicates
@@ -346,33 +343,21 @@ def test_plan_shows_expert_counts(tiny_ckpt, tmp_path):
 def test_peak_rss_flat_in_depth(tmp_path, calib_file):
     """A 16-layer and a 4-layer Mixtral of equal width (hidden 256, 8 experts of 512): experts 25% + Wanda 25%,
     peak RSS ratio <= 1.15."""
-    script = (
-        "import json, sys\nfrom engine.memory import reset_peak_rss\nreset_peak_rss()\n"
-        "from engine.config import config_from_dict\nfrom engine.pipeline import run\n"
-        "run(config_from_dict(json.loads(sys.argv[1])))\n"
-        "from engine.memory import peak_rss_mb\nprint('PEAK', int(peak_rss_mb() * 1024))\n"
+    peaks = peak_rss_by_depth(
+        tmp_path,
+        calib_file,
+        "mixtral",
+        (4, 16),
+        [STUN, {"method": "wanda", "sparsity": 0.25}],
+        threads=1,  # on a shared, loaded machine 2 OpenMP threads spin and run ~10x slower
+        timeout=600,
+        hidden_size=256,
+        intermediate_size=512,
+        num_local_experts=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_shard_size="10MB",
     )
-    peaks = {}
-    for layers in (4, 16):
-        src = build_tiny_checkpoint(
-            "mixtral",
-            tmp_path / f"m{layers}",
-            num_hidden_layers=layers,
-            hidden_size=256,
-            intermediate_size=512,
-            num_local_experts=8,
-            num_attention_heads=8,
-            num_key_value_heads=4,
-            max_shard_size="10MB",
-        )
-        r = recipe(src, tmp_path / f"o{layers}", calib_file, [STUN, {"method": "wanda", "sparsity": 0.25}])
-        r["calibration"].update(samples=8, seq_len=64)
-        r["runtime"]["threads"] = 1  # on a shared, loaded machine 2 OpenMP threads spin and run ~10x slower
-        p = subprocess.run(
-            [sys.executable, "-c", script, json.dumps(r)], capture_output=True, text=True, cwd=REPO, timeout=600
-        )
-        assert p.returncode == 0, p.stderr[-3000:]
-        peaks[layers] = int(p.stdout.split("PEAK")[-1])
     ratio = peaks[16] / peaks[4]
     print(f"peak RSS 4 layers {peaks[4] / 1024:.0f} MB, 16 layers {peaks[16] / 1024:.0f} MB, ratio {ratio:.3f}")
     assert ratio <= 1.15, peaks

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from engine.config import ConfigError, config_from_dict
 from engine.pipeline import run
-from tests.tiny_models import ARCHS, MOE_ARCHS, build_tiny_checkpoint, recipe, run_killed_before
+from tests.tiny_models import ARCHS, MOE_ARCHS, peak_rss_by_depth, recipe, run_killed_before
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -163,6 +163,7 @@ def _cli(*args, cwd=None) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line(tiny_ckpt, calib_file, tmp_path):
     src = tiny_ckpt("llama")
     cases = {
@@ -197,6 +198,7 @@ def test_cli_errors_are_one_line(tiny_ckpt, calib_file, tmp_path):
             assert sorted(x.name for x in out.iterdir()) == ["keep.txt"]
 
 
+@pytest.mark.slow
 def test_cli_run_with_overrides_and_plan(tiny_ckpt, calib_file, tmp_path):
     src = tiny_ckpt("mistral")
     rec = tmp_path / "r.yaml"
@@ -231,33 +233,18 @@ def test_library_verb(tiny_ckpt, calib_file, tmp_path):
 @pytest.mark.slow
 def test_peak_rss_flat_in_depth(tmp_path, calib_file):
     """A 24-layer and a 4-layer llama of equal width (hidden 768), SparseGPT 50%: peak RSS ratio <= 1.15."""
-    script = (
-        "import json, sys\nfrom engine.memory import reset_peak_rss\nreset_peak_rss()\n"
-        "from engine.config import config_from_dict\n"
-        "from engine.pipeline import run\n"
-        "r = json.loads(sys.argv[1])\n"
-        "run(config_from_dict(r))\n"
-        "from engine.memory import peak_rss_mb\nprint('PEAK', int(peak_rss_mb() * 1024))\n"
+    peaks = peak_rss_by_depth(
+        tmp_path,
+        calib_file,
+        "llama",
+        (4, 24),
+        [{"method": "sparsegpt", "sparsity": 0.5}],
+        hidden_size=768,
+        intermediate_size=1024,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        max_shard_size="10MB",
     )
-    peaks = {}
-    for layers in (4, 24):
-        src = build_tiny_checkpoint(
-            "llama",
-            tmp_path / f"m{layers}",
-            num_hidden_layers=layers,
-            hidden_size=768,
-            intermediate_size=1024,
-            num_attention_heads=12,
-            num_key_value_heads=4,
-            max_shard_size="10MB",
-        )
-        r = recipe(src, tmp_path / f"o{layers}", calib_file, [{"method": "sparsegpt", "sparsity": 0.5}])
-        r["calibration"].update(samples=8, seq_len=64)
-        p = subprocess.run(
-            [sys.executable, "-c", script, json.dumps(r)], capture_output=True, text=True, cwd=REPO, timeout=900
-        )
-        assert p.returncode == 0, p.stderr[-3000:]
-        peaks[layers] = int(p.stdout.split("PEAK")[-1])
     ratio = peaks[24] / peaks[4]
     print(f"peak RSS 4 layers {peaks[4] / 1024:.0f} MB, 24 layers {peaks[24] / 1024:.0f} MB, ratio {ratio:.3f}")
     assert ratio <= 1.15, peaks

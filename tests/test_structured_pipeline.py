@@ -18,7 +18,7 @@ from engine.loader import load_pruned
 from engine.modeling_blockprune import remove_sublayers
 from engine.pipeline import run
 from sharding.reader import CheckpointReader
-from tests.tiny_models import build_tiny_checkpoint, recipe, run_killed_before
+from tests.tiny_models import build_tiny_checkpoint, peak_rss_by_depth, recipe, run_killed_before
 
 STRUCT = {
     "method": "structured",
@@ -310,31 +310,17 @@ def test_modeling_file_first_attention_removed_generates(tmp_path):
 def test_structured_peak_rss_flat_in_depth(tmp_path, calib_file):
     """Structured 30% (Wanda, closed form) plus depth removal of one block on a 24-layer and a 4-layer llama of equal
     width: peak RSS ratio <= 1.15 (the scoring pass and the shrunk blocks keep memory flat in depth)."""
-    repo = Path(__file__).resolve().parents[1]
-    script = (
-        "import json, sys\nfrom engine.memory import reset_peak_rss\nreset_peak_rss()\n"
-        "from engine.config import config_from_dict\nfrom engine.pipeline import run\n"
-        "run(config_from_dict(json.loads(sys.argv[1])))\n"
-        "from engine.memory import peak_rss_mb\nprint('PEAK', int(peak_rss_mb() * 1024))\n"
+    stage = {**STRUCT, "score": "wanda"}  # closed form needs the Grams; the OBS search is slow at width 1024
+    peaks = peak_rss_by_depth(
+        tmp_path,
+        calib_file,
+        "llama",
+        (4, 24),
+        [stage, {"method": "depth", "remove": 1}],
+        hidden_size=768,
+        intermediate_size=1024,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        max_shard_size="10MB",
     )
-    peaks = {}
-    for layers in (4, 24):
-        src = build_tiny_checkpoint(
-            "llama",
-            tmp_path / f"m{layers}",
-            num_hidden_layers=layers,
-            hidden_size=768,
-            intermediate_size=1024,
-            num_attention_heads=12,
-            num_key_value_heads=4,
-            max_shard_size="10MB",
-        )
-        stage = {**STRUCT, "score": "wanda"}  # closed form needs the Grams; the OBS search is slow at width 1024
-        r = recipe(src, tmp_path / f"o{layers}", calib_file, [stage, {"method": "depth", "remove": 1}])
-        r["calibration"].update(samples=8, seq_len=64)
-        p = subprocess.run(
-            [sys.executable, "-c", script, json.dumps(r)], capture_output=True, text=True, cwd=repo, timeout=900
-        )
-        assert p.returncode == 0, p.stderr[-3000:]
-        peaks[layers] = int(p.stdout.split("PEAK")[-1])
     assert peaks[24] / peaks[4] <= 1.15, peaks

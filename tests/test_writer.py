@@ -394,6 +394,7 @@ else:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode,k", [("unit", 1), ("finalize", 3)])
 def test_sigkill_then_resume_is_byte_identical(llama_src, reference, tmp_path, mode, k):
     out = tmp_path / "out"

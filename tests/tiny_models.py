@@ -179,3 +179,54 @@ def run_killed_before(unit: str, cfg, monkeypatch) -> None:
     with pytest.raises(KeyboardInterrupt):
         run(cfg)
     monkeypatch.setattr(CheckpointWriter, "write_unit", real_write)
+
+
+# The peak-RSS measurement of the memory-vs-depth tests: a fresh interpreter, the kernel's peak counter (VmHWM) reset
+# first, then `engine.pipeline.run(recipe)`; it prints the peak in KiB.
+PEAK_RSS_SCRIPT = (
+    "import json, sys\nfrom engine.memory import reset_peak_rss\nreset_peak_rss()\n"
+    "from engine.config import config_from_dict\nfrom engine.pipeline import run\n"
+    "run(config_from_dict(json.loads(sys.argv[1])))\n"
+    "from engine.memory import peak_rss_mb\nprint('PEAK', int(peak_rss_mb() * 1024))\n"
+)
+
+
+def peak_rss_kib(recipe: dict, timeout: float = 900) -> int:
+    """Peak RSS (KiB) of one pipeline run of ``recipe`` in its own Python process (repository root as cwd)."""
+    import json
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    p = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS_SCRIPT, json.dumps(recipe)],
+        capture_output=True,
+        text=True,
+        cwd=repo,
+        timeout=timeout,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    return int(p.stdout.split("PEAK")[-1])
+
+
+def peak_rss_by_depth(
+    tmp_path: Path,
+    calib: Path,
+    arch: str,
+    depths: tuple[int, ...],
+    stages: list[dict],
+    threads: int | None = None,
+    timeout: float = 900,
+    **model,
+) -> dict[int, int]:
+    """{depth: peak RSS KiB} of ``stages`` on a tiny ``arch`` model (``model`` overrides: width, experts, shard size)
+    of each depth, 8 x 64 calibration tokens, each run in its own process (`peak_rss_kib`)."""
+    peaks = {}
+    for layers in depths:
+        src = build_tiny_checkpoint(arch, tmp_path / f"m{layers}", num_hidden_layers=layers, **model)
+        r = recipe(src, tmp_path / f"o{layers}", calib, stages)
+        r["calibration"].update(samples=8, seq_len=64)
+        if threads is not None:
+            r["runtime"]["threads"] = threads
+        peaks[layers] = peak_rss_kib(r, timeout)
+    return peaks

@@ -7,4 +7,7 @@
 * ``python -m launch.benchmarks.moe_planted``: STUN expert pruning on planted-cluster tiny MoE models.
 * ``python -m launch.benchmarks.smollm2_distill``: recovery distillation of a structured SmolLM2-135M on ZeRO-3.
 * ``python -m launch.benchmarks.ranks``: 1 rank vs 2 ranks (torchrun, gloo) on a random 12-layer llama.
+* ``python -m launch.benchmarks.memory_depth``: peak RSS against depth (4 to 24 blocks) of random llamas.
+
+Each publishes its section with `common.publish_section`.
 """

@@ -186,34 +186,24 @@ def best_lines(rows: list[dict], energies: list[str]) -> list[str]:
     return out
 
 
-def section(
-    args: argparse.Namespace, body: str, info: dict, loads: tuple[str, str], argv: list[str], lines: list[str]
-) -> str:
-    nice = f"nice -n {os.nice(0)} " if os.nice(0) > 0 else ""
-    extra = {
-        "model": f"`{args.model}`",
-        "calibration": f"{args.samples} x {args.seq_len} tokens of `{args.calib_path.name}` (seed {args.seed}); "
-        "smaller than the other tables (64 x 512) because the machine is shared",
-        "evaluation": f"{args.eval_windows} x {args.eval_seq_len} tokens of `{args.eval_path.name}`",
-        "stage": f"structured, units heads + channels, score `{args.score}`, solver `{args.solver}`; softmax "
-        f"energies {', '.join(f'`{e}`' for e in args.energy_list)}, split `{args.split}`, min 0, max 0.8",
-    }
-    return "\n\n".join(
-        [
-            f"## Global allocation: SmolLM2-135M, structured, {args.score} + {args.solver} (float32, CPU)",
-            f"Command: `{nice}{common.command_line('launch.benchmarks.allocation_table', argv)}`",
-            common.machine_markdown(info, *loads, extra),
-            "*uniform*: every layer removes the same KV groups and channels (stock architecture); *equal-budgets*: every "
-            "layer the same budget, divided between KV groups and channels per layer by the split (softmax at T = inf); "
-            "*-proportional*: the split of the uniform rule. "
-            "*target*: fraction of the non-embedding (block) parameters removed; *removed*: what the output really "
-            "removed; *per-layer min / max*: the achieved per-layer fractions; *scores*: whether the run did the scoring "
-            "pass or reused the budget's first run's `blockprune_scores.json`; *prune s*: the run's `wall_time_s` "
-            "(scoring pass included).",
-            body,
-            "\n".join(lines),
-        ]
+LEGEND = (
+    "*uniform*: every layer removes the same KV groups and channels (stock architecture); *equal-budgets*: every "
+    "layer the same budget, divided between KV groups and channels per layer by the split (softmax at T = inf); "
+    "*-proportional*: the split of the uniform rule. *target*: fraction of the non-embedding (block) parameters "
+    "removed; *removed*: what the output really removed; *per-layer min / max*: the achieved per-layer fractions; "
+    "*scores*: whether the run did the scoring pass or reused the budget's first run's `blockprune_scores.json`; "
+    "*prune s*: the run's `wall_time_s` (scoring pass included)."
+)
+
+
+def section_facts(args: argparse.Namespace) -> dict[str, str]:
+    facts = common.input_facts(args)
+    facts["calibration"] += "; smaller than the other tables (64 x 512) because the machine is shared"
+    facts["stage"] = (
+        f"structured, units heads + channels, score `{args.score}`, solver `{args.solver}`; softmax energies "
+        f"{', '.join(f'`{e}`' for e in args.energy_list)}, split `{args.split}`, min 0, max 0.8"
     )
+    return facts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -267,8 +257,17 @@ def main(argv: list[str] | None = None) -> int:
     body, lines = table(rows, dense), best_lines(rows, args.energy_list)
     print(body + "\n" + "\n".join(lines))
     if args.write_results:
-        text = section(args, body, common.machine_info(), (load_before, common.load_average()), argv, lines)
-        common.write_section(args.section, text, args.results)
+        nice = f"nice -n {os.nice(0)} " if os.nice(0) > 0 else ""
+        common.publish_section(
+            args.section,
+            f"Global allocation: SmolLM2-135M, structured, {args.score} + {args.solver} (float32, CPU)",
+            nice + common.command_line("launch.benchmarks.allocation_table", argv),
+            LEGEND,
+            [body, "\n".join(lines)],
+            facts=section_facts(args),
+            load_before=load_before,
+            path=args.results,
+        )
     return 0
 
 

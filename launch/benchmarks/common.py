@@ -8,7 +8,8 @@ the kernel's per-process peak, which starts afresh at ``exec`` (unlike ``ru_maxr
 parent's peak over). ``blockprune run`` reports the same reading as ``peak_rss_mb`` in ``blockprune_report.json``.
 
 Results sections: ``docs/results.md`` holds one section per script between ``<!-- BEGIN name -->`` and
-``<!-- END name -->``; `write_section` replaces only its own (or appends it), so scripts never clobber each other.
+``<!-- END name -->``. Every script publishes its own with `publish_section` (title, command, machine facts, legend,
+then its tables and notes), which `write_section` replaces in place (or appends), so scripts never clobber each other.
 
 Only the standard library is imported at module level: the llm-compressor child imports this file from its own
 venv, which has no blockprune dependencies.
@@ -27,6 +28,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,8 +99,12 @@ def run_child(cmd: list[str], log_path: Path, env: dict[str, str] | None = None)
 # ------------------------------------------------------------------------------------------- blockprune runs
 
 
-def blockprune_recipe(model: Path, output: Path, args: argparse.Namespace, stage: dict) -> dict:
-    """A one-stage recipe: float32 on the CPU, the calibration of `add_common_args`, `stage` as ``prune[0]``."""
+def blockprune_recipe(
+    model: Path, output: Path, args: argparse.Namespace, stage: dict, runtime: dict | None = None, **extra: object
+) -> dict:
+    """A one-stage recipe: float32 on the CPU (plus the ``runtime`` keys given), the calibration of ``args``
+    (``calib_path``, ``samples``, ``seq_len``, ``seed``: see `add_common_args`), `stage` as ``prune[0]``, then the
+    top-level keys in ``extra``."""
     return {
         "model": str(model),
         "output": str(output),
@@ -109,18 +115,20 @@ def blockprune_recipe(model: Path, output: Path, args: argparse.Namespace, stage
             "seq_len": args.seq_len,
             "seed": args.seed,
         },
-        "runtime": {"device": "cpu", "dtype": "float32"},
+        "runtime": {"device": "cpu", "dtype": "float32", **(runtime or {})},
         "prune": [stage],
+        **extra,
     }
 
 
-def run_blockprune(recipe: dict, work: Path, name: str) -> tuple[dict, ChildRun]:
-    """``python -m launch run <work>/<name>.yaml`` in a child; returns (its ``blockprune_report.json``, the run)."""
+def run_blockprune(recipe: dict, work: Path, name: str, extra: Sequence[str] = ()) -> tuple[dict, ChildRun]:
+    """``python -m launch run <work>/<name>.yaml [extra...]`` in a child; returns (its ``blockprune_report.json``,
+    the run)."""
     import yaml
 
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    child = run_child([sys.executable, "-m", "launch", "run", str(path)], work / f"{name}.log")
+    child = run_child([sys.executable, "-m", "launch", "run", str(path), *extra], work / f"{name}.log")
     report = json.loads((Path(recipe["output"]) / "blockprune_report.json").read_text())
     return report, child
 
@@ -148,6 +156,11 @@ def add_common_args(p: argparse.ArgumentParser, work_name: str) -> None:
     p.add_argument("--eval-windows", type=int, default=16)
     p.add_argument("--eval-seq-len", type=int, default=512)
     p.add_argument("--work-dir", type=Path, default=BENCH_DIR / work_name, help="recipes, pruned outputs and logs")
+    add_results_args(p)
+
+
+def add_results_args(p: argparse.ArgumentParser) -> None:
+    """``--write-results`` and ``--results``: whether and where the script publishes its section."""
     p.add_argument("--write-results", action="store_true", help=f"rewrite this script's section of {RESULTS_MD}")
     p.add_argument("--results", type=Path, default=RESULTS_MD, help="results file for --write-results")
 
@@ -167,6 +180,15 @@ def resolve_inputs(args: argparse.Namespace) -> None:
         if not p.exists():
             raise SystemExit(f"no such file or directory: {p}")
     args.work_dir.mkdir(parents=True, exist_ok=True)
+
+
+def input_facts(args: argparse.Namespace) -> dict[str, str]:
+    """The model, calibration and evaluation facts of a results section (the inputs of `resolve_inputs`)."""
+    return {
+        "model": f"`{args.model}`",
+        "calibration": f"{args.samples} x {args.seq_len} tokens of `{args.calib_path.name}` (seed {args.seed})",
+        "evaluation": f"{args.eval_windows} x {args.eval_seq_len} tokens of `{args.eval_path.name}`",
+    }
 
 
 def evaluate_all(paths: dict[str, Path], args: argparse.Namespace) -> dict[str, dict]:
@@ -261,6 +283,53 @@ def command_line(module: str, argv: list[str]) -> str:
     with contextlib.suppress(ValueError):  # an interpreter outside the repository keeps its absolute path
         exe = exe.absolute().relative_to(REPO_ROOT)
     return shlex.join([str(exe), "-m", module, *argv])
+
+
+def render_section(
+    title: str,
+    command: str,
+    machine: str,
+    legend: str | None,
+    blocks: Sequence[str],
+) -> str:
+    """The text of a results section, paragraphs separated by one blank line: ``## title``, ``Command: `command```,
+    the ``machine`` facts (`machine_markdown`), the ``legend`` (omitted when empty), then ``blocks`` in order."""
+    parts = [f"## {title}", f"Command: `{command}`", machine]
+    if legend:
+        parts.append(legend)
+    return "\n\n".join([*parts, *blocks])
+
+
+def publish_section(
+    anchor: str,
+    title: str,
+    command: str,
+    legend: str | None,
+    blocks: Sequence[str],
+    *,
+    facts: Mapping[str, object] | None = None,
+    load_before: str,
+    load_after: str | None = None,
+    info: dict | None = None,
+    path: Path = RESULTS_MD,
+) -> str:
+    """Write section ``anchor`` of ``path`` (replaced between its markers, or appended; idempotent) and return it.
+
+    The section: ``## title``; ``Command: `command``` (`command_line`, with any ``nice`` prefix); the machine
+    (``info``, default `machine_info` now), the load average before the run and after it (``load_after``, default
+    now) and the ``facts`` (model, calibration, ...), one bullet each; the ``legend`` paragraph (skipped when empty);
+    then ``blocks``, the script's tables (`markdown_table`) and notes, in order. Paragraphs are separated by one
+    blank line.
+    """
+    machine = machine_markdown(
+        machine_info() if info is None else info,
+        load_before,
+        load_average() if load_after is None else load_after,
+        dict(facts or {}),
+    )
+    text = render_section(title, command, machine, legend, blocks)
+    write_section(anchor, text, path)
+    return text
 
 
 def write_section(name: str, body: str, path: Path = RESULTS_MD) -> None:

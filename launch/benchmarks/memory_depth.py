@@ -21,10 +21,15 @@ import sys
 from pathlib import Path
 
 from launch.benchmarks import common
-from launch.benchmarks.ranks import build_model
+from launch.benchmarks.ranks import build_model, random_model_recipe
 
 log = logging.getLogger("memory_depth")
 SECTION = "memory-depth"
+LEGEND = (
+    "*peak RSS*: the run's `peak_rss_mb` (the process's `VmHWM`); *peak / shallowest*: against the same stage on the "
+    "shallowest model; *one-pass blocks*: blocks that took the true-sequential path. The checkpoint grows with depth; "
+    "the peak holds one block, its statistics and the activation cache."
+)
 
 STAGES = {
     "sparsegpt 50% (one pass)": {"method": "sparsegpt", "sparsity": 0.5},
@@ -54,13 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--work-dir", type=Path, default=common.BENCH_DIR / "memory_depth")
-    p.add_argument("--write-results", action="store_true")
-    p.add_argument("--results", type=Path, default=common.RESULTS_MD)
+    common.add_results_args(p)
     args = p.parse_args(argv)
     depths = [int(d) for d in args.depths.split(",") if d.strip()]
     common.setup_logging()
     load_before = common.load_average()
-    from launch.assets import CALIBRATION_TEXT, real_text
+    from launch.assets import CALIBRATION_TEXT
 
     work = args.work_dir
     work.mkdir(parents=True, exist_ok=True)
@@ -69,20 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     for depth in depths:
         model = build_model(work / f"llama-{depth}x{args.hidden}", depth, args.hidden)
         for k, (label, stage) in enumerate(STAGES.items()):
-            recipe = {
-                "model": str(model),
-                "output": str(work / f"out-{depth}-{k}"),
-                "overwrite": True,
-                "calibration": {
-                    "data": str(real_text(CALIBRATION_TEXT)),
-                    "samples": args.samples,
-                    "seq_len": args.seq_len,
-                    "seed": 0,
-                },
-                "runtime": {"device": "cpu", "dtype": "float32", "progress": False},
-                "prune": [stage],
-                "report_plots": False,
-            }
+            recipe = random_model_recipe(model, work / f"out-{depth}-{k}", args.samples, args.seq_len, stage)
             report, child = common.run_blockprune(recipe, work, f"run-{depth}-{k}")
             peak = float(report["peak_rss_mb"])
             peaks.setdefault(label, peak)  # the shallowest model's peak is the reference
@@ -104,24 +95,21 @@ def main(argv: list[str] | None = None) -> int:
     print(body)
     (work / "results.json").write_text(json.dumps(rows, indent=1))
     if args.write_results:
-        extra = {
-            "models": f"random llama, hidden {args.hidden}, {', '.join(map(str, depths))} layers (float32, "
-            "vocabulary 49152: the embedding alone is "
-            f"{49152 * args.hidden * 4 / 2**20:.0f} MiB)",
-            "calibration": f"{args.samples} x {args.seq_len} tokens of {CALIBRATION_TEXT}",
-        }
-        text = "\n\n".join(
-            [
-                "## Peak memory vs depth (CPU)",
-                f"Command: `{common.command_line('launch.benchmarks.memory_depth', argv)}`",
-                common.machine_markdown(info, load_before, common.load_average(), extra),
-                "*peak RSS*: the run's `peak_rss_mb` (the process's `VmHWM`); *peak / shallowest*: against the same stage "
-                "on the shallowest model; *one-pass blocks*: blocks that took the true-sequential path. The checkpoint "
-                "grows with depth; the peak holds one block, its statistics and the activation cache.",
-                body,
-            ]
+        common.publish_section(
+            SECTION,
+            "Peak memory vs depth (CPU)",
+            common.command_line("launch.benchmarks.memory_depth", argv),
+            LEGEND,
+            [body],
+            facts={
+                "models": f"random llama, hidden {args.hidden}, {', '.join(map(str, depths))} layers (float32, "
+                f"vocabulary 49152: the embedding alone is {49152 * args.hidden * 4 / 2**20:.0f} MiB)",
+                "calibration": f"{args.samples} x {args.seq_len} tokens of {CALIBRATION_TEXT}",
+            },
+            load_before=load_before,
+            info=info,
+            path=args.results,
         )
-        common.write_section(SECTION, text, args.results)
     return 0
 
 

@@ -304,39 +304,33 @@ def time_table(t: dict) -> str:
     )
 
 
-def section(body: str, timing: str, info: dict, loads: tuple[str, str], argv: list[str], args) -> str:
-    return "\n\n".join(
-        [
-            "## MoE expert pruning (STUN) on planted tiny models",
-            f"Command: `{common.command_line('launch.benchmarks.moe_planted', argv)}`",
-            common.machine_markdown(
-                info,
-                *loads,
-                {
-                    "models": "tiny random MoE models (hidden 64, 4 layers, 8 routed experts; Qwen2-MoE and DeepSeek-V3 "
-                    "with their shared expert) with planted clusters of near-duplicate experts: expert weights and "
-                    "router rows copied per cluster plus 1e-3 relative noise; router rows x40 (DeepSeek's sigmoid "
-                    "router x2, it saturates), expert down_proj x0.2 (`plant_clusters`)",
-                    "calibration": f"16 x 64 tokens of pseudo-text; logits on 4 x 32 random ids; random removal: mean of "
-                    f"{args.draws} draws; torch threads {args.threads}",
-                },
-            ),
-            "Recipe: `{method: experts, target, similarity: router, representative: centroid}` with `target` = the "
-            "planted duplicates' share. Δlogits = `‖L − L_dense‖ / ‖L_dense‖` over all positions. *whole clusters "
-            "removed*: the same number of experts, taken as whole planted clusters. With top-1 (renormalised) routing "
-            "a kept near-duplicate takes over its cluster's tokens exactly; with top-2 a token's two picks are the two "
-            "members of its cluster, so after pruning its second slot goes to another cluster with the (small, sharp "
-            "router) weight that cluster gets. DeepSeek-V3's sigmoid gate gives that second pick nearly equal weight, "
-            "so there top-2 STUN is only modestly better than random.",
-            body,
-            "Time of the experts stage per MoE block against the block's one statistics forward (random Mixtral, hidden "
-            "1024, 8 experts of 2816, 2 layers, 32 x 128 calibration tokens, `[experts 0.25, wanda 0.25]`; medians over "
-            "blocks). *decide*: distances, clustering and the representatives (the experts' weight Gram in float64); "
-            "*surgery*: the rebuilt block with the kept experts; *stats forward*: the dense forward with every hook "
-            "(the co-activation counting included); no extra forward is run for the decision.",
-            timing,
-        ]
-    )
+LEGEND = (
+    "Recipe: `{method: experts, target, similarity: router, representative: centroid}` with `target` = the planted "
+    "duplicates' share. Δlogits = `‖L − L_dense‖ / ‖L_dense‖` over all positions. *whole clusters removed*: the same "
+    "number of experts, taken as whole planted clusters. With top-1 (renormalised) routing a kept near-duplicate "
+    "takes over its cluster's tokens exactly; with top-2 a token's two picks are the two members of its cluster, so "
+    "after pruning its second slot goes to another cluster with the (small, sharp router) weight that cluster gets. "
+    "DeepSeek-V3's sigmoid gate gives that second pick nearly equal weight, so there top-2 STUN is only modestly "
+    "better than random."
+)
+TIME_LEGEND = (
+    "Time of the experts stage per MoE block against the block's one statistics forward (random Mixtral, hidden "
+    "1024, 8 experts of 2816, 2 layers, 32 x 128 calibration tokens, `[experts 0.25, wanda 0.25]`; medians over "
+    "blocks). *decide*: distances, clustering and the representatives (the experts' weight Gram in float64); "
+    "*surgery*: the rebuilt block with the kept experts; *stats forward*: the dense forward with every hook (the "
+    "co-activation counting included); no extra forward is run for the decision."
+)
+
+
+def section_facts(args: argparse.Namespace) -> dict[str, str]:
+    return {
+        "models": "tiny random MoE models (hidden 64, 4 layers, 8 routed experts; Qwen2-MoE and DeepSeek-V3 with "
+        "their shared expert) with planted clusters of near-duplicate experts: expert weights and router rows copied "
+        "per cluster plus 1e-3 relative noise; router rows x40 (DeepSeek's sigmoid router x2, it saturates), expert "
+        "down_proj x0.2 (`plant_clusters`)",
+        "calibration": f"16 x 64 tokens of pseudo-text; logits on 4 x 32 random ids; random removal: mean of "
+        f"{args.draws} draws; torch threads {args.threads}",
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -349,8 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--archs", default=",".join(ARCH_EXPERTS), help="comma-separated: " + ", ".join(ARCH_EXPERTS))
     p.add_argument("--draws", type=int, default=8, help="random removals averaged")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the runs")
-    p.add_argument("--write-results", action="store_true", help=f"rewrite this script's section of {common.RESULTS_MD}")
-    p.add_argument("--results", type=Path, default=common.RESULTS_MD)
+    common.add_results_args(p)
     args = p.parse_args(argv)
     archs = [a.strip() for a in args.archs.split(",") if a.strip()]
     if not archs or set(archs) - set(ARCH_EXPERTS):
@@ -374,8 +367,16 @@ def main(argv: list[str] | None = None) -> int:
     body = table(rows)
     print(body + "\n\n" + timing)
     if args.write_results:
-        text = section(body, timing, common.machine_info(), (load_before, common.load_average()), argv, args)
-        common.write_section(SECTION, text, args.results)
+        common.publish_section(
+            SECTION,
+            "MoE expert pruning (STUN) on planted tiny models",
+            common.command_line("launch.benchmarks.moe_planted", argv),
+            LEGEND,
+            [body, TIME_LEGEND, timing],
+            facts=section_facts(args),
+            load_before=load_before,
+            path=args.results,
+        )
     return 0
 
 

@@ -17,7 +17,6 @@ difference of any tensor between the 2-rank and the 1-rank outputs.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
 import sys
@@ -27,6 +26,10 @@ from launch.benchmarks import common
 
 log = logging.getLogger("ranks")
 SECTION = "ranks"
+LEGEND = (
+    "*run s*: the run's `wall_time_s` (calibration, statistics, solving, writing); *process wall*: spawn to exit "
+    "(torchrun's start-up included for 2 ranks). Target: 2 ranks / 1 rank < 0.75."
+)
 
 
 def build_model(path: Path, layers: int, hidden: int, seed: int = 0) -> Path:
@@ -58,6 +61,17 @@ def build_model(path: Path, layers: int, hidden: int, seed: int = 0) -> Path:
     return path
 
 
+def random_model_recipe(model: Path, output: Path, samples: int, seq_len: int, stage: dict, **runtime: object) -> dict:
+    """The recipe of a run on a `build_model` checkpoint: ``samples x seq_len`` tokens of the calibration text
+    (seed 0), float32 on the CPU with the ``runtime`` keys given, no progress bar, no report plots."""
+    from launch.assets import CALIBRATION_TEXT, real_text
+
+    calib = argparse.Namespace(calib_path=real_text(CALIBRATION_TEXT), samples=samples, seq_len=seq_len, seed=0)
+    return common.blockprune_recipe(
+        model, output, calib, stage, runtime={**runtime, "progress": False}, report_plots=False
+    )
+
+
 def max_rel_diff(a: Path, b: Path) -> float:
     from safetensors import safe_open
 
@@ -72,12 +86,7 @@ def max_rel_diff(a: Path, b: Path) -> float:
 
 
 def run_one(name: str, recipe: dict, work: Path, extra: list[str]) -> dict:
-    import yaml
-
-    path = work / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    child = common.run_child([sys.executable, "-m", "launch", "run", str(path), *extra], work / f"{name}.log")
-    report = json.loads((Path(recipe["output"]) / "blockprune_report.json").read_text())
+    report, child = common.run_blockprune(recipe, work, name, extra)
     return {
         "wall_s": child.wall_s,
         "run_s": report["wall_time_s"],
@@ -99,12 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--work-dir", type=Path, default=common.BENCH_DIR / "ranks")
-    p.add_argument("--write-results", action="store_true")
-    p.add_argument("--results", type=Path, default=common.RESULTS_MD)
+    common.add_results_args(p)
     args = p.parse_args(argv)
     common.setup_logging()
     load_before = common.load_average()
-    from launch.assets import CALIBRATION_TEXT, real_text
+    from launch.assets import CALIBRATION_TEXT
 
     work = args.work_dir
     work.mkdir(parents=True, exist_ok=True)
@@ -112,20 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     info = common.machine_info()
 
     def recipe(out: str, threads: int | None) -> dict:
-        return {
-            "model": str(model),
-            "output": str(work / out),
-            "overwrite": True,
-            "calibration": {
-                "data": str(real_text(CALIBRATION_TEXT)),
-                "samples": args.samples,
-                "seq_len": args.seq_len,
-                "seed": 0,
-            },
-            "runtime": {"device": "cpu", "dtype": "float32", "threads": threads, "progress": False},
-            "prune": [{"method": "sparsegpt", "sparsity": 0.5}],
-            "report_plots": False,
-        }
+        stage = {"method": "sparsegpt", "sparsity": 0.5}
+        return random_model_recipe(model, work / out, args.samples, args.seq_len, stage, threads=threads)
 
     runs = {
         "1 rank, 1 thread": run_one("one-1t", recipe("one-1t", 1), work, []),
@@ -172,22 +168,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(body)
     if args.write_results:
-        extra = {
-            "model": f"random llama, {args.layers} layers, hidden {args.hidden} (float32)",
-            "calibration": f"{args.samples} x {args.seq_len} tokens of {CALIBRATION_TEXT}",
-            "stage": "SparseGPT 50%",
-        }
-        text = "\n\n".join(
-            [
-                "## Data-parallel scaling: 1 rank vs 2 ranks (CPU, gloo)",
-                f"Command: `{common.command_line('launch.benchmarks.ranks', argv)}`",
-                common.machine_markdown(info, load_before, common.load_average(), extra),
-                "*run s*: the run's `wall_time_s` (calibration, statistics, solving, writing); *process wall*: spawn to "
-                "exit (torchrun's start-up included for 2 ranks). Target: 2 ranks / 1 rank < 0.75.",
-                body,
-            ]
+        common.publish_section(
+            SECTION,
+            "Data-parallel scaling: 1 rank vs 2 ranks (CPU, gloo)",
+            common.command_line("launch.benchmarks.ranks", argv),
+            LEGEND,
+            [body],
+            facts={
+                "model": f"random llama, {args.layers} layers, hidden {args.hidden} (float32)",
+                "calibration": f"{args.samples} x {args.seq_len} tokens of {CALIBRATION_TEXT}",
+                "stage": "SparseGPT 50%",
+            },
+            load_before=load_before,
+            info=info,
+            path=args.results,
         )
-        common.write_section(SECTION, text, args.results)
     return 0
 
 

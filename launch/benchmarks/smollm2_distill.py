@@ -118,25 +118,18 @@ def facts(args: argparse.Namespace, pr: dict, rep: dict, wall: float) -> str:
     return common.markdown_table(["", ""], rows)
 
 
-def section(args: argparse.Namespace, body: str, info: dict, loads: tuple[str, str], argv: list[str]) -> str:
-    extra = {
-        "model": f"`{args.model}`",
+def section_facts(args: argparse.Namespace) -> dict[str, str]:
+    inputs = common.input_facts(args)
+    return {
+        "model": inputs["model"],
         "pruning": f"`{json.dumps(STAGE)}`, calibration {args.samples} x {args.seq_len} tokens of "
         f"`{args.calib_path.name}` (seed {args.seed})",
         "distillation": f"`blockprune distill` on `{args.train_path.name}`, lr {args.lr} (cosine to 10%, "
         f"warmup {args.warmup_steps}), KL at T = {args.temperature}, DeepSpeed ZeRO-3 over gloo, "
         f"{args.nproc} ranks of 1 torch thread each (torchrun's OMP_NUM_THREADS=1), float32, "
         "run under `nice -n 10`",
-        "evaluation": f"{args.eval_windows} x {args.eval_seq_len} tokens of `{args.eval_path.name}`",
+        "evaluation": inputs["evaluation"],
     }
-    return "\n\n".join(
-        [
-            "## SmolLM2-135M: 20% structured pruning, then recovery distillation (float32, CPU)",
-            f"Command: `nice -n 10 {common.command_line('launch.benchmarks.smollm2_distill', argv)}`",
-            common.machine_markdown(info, *loads, extra),
-            body,
-        ]
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,8 +169,16 @@ def main(argv: list[str] | None = None) -> int:
     body = table(evals) + "\n\n" + facts(args, pr, rep, wall)
     print(body)
     if args.write_results:
-        text = section(args, body, common.machine_info(), (load_before, common.load_average()), argv)
-        common.write_section(SECTION, text, args.results)
+        common.publish_section(
+            SECTION,
+            "SmolLM2-135M: 20% structured pruning, then recovery distillation (float32, CPU)",
+            "nice -n 10 " + common.command_line("launch.benchmarks.smollm2_distill", argv),
+            None,
+            [body],
+            facts=section_facts(args),
+            load_before=load_before,
+            path=args.results,
+        )
     return 0
 
 

@@ -84,23 +84,11 @@ def table(runs: dict[str, dict], evals: dict[str, dict]) -> str:
     )
 
 
-def section(args: argparse.Namespace, body: str, info: dict, loads: tuple[str, str], argv: list[str]) -> str:
-    extra = {
-        "model": f"`{args.model}`",
-        "calibration": f"{args.samples} x {args.seq_len} tokens of `{args.calib_path.name}` (seed {args.seed})",
-        "evaluation": f"{args.eval_windows} x {args.eval_seq_len} tokens of `{args.eval_path.name}`",
-    }
-    return "\n\n".join(
-        [
-            "## SmolLM2-135M, unstructured and 2:4 pruning (float32, CPU)",
-            f"Command: `{common.command_line('launch.benchmarks.smollm2_unstructured', argv)}`",
-            common.machine_markdown(info, *loads, extra),
-            "*prune*: the run's `wall_time_s` (read, calibrate, prune, write); *process wall*: the `blockprune run` "
-            "child from spawn to exit; peak RSS: its VmHWM; sparsity over the decoder-block linears (embeddings, norms "
-            "and lm_head are copied through).",
-            body,
-        ]
-    )
+LEGEND = (
+    "*prune*: the run's `wall_time_s` (read, calibrate, prune, write); *process wall*: the `blockprune run` child "
+    "from spawn to exit; peak RSS: its VmHWM; sparsity over the decoder-block linears (embeddings, norms and lm_head "
+    "are copied through)."
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,8 +114,16 @@ def main(argv: list[str] | None = None) -> int:
     body = table(runs, evals)
     print(body)
     if args.write_results:
-        text = section(args, body, common.machine_info(), (load_before, common.load_average()), argv)
-        common.write_section(SECTION, text, args.results)
+        common.publish_section(
+            SECTION,
+            "SmolLM2-135M, unstructured and 2:4 pruning (float32, CPU)",
+            common.command_line("launch.benchmarks.smollm2_unstructured", argv),
+            LEGEND,
+            [body],
+            facts=common.input_facts(args),
+            load_before=load_before,
+            path=args.results,
+        )
     return 0
 
 

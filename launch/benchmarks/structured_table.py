@@ -167,27 +167,14 @@ def best_line(runs: dict[str, dict], evals: dict[str, dict]) -> str:
     return line + "."
 
 
-def section(args: argparse.Namespace, body: str, info: dict, loads: tuple[str, str], argv: list[str]) -> str:
-    extra = {
-        "model": f"`{args.model}`",
-        "calibration": f"{args.samples} x {args.seq_len} tokens of `{args.calib_path.name}` (seed {args.seed})",
-        "evaluation": f"{args.eval_windows} x {args.eval_seq_len} tokens of `{args.eval_path.name}`",
-        "pruning threads": args.threads or "torch default",
-    }
-    return "\n\n".join(
-        [
-            f"## SmolLM2-135M, structured pruning: {args.target:.0%} of the block parameters, uniform (float32, CPU)",
-            f"Command: `nice -n 10 {common.command_line('launch.benchmarks.structured_table', argv)}`",
-            common.machine_markdown(info, *loads, extra),
-            "Every layer loses the same KV groups and MLP channels (stock Llama output, `structured_plan` in the "
-            "report); *fluctuation* runs with FLAP's bias compensation (jointly fitted with the closed form / ADMM). "
-            "*solve*: the per-block solver time summed over the blocks (scores, selection, reconstruction); "
-            "*prune*: the run's `wall_time_s` (read, calibrate, prune, write); *process wall*: the `blockprune run` "
-            "child from spawn to exit; peak RSS: its VmHWM. Runs were one after the other on a shared machine, so the "
-            "times are noisy (see the load average); the perplexities are deterministic.",
-            body,
-        ]
-    )
+LEGEND = (
+    "Every layer loses the same KV groups and MLP channels (stock Llama output, `structured_plan` in the report); "
+    "*fluctuation* runs with FLAP's bias compensation (jointly fitted with the closed form / ADMM). *solve*: the "
+    "per-block solver time summed over the blocks (scores, selection, reconstruction); *prune*: the run's "
+    "`wall_time_s` (read, calibrate, prune, write); *process wall*: the `blockprune run` child from spawn to exit; "
+    "peak RSS: its VmHWM. Runs were one after the other on a shared machine, so the times are noisy (see the load "
+    "average); the perplexities are deterministic."
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,8 +204,16 @@ def main(argv: list[str] | None = None) -> int:
     body = table(runs, evals, dense_cfg) + "\n\n" + best_line(runs, evals)
     print(body)
     if args.write_results:
-        text = section(args, body, common.machine_info(), (load_before, common.load_average()), argv)
-        common.write_section(SECTION, text, args.results)
+        common.publish_section(
+            SECTION,
+            f"SmolLM2-135M, structured pruning: {args.target:.0%} of the block parameters, uniform (float32, CPU)",
+            "nice -n 10 " + common.command_line("launch.benchmarks.structured_table", argv),
+            LEGEND,
+            [body],
+            facts={**common.input_facts(args), "pruning threads": args.threads or "torch default"},
+            load_before=load_before,
+            path=args.results,
+        )
     return 0
 
 

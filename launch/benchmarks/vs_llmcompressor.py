@@ -225,25 +225,12 @@ def tables(runs: dict[str, dict], evals: dict[str, dict]) -> str:
     return per_run + "\n\n" + ratio
 
 
-def section(args: argparse.Namespace, body: str, info: dict, loads: tuple[str, str], llmc: str, argv: list) -> str:
-    extra = {
-        "llm-compressor venv": llmc,
-        "model": f"`{args.model}`",
-        "calibration": f"{args.samples} x {args.seq_len} tokens of `{args.calib_path.name}` (seed {args.seed})",
-        "evaluation": f"{args.eval_windows} x {args.eval_seq_len} tokens of `{args.eval_path.name}`",
-    }
-    return "\n\n".join(
-        [
-            "## blockprune vs llm-compressor (SmolLM2-135M, float32, CPU)",
-            f"Command: `{common.command_line('launch.benchmarks.vs_llmcompressor', argv)}`",
-            common.machine_markdown(info, *loads, extra),
-            "*process wall*: the child process from spawn to exit (imports, load, prune, save); *prune*: blockprune's "
-            "`wall_time_s` (read, calibrate, prune, write) vs the time inside llm-compressor's `oneshot` (without load "
-            'and save); peak RSS: each child\'s VmHWM. llm-compressor ran `oneshot(..., pipeline="sequential", '
-            "shuffle_calibration_samples=False)` with default batch size 1 on the same token ids.",
-            body,
-        ]
-    )
+LEGEND = (
+    "*process wall*: the child process from spawn to exit (imports, load, prune, save); *prune*: blockprune's "
+    "`wall_time_s` (read, calibrate, prune, write) vs the time inside llm-compressor's `oneshot` (without load and "
+    'save); peak RSS: each child\'s VmHWM. llm-compressor ran `oneshot(..., pipeline="sequential", '
+    "shuffle_calibration_samples=False)` with default batch size 1 on the same token ids."
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -277,8 +264,16 @@ def main(argv: list[str] | None = None) -> int:
     body = tables(runs, evals)
     print(body)
     if args.write_results:
-        text = section(args, body, common.machine_info(), (load_before, common.load_average()), llmc_versions(py), argv)
-        common.write_section(SECTION, text, args.results)
+        common.publish_section(
+            SECTION,
+            "blockprune vs llm-compressor (SmolLM2-135M, float32, CPU)",
+            common.command_line("launch.benchmarks.vs_llmcompressor", argv),
+            LEGEND,
+            [body],
+            facts={"llm-compressor venv": llmc_versions(py), **common.input_facts(args)},
+            load_before=load_before,
+            path=args.results,
+        )
     return 0
 
 
