@@ -118,8 +118,15 @@ def _cmd_inspect(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from engine.report.evaluate import evaluate, format_eval
+    from engine.report.evaluate import evaluate, format_eval, format_lm_eval, lm_eval_tasks
 
+    if args.tasks or not args.data:  # --tasks: local lm-eval task files, handed to lm-eval's Python API
+        if not args.tasks:
+            raise ValueError("eval needs --data TEXT (perplexity) or --tasks FILE_OR_DIR (lm-eval tasks)")
+        res = lm_eval_tasks(args.model, args.tasks, device=args.device, dtype=args.dtype)
+        print(json.dumps(res, indent=2) if args.json else format_lm_eval(res))
+        if not args.data:
+            return 0
     res = evaluate(
         args.model,
         data=args.data,
@@ -230,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="perplexity (and sizes) of a checkpoint on a text")
     ev.add_argument("model")
-    ev.add_argument("--data", required=True)
+    ev.add_argument("--data", default=None)
+    ev.add_argument("--tasks", default=None, help="local lm-eval task YAML file or directory (needs lm_eval)")
     ev.add_argument("--compare", default=None, help="a second (e.g. dense) checkpoint to evaluate side by side")
     ev.add_argument("--windows", type=int, default=16)
     ev.add_argument("--seq-len", type=int, default=512)
