@@ -461,6 +461,8 @@ def lm_eval_tasks(
     downloaded offline). Returns {"model", "tasks", "results": lm-eval's per-task metrics, "n_samples",
     "eval_s", "lm_eval_version"}.
     """
+    check_checkpoint(path)
+    files, names = lm_eval_task_files(tasks)
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
@@ -471,8 +473,6 @@ def lm_eval_tasks(
         ) from e
     from transformers import AutoTokenizer
 
-    check_checkpoint(path)
-    files, names = lm_eval_task_files(tasks)
     dev = resolve_device(device)
     model = load_model(path, dtype=dtype, device=dev)
     tok = AutoTokenizer.from_pretrained(str(path))
