@@ -142,12 +142,19 @@ def _cmd_inspect(args) -> int:
 
 def _cmd_eval(args) -> int:
     from engine.model_check import open_checked
-    from engine.report.evaluate import check_checkpoint, evaluate, format_eval
+    from engine.report.evaluate import check_checkpoint, evaluate, format_eval, format_lm_eval, lm_eval_tasks
 
     _check_device(args.device)
     for path in (args.model, args.compare) if args.compare else (args.model,):
         # headers only, before transformers loads it
         open_checked(check_checkpoint(path), require_supported=False, require_float=False)
+    if args.tasks or not args.data:  # --tasks: local lm-eval task files, handed to lm-eval's Python API
+        if not args.tasks:
+            raise ValueError("eval needs --data TEXT (perplexity) or --tasks FILE_OR_DIR (lm-eval tasks)")
+        res = lm_eval_tasks(args.model, args.tasks, device=args.device, dtype=args.dtype)
+        print(json.dumps(res, indent=2) if args.json else format_lm_eval(res))
+        if not args.data:
+            return 0
     res = evaluate(
         args.model,
         data=args.data,
@@ -355,13 +362,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev = _subcommand(
         sub,
         "eval",
-        "perplexity (and sizes, speed) of a checkpoint on a text",
+        "perplexity (and sizes, speed) of a checkpoint on a text, or local lm-eval tasks",
         "Perplexity over fixed windows of a text, parameter counts and sparsity, and prefill/decode speed of a "
-        "checkpoint; with --compare, a second one on the same windows and prompts.",
+        "checkpoint; with --compare, a second one on the same windows and prompts. With --tasks, local "
+        "lm-evaluation-harness task files run on the checkpoint (loaded by blockprune: no remote code).",
         "blockprune eval /out/llama-50 --data hamlet.txt --compare /models/llama --windows 16 --seq-len 512",
     )
     ev.add_argument("model", help="the checkpoint directory to evaluate")
-    ev.add_argument("--data", required=True, help="a UTF-8 text file to measure perplexity on")
+    ev.add_argument("--data", default=None, help="a UTF-8 text file to measure perplexity on")
+    ev.add_argument("--tasks", default=None, help="local lm-eval task YAML file or directory (needs lm_eval)")
     ev.add_argument("--compare", default=None, help="a second (e.g. dense) checkpoint to evaluate side by side")
     ev.add_argument("--windows", type=int, default=16, help="perplexity: number of token windows")
     ev.add_argument("--seq-len", type=int, default=512, help="perplexity: tokens per window (BOS included)")

@@ -400,3 +400,110 @@ def format_eval(res: dict) -> str:
         )
     )
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------- lm-eval hand-off
+
+
+class LmEvalMissing(ValueError):
+    """lm-evaluation-harness is not installed. A ValueError so that the CLI reports it in one line."""
+
+
+def _yaml_ignoring_tags(text: str):
+    """A task YAML as data; lm-eval's own tags (`!function utils.process_docs`) become None."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    return yaml.load(text, Loader=Loader)
+
+
+def lm_eval_task_files(tasks: str | Path) -> tuple[list[Path], list[str]]:
+    """The YAML files of `tasks` (one file, or every *.yaml / *.yml under a directory) and the task (or group)
+    names they define, in order: a file's `task:` when it is a string, else its `group:`."""
+    root = Path(tasks)
+    if not root.exists():
+        raise FileNotFoundError(f"{root}: lm-eval task file or directory not found")
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.suffix in (".yaml", ".yml"))
+    names = []
+    for f in files:
+        doc = _yaml_ignoring_tags(f.read_text(encoding="utf-8"))
+        if not isinstance(doc, dict):
+            raise ValueError(f"{f}: not an lm-eval task file (a YAML mapping with `task:`)")
+        name = doc.get("task") if isinstance(doc.get("task"), str) else doc.get("group")
+        if isinstance(name, str) and name not in names:
+            names.append(name)
+    if not names:
+        raise ValueError(f"{root}: no lm-eval task (a YAML file with `task: NAME`) found")
+    return files, names
+
+
+def lm_eval_tasks(
+    path: str | Path,
+    tasks: str | Path,
+    *,
+    device: str | torch.device = "auto",
+    dtype: torch.dtype | str = torch.float32,
+    batch_size: int = 4,
+    limit: int | float | None = None,
+    num_fewshot: int | None = None,
+) -> dict:
+    """`blockprune eval MODEL --tasks FILE_OR_DIR`: run local lm-evaluation-harness tasks on checkpoint `path`
+    through lm-eval's Python API (`simple_evaluate`).
+
+    The checkpoint is loaded by `load_model` (stock outputs with transformers; non-uniform outputs with this
+    package's copy of their model class, so no `trust_remote_code`) and handed to lm-eval's `HFLM` as a model
+    object with its tokenizer. Only the task files under `tasks` are indexed (`TaskManager(include_path=...,
+    include_defaults=False)`: lm-eval's ~15k built-in tasks take ~20 s to index; run `lm_eval` itself for them).
+    Datasets are whatever the YAML says (`dataset_path: json` + `data_files` for local JSONL; nothing is
+    downloaded offline). Returns {"model", "tasks", "results": lm-eval's per-task metrics, "n_samples",
+    "eval_s", "lm_eval_version"}.
+    """
+    check_checkpoint(path)
+    files, names = lm_eval_task_files(tasks)
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as e:
+        raise LmEvalMissing(
+            f"--tasks needs lm-evaluation-harness, which is not installed ({e}): pip install 'blockprune[eval]'"
+        ) from e
+    from transformers import AutoTokenizer
+
+    dev = resolve_device(device)
+    model = load_model(path, dtype=dtype, device=dev)
+    tok = AutoTokenizer.from_pretrained(str(path))
+    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, device=str(dev))
+    manager = TaskManager(include_path=sorted({str(f.parent) for f in files}), include_defaults=False)
+    t0 = time.perf_counter()
+    out = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=names,
+        task_manager=manager,
+        limit=limit,
+        num_fewshot=num_fewshot,
+        bootstrap_iters=0,
+        log_samples=False,
+    )
+    return {
+        "model": str(path),
+        "tasks": names,
+        "results": out["results"],
+        "n_samples": {k: v.get("effective", v.get("original")) for k, v in out.get("n-samples", {}).items()},
+        "eval_s": round(time.perf_counter() - t0, 3),
+        "lm_eval_version": getattr(lm_eval, "__version__", "unknown"),
+    }
+
+
+def format_lm_eval(res: dict) -> str:
+    """One line per task and metric: `task  metric  value`; stderr columns and aliases left out."""
+    lines = [f"lm-eval {res['lm_eval_version']} on {_short(res['model'], 60)} ({res['eval_s']:.1f} s)"]
+    for task, metrics in res["results"].items():
+        for key, value in metrics.items():
+            if key in ("alias", "name", "sample_len") or "_stderr" in key or not isinstance(value, (int, float)):
+                continue
+            lines.append(f"  {task:<24} {key.removesuffix(',none'):<20} {value:.4f}")
+    return "\n".join(lines)
