@@ -20,11 +20,12 @@ of the outlier ratios, then scaled onto the parameter-weighted budget), ``softma
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from engine.schema import ConfigError
-from engine.units import CHANNEL_GRID, CHANNEL_KINDS, split_units
+from engine.units import CHANNEL_GRID, CHANNEL_KINDS, nearest_allowed, split_units
 from solvers.allocation import BudgetReconciler, best_head_count
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class UnitKind:
     groups: int
     params: int
     align: int = 1
+    allowed: tuple[int, ...] = ()  # KV groups: the removal counts the output config may take (empty: any)
 
     @property
     def held(self) -> int:
@@ -117,16 +119,21 @@ def plan_layer(model: LayerModel, x: float, split: str = "proportional") -> dict
         step, held = head.groups * head.params, sum(k.held for k in channels)
         ch_max = sum(k.max_removed for k in channels)
         if split == "error" and model.head_error and model.channel_error:
+            herr = [e if not head.allowed or r in head.allowed else math.inf for r, e in enumerate(model.head_error)]
             heads = best_head_count(
-                x, step, held, model.head_error, CHANNEL_GRID, model.channel_error, max_channel_fraction=ch_max / held
+                x, step, held, herr, CHANNEL_GRID, model.channel_error, max_channel_fraction=ch_max / held
             )
         else:
             heads = min(round(x / (held + head.held) * head.count), head.count - 1)
             while heads < head.count - 1 and x - heads * step > ch_max:
                 heads += 1
+        if head.allowed and heads not in head.allowed:  # the smallest allowed count the channels can complete
+            fits = [r for r in head.allowed if x - r * step <= ch_max]
+            heads = nearest_allowed(heads, fits or head.allowed)
+    allowed = head.allowed if head is not None else None
     for _ in range(8):  # a coarse first channel kind can leave a later one more than it holds: ask a step less
         try:
-            return split_units(inv, kinds, x, model.align, heads=heads)
+            return split_units(inv, kinds, x, model.align, heads=heads, allowed_heads=allowed)
         except ConfigError:
             x = max(x - max(k.align * k.groups * k.params for k in channels), 0.0)
     raise ConfigError(f"allocation: layer {model.layer} cannot remove {x:.0f} parameters in whole units")

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 from tqdm.auto import tqdm
 
 from engine import memory
@@ -43,6 +44,7 @@ from engine.fp8 import source_reader
 from engine.memory_plan import MemoryPlan, plan_for_run
 from engine.model_check import check_reader
 from engine.prepass import scoring_pass
+from engine.report.llmc_recipe import llmc_recipe_yaml
 from engine.report.run_report import RunReport
 from engine.runtime import Runtime, resolve_runtime
 from engine.schema import PruningError
@@ -263,9 +265,12 @@ def _finalize(
     stock, entries = split_shapes(shapes)
     out_config = output_config(dict(reader.config), {**changes.overrides, **stock}, changes.removed_layers)
     _copy_extra_layers(reader, writer, len(shapes), reshaped=bool(stock or entries or changes.overrides))
+    recipe_text = config_to_yaml(cfg)
     extra: dict[str, str | bytes] = {
-        "blockprune_recipe.yaml": config_to_yaml(cfg),
+        "blockprune_recipe.yaml": recipe_text,
         "blockprune_report.json": report.to_json(),
+        # the same recipe in llm-compressor's modifiers, where one exists (engine/report/llmc_recipe.py)
+        "llmcompressor_recipe.yaml": llmc_recipe_yaml(yaml.safe_load(recipe_text), report.data),
     }
     if entries:
         out_config, extra[MODELING_FILE] = nonuniform_config(out_config, entries)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -122,15 +123,62 @@ def selected_kinds(inv: dict[str, dict], units: list[str]) -> list[str]:
     return [k for u in units for k in UNIT_KINDS[u] if k in inv]
 
 
+def kv_removals(config: PretrainedConfig) -> tuple[int, ...]:
+    """The numbers of KV groups a layer of `config` may lose and still have a config its own class accepts: some
+    stock classes validate their shapes (transformers' Llama config requires `hidden_size % num_attention_heads ==
+    0`, even with `head_dim` set), so a uniform output with any other head count would not load. Always includes 0."""
+    n_kv = int(getattr(config, "num_key_value_heads", 0) or 0)
+    heads = int(getattr(config, "num_attention_heads", 0) or 0)
+    if not n_kv or not heads or heads % n_kv:
+        return (0,)
+    key = (type(config), config.to_json_string(use_diff=False))
+    if key not in _KV_CACHE:
+        per = heads // n_kv
+        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+        ok = []
+        for r in range(n_kv):
+            keep = n_kv - r
+            try:
+                type(config).from_dict(
+                    {
+                        **config.to_dict(),
+                        "num_key_value_heads": keep,
+                        "num_attention_heads": keep * per,
+                        "head_dim": head_dim,
+                    }
+                )
+            except Exception:  # the class's own validation (huggingface_hub strict dataclasses raise their own type)
+                continue
+            ok.append(r)
+        _KV_CACHE[key] = tuple(ok) or (0,)
+    return _KV_CACHE[key]
+
+
+_KV_CACHE: dict[tuple, tuple[int, ...]] = {}
+
+
+def nearest_allowed(r: int, allowed: Sequence[int] | None) -> int:
+    """`r` snapped to the nearest value of `allowed` (ties: fewer removed); `r` itself without a restriction."""
+    if not allowed:
+        return r
+    return min(allowed, key=lambda a: (abs(a - r), a))
+
+
 def split_units(
-    inv: dict[str, dict], kinds: list[str], goal: float, align: int, heads: int | None = None
+    inv: dict[str, dict],
+    kinds: list[str],
+    goal: float,
+    align: int,
+    heads: int | None = None,
+    allowed_heads: Sequence[int] | None = None,
 ) -> dict[str, int]:
     """Units removed per group of each kind so that about `goal` parameters go (the split of the module docstring).
 
     `inv` is per layer or summed over layers (`unit_inventory`). KV groups first: `heads` when given, else the same
     share of their parameters as the whole goal (rounded, at most n_kv − 1); then the channel kinds, coarsest
     (routed experts) first, each absorbing the rounding of the ones before; kept channel counts are multiples of
-    `align` (routed experts: of lcm(align, 8)). ConfigError when the goal needs more than all channels."""
+    `align` (routed experts: of lcm(align, 8)); `allowed_heads` (`kv_removals`) restricts the KV-group count.
+    ConfigError when the goal needs more than all channels."""
     held = {k: inv[k]["groups"] * inv[k]["count"] * inv[k]["params"] for k in kinds}
     per_unit = {k: inv[k]["groups"] * inv[k]["params"] for k in kinds}  # removing one unit from every group
     remove: dict[str, int] = {}
@@ -139,7 +187,7 @@ def split_units(
         if heads is None:
             share = goal / sum(held.values()) if len(kinds) > 1 else goal / held["kv_group"]
             heads = round(share * n)
-        remove["kv_group"] = int(min(max(heads, 0), n - 1))
+        remove["kv_group"] = nearest_allowed(int(min(max(heads, 0), n - 1)), allowed_heads)
         goal -= remove["kv_group"] * per_unit["kv_group"]
     ch = sorted((k for k in kinds if k in CHANNEL_KINDS), key=lambda k: k != "expert_channel")  # coarsest first
     for idx, k in enumerate(ch):
@@ -174,7 +222,7 @@ def plan_uniform(adapter: ArchAdapter, stage) -> StructuredPlan:
         raise ConfigError(f"structured.units = {stage.units}: the {adapter.model_type} blocks have no such units")
     P = block_params(adapter, adapter.config)
     try:
-        remove = split_units(inv, kinds, stage.target * P, stage.align)
+        remove = split_units(inv, kinds, stage.target * P, stage.align, allowed_heads=kv_removals(adapter.config))
     except ConfigError:
         raise ConfigError(f"structured.target = {stage.target}: needs more than all MLP channels") from None
     overrides = config_overrides(adapter.config, inv, remove, stage.bias_compensation)

@@ -104,7 +104,8 @@ def stage_modifier(stage: dict, index: int, report: dict | None = None) -> dict[
         "ignore": ignore,
     }
     if method == "sparsegpt":
-        args.update(block_size=int(stage.get("blocksize", 128)), dampening_frac=float(stage.get("percdamp", 0.01)))
+        damp = stage.get("percdamp")  # None: the solver default (SparseGPT 0.01)
+        args.update(block_size=int(stage.get("blocksize", 128)), dampening_frac=float(0.01 if damp is None else damp))
     if rule == "owl" and layers is None:
         args.update(
             sparsity_profile="owl", owl_m=float(alloc.get("m", 5.0)), owl_lmbda=float(alloc.get("lambda", 0.08))

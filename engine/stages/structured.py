@@ -49,6 +49,7 @@ from engine.units import (
     config_overrides,
     consumer,
     consumer_inputs,
+    kv_removals,
     layer_inventory,
     layer_params,
     plan_uniform,
@@ -166,7 +167,8 @@ class StructuredStage(StageBase):
         align = self.config.align
         for k in selected_kinds(inv, self.config.units):
             a = 1 if k == "kv_group" else (math.lcm(align, EXPERT_ALIGN) if k == "expert_channel" else align)
-            kinds.append(UnitKind(k, inv[k]["count"], inv[k]["groups"], inv[k]["params"], a))
+            allowed = kv_removals(adapter.config) if k == "kv_group" else ()
+            kinds.append(UnitKind(k, inv[k]["count"], inv[k]["groups"], inv[k]["params"], a, allowed))
         steps = [k.align * k.groups * k.params for k in kinds if k.kind in CHANNEL_KINDS]
         unit = min(steps) if steps else max(k.groups * k.params for k in kinds)
         params = layer_params(adapter, adapter.config, i)
