@@ -51,15 +51,30 @@ class BlockMemory:
     weights: int
     staging: int
     stats: int
+    stats_all: int  # every requested statistic at once (the two-forward path)
     stats_chunks: int
     solve: int
     forward: int
-    side: int
+    side_core: int  # one-pass: the attention core of all calibration tokens (o_proj's input)
+    side_mlp: int  # one-pass: the MLP hidden of all tokens (down_proj's input), held when it fits, else recomputed
     written: int
     one_pass: bool
+    keep_mlp: bool = True
+    side_on_device: bool = False
     device_peak: int = 0
     host_peak: int = 0
     chunks: list[list[str]] = field(default_factory=list)  # input ids gathered per dense forward (chunked only)
+
+    @property
+    def side(self) -> int:
+        """The one-pass intermediates held between its steps."""
+        return (self.side_core + (self.side_mlp if self.keep_mlp else 0)) if self.one_pass else 0
+
+    @property
+    def work(self) -> int:
+        """The block's own peak on the device: weights plus the larger of the cast staging and its statistics with
+        the larger of a forward and a solve."""
+        return self.weights + max(self.staging, self.stats + max(self.forward, self.solve))
 
 
 @dataclass
@@ -100,11 +115,8 @@ class MemoryPlan:
             "advice": self.advice,
             "blocks": [
                 {
-                    **{
-                        k: (gb(v) if isinstance(v, int) and k not in ("block", "params", "stats_chunks") else v)
-                        for k, v in asdict(b).items()
-                        if k != "chunks"
-                    },
+                    **{k: _json_value(k, v) for k, v in asdict(b).items() if k != "chunks"},
+                    "side": gb(b.side),
                     "chunks": len(b.chunks) or 1,
                 }
                 for b in self.blocks
@@ -112,15 +124,24 @@ class MemoryPlan:
         }
 
 
+def _json_value(key: str, value):
+    """Byte counts as GiB (3 decimals); counts, indices and flags as they are."""
+    if isinstance(value, bool) or not isinstance(value, int) or key in ("block", "params", "stats_chunks"):
+        return value
+    return round(value / GiB, 3)
+
+
 def itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def forward_bytes(adapter: ArchAdapter, block: nn.Module, micro_batch: int, seq_len: int, dtype: torch.dtype) -> int:
+def forward_bytes(
+    adapter: ArchAdapter, block: nn.Module, micro_batch: int, seq_len: int, dtype: torch.dtype, cuda: bool = False
+) -> int:
     """Activations of one micro-batch through `block` (a conservative count of what the stock layer allocates):
     residual and norm copies ``6·H``, q/k/v/o ``4·A``, the MLP (or routed experts') intermediates ``3·I`` per
-    token, the attention scores ``heads·L`` per token (materialised by the eager and math kernels), and the MoE
-    input hooks' per-expert gate/up ``2·I_e``."""
+    token, the MoE input hooks' per-expert gate/up ``2·I_e``, and on a CPU the attention scores ``2·heads·L`` per
+    token (torch's CPU SDPA materialises them; the CUDA kernels for these dtypes are memory-efficient)."""
     cfg = adapter.config
     H = int(cfg.hidden_size)
     heads = int(getattr(cfg, "num_attention_heads", 1) or 1)
@@ -133,7 +154,7 @@ def forward_bytes(adapter: ArchAdapter, block: nn.Module, micro_batch: int, seq_
         I = 3 * inter * top_k + 2 * inter
     else:
         I = 3 * int(getattr(block.mlp, "down_proj", nn.Linear(1, 1)).in_features)
-    per_token = 6 * H + 4 * A + I + heads * seq_len * 2
+    per_token = 6 * H + 4 * A + I + (0 if cuda else heads * seq_len * 2)
     return micro_batch * seq_len * per_token * itemsize(dtype)
 
 
@@ -197,28 +218,31 @@ def plan_memory(
         if i in skip:
             continue
         blocks.append(_block_memory(adapter, stages, i, dtype, source_dtype, samples, seq_len, mb, one_pass, cuda))
-    worst = max((b.weights + max(b.staging, b.stats + max(b.forward, b.solve)) for b in blocks), default=0)
-    side = max((b.side for b in blocks), default=0)
+    worst = max((b.work for b in blocks), default=0)
+    core = max((b.side_core for b in blocks if b.one_pass), default=0)
     advice: list[str] = []
-    # the activation cache: on the device when it fits beside the worst block, else pinned host memory, else disk
+    # the activation cache: on the device when it fits beside the worst block (and the one-pass attention core),
+    # else pinned host memory, else disk
     if cuda:
-        tier = "device" if worst + side + cache <= device_memory else ("host" if cache <= host_memory // 2 else "disk")
+        tier = "device" if worst + core + cache <= device_memory else ("host" if cache <= host_memory // 2 else "disk")
     else:
-        tier = "host" if baseline + worst + side + cache <= host_memory else "disk"
+        tier = "host" if baseline + worst + core + cache <= host_memory else "disk"
     cache_device = cache if (cuda and tier == "device") else 0
-    room = device_memory - cache_device - side
     for b in blocks:
-        _fit_stats(b, adapter, stages, room, cuda)
+        _fit_side(
+            b, tier, cuda, device_memory - cache_device, host_memory - baseline - (cache if tier == "host" else 0)
+        )
+        _fit_stats(b, adapter, stages, device_memory - cache_device - (b.side if b.side_on_device else 0), cuda)
     pre = max((b.staging or b.weights for b in blocks), default=0) if prefetch else 0
     for b in blocks:
-        dev = b.weights + max(b.staging, b.stats + max(b.forward, b.solve)) + b.side
         offloaded = b.stats * (b.stats_chunks - 1) if b.stats_chunks > 1 else 0
+        host_side = b.side if not b.side_on_device else 0
         if cuda:
-            b.device_peak = dev + cache_device
-            b.host_peak = baseline + (cache if tier == "host" else 0) + b.written + pre + offloaded
+            b.device_peak = b.work + (b.side if b.side_on_device else 0) + cache_device
+            b.host_peak = baseline + (cache if tier == "host" else 0) + b.written + pre + offloaded + host_side
         else:
             b.device_peak = 0
-            host = baseline + (cache if tier == "host" else 0) + dev + b.written + pre
+            host = baseline + (cache if tier == "host" else 0) + b.work + b.side + b.written + pre
             b.host_peak = int(host * BASELINE_SLACK) if host else 0
     device_peak = max((b.device_peak for b in blocks), default=0)
     host_peak = max((b.host_peak for b in blocks), default=baseline)
@@ -228,7 +252,7 @@ def plan_memory(
         need = max(b.weights + b.stats + max(b.forward, b.solve) for b in blocks if b.stats_chunks == 0)
         advice.append(
             f"a single input's statistics and its solve do not fit {device_memory / GiB:.1f} GiB beside the block "
-            f"(needs about {need / GiB:.1f} GiB): use a device with at least {math.ceil((need + cache_device + side) / GiB)}"
+            f"(needs about {need / GiB:.1f} GiB): use a device with at least {math.ceil((need + cache_device) / GiB)}"
             " GiB or a smaller calibration set"
         )
     elif not fits:
@@ -284,26 +308,43 @@ def _block_memory(
     grams = _gram_bytes(request, widths)
     dense = not num_experts_of(block) and adapter.spec.attention == "gqa"
     takes_one_pass = one_pass and dense
-    stats = max(grams.values(), default=0) if takes_one_pass else sum(grams.values())
+    stats_all = sum(grams.values())
+    stats = max(grams.values(), default=0) if takes_one_pass else stats_all
     solve = max((s.solve_bytes(visit, None) for s in stages), default=0)
-    side = 0
+    core = mlp = 0
     if takes_one_pass:
-        attn = block.self_attn.o_proj.in_features
-        inter = block.mlp.down_proj.in_features
-        side = samples * seq_len * (attn + inter) * size
+        core = samples * seq_len * block.self_attn.o_proj.in_features * size
+        mlp = samples * seq_len * block.mlp.down_proj.in_features * size
     return BlockMemory(
         block=i,
         params=params,
         weights=params * size,
         staging=params * src if src != size else 0,
         stats=stats,
+        stats_all=stats_all,
         stats_chunks=1,
         solve=solve,
-        forward=forward_bytes(adapter, block, mb, seq_len, dtype),
-        side=side,
+        forward=forward_bytes(adapter, block, mb, seq_len, dtype, cuda),
+        side_core=core,
+        side_mlp=mlp,
         written=params * src if (cuda or src != size) else 0,
         one_pass=takes_one_pass,
     )
+
+
+def _fit_side(b: BlockMemory, tier: str, cuda: bool, device_room: int, host_room: int) -> None:
+    """Where the one-pass intermediates live and whether the MLP hidden is held (as the run decides: beside a
+    device cache on the device, else on the host; the attention core must fit, else the block takes two
+    forwards; the MLP hidden is recomputed when it does not fit)."""
+    if not b.one_pass:
+        return
+    b.side_on_device = cuda and tier == "device"
+    room = (device_room - b.work) if b.side_on_device else host_room - (0 if cuda else b.work)
+    if tier == "disk" or b.side_core > room:
+        b.one_pass = False  # two forwards: every statistic at once instead of one input at a time
+        b.stats = b.stats_all
+        return
+    b.keep_mlp = b.side_core + b.side_mlp <= room
 
 
 def _fit_stats(b: BlockMemory, adapter: ArchAdapter, stages: Sequence[BlockStage], room: int, cuda: bool) -> None:

@@ -504,6 +504,9 @@ class BlockLoop:
         tokens = cache.shape[0] * cache.shape[1]
         core, _ = seq_mod.side_bytes(self.adapter, visit.block, tokens, rt.dtype)
         fits = cache.tier != "disk" and core <= self._side_budget()
+        planned = self._planned(visit.i)
+        if planned is not None:  # on a GPU the memory plan decided (engine/memory_plan.py)
+            fits = planned.one_pass
         ok = _DECOMPOSITION_OK.get(type(visit.block))
         if ok is None:
             x = cache.get(0)[:1]
@@ -521,6 +524,12 @@ class BlockLoop:
                 core / 2**20,
             )
         return ok and fits
+
+    def _planned(self, i: int):
+        """The memory plan's budget of block `i` on a CUDA device (None on a CPU, where the budgets decide)."""
+        if self.memory is None or not self.memory.device.startswith("cuda"):
+            return None
+        return self.memory.block(i)
 
     def _side_budget(self) -> int:
         """Bytes left in the cache's memory tier for the true-sequential intermediates."""
@@ -568,6 +577,8 @@ class BlockLoop:
         cache = self.runner.cache
         tokens = cache.shape[0] * cache.shape[1]
         _, mlp_hidden = seq_mod.side_bytes(self.adapter, visit.block, tokens, self.rt.dtype)
+        planned = self._planned(visit.i)
+        keep_mlp = planned.keep_mlp if planned is not None else mlp_hidden <= self._side_budget()
         side_device = cache.device if cache.tier == "device" else torch.device("cpu")
         _, (num, den) = seq_mod.run(
             self.adapter,
@@ -577,7 +588,7 @@ class BlockLoop:
             self.runner.ctx,
             gather,
             solve,
-            keep_mlp_hidden=mlp_hidden <= self._side_budget(),
+            keep_mlp_hidden=keep_mlp,
             side_device=side_device,
         )
         num, den = dist.all_reduce_floats([num, den], self.rt.dist)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from engine.arch import adapter_for
 from engine.budget import ERROR_GRID, SCORES_FILE
 from engine.config import RunConfig
+from engine.fp8 import source_reader
 from engine.memory_plan import GiB, MemoryPlan, plan_for_run
 from engine.model_check import check_reader
 from sharding.reader import CheckpointReader
@@ -49,6 +50,7 @@ def make_plan(cfg: RunConfig) -> Plan:
 
     reader = CheckpointReader(cfg.model)
     check_reader(reader)
+    reader = source_reader(reader, cfg.runtime.dtype)  # an FP8 source is planned as the float model it stands for
     check_input(reader.config)
     adapter = adapter_for(reader.config)
     stages, _ = make_stages(cfg, adapter, dict(reader.config))  # the run's own checks
