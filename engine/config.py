@@ -62,6 +62,7 @@ class RuntimeConfig:
     spill_dir: str | None = None  # where the disk tier of the activation cache lives (None: the output dir)
     threads: int | None = None  # torch intra-op threads (None: torch's default)
     progress: bool = True  # progress bar on stderr
+    overlap: bool = True  # read the next block ahead and write the last one behind, on background threads
     device_memory_gb: float | None = None  # memory the run may use on the device (None: what the device reports)
     host_memory_gb: float | None = None  # host memory the run may use (None: what the machine has available)
 

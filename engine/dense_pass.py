@@ -14,7 +14,7 @@ resumed block — so there is one block builder, one forward-context memo, one s
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +32,7 @@ from engine.blocks import (
 from engine.cache import ActivationCache
 from engine.distributed import reduce_stats
 from engine.modeling_blockprune import remove_sublayers
+from engine.overlap import BlockIO, to_device
 from engine.runtime import Runtime
 from engine.schema import PruningError
 from engine.stage import LayerShape, StatsRequest
@@ -51,6 +52,19 @@ class BlockBuilder:
     def __init__(self, reader: CheckpointReader, adapter: ArchAdapter, rt: Runtime) -> None:
         self.reader, self.adapter, self.rt = reader, adapter, rt
         self._adapters: dict[tuple, ArchAdapter] = {(): adapter}
+        self.io: BlockIO | None = None
+
+    @contextlib.contextmanager
+    def overlapping(self, order: Iterable[int], enabled: bool = True) -> Iterator[BlockIO]:
+        """While active, `read` takes its tensors from a read-ahead of the blocks in `order` (engine.overlap);
+        the pending write (if the caller wrote behind) is finished on exit."""
+        io = BlockIO(self.reader, self.adapter, list(order), pin=self.rt.device.type == "cuda", enabled=enabled)
+        self.io = io
+        try:
+            yield io
+        finally:
+            self.io = None
+            io.close()
 
     def adapter_for(self, shape: LayerShape) -> ArchAdapter:
         """The adapter whose stock layer has `shape`'s config fields (the source adapter when it has none)."""
@@ -61,7 +75,10 @@ class BlockBuilder:
     def read(self, i: int, shape: LayerShape | None = None) -> tuple[nn.Module, dict[str, torch.dtype]]:
         """Source block `i` on the device in the compute dtype, its removed sublayers (of `shape`) taken out, and
         the disk dtype of each of its tensors."""
-        disk = self.reader.read(self.reader.names_with_prefix(self.adapter.block_prefix(i)), device=self.rt.device)
+        if self.io is not None:
+            disk = to_device(self.io.read(i), self.rt.device)
+        else:
+            disk = self.reader.read(self.reader.names_with_prefix(self.adapter.block_prefix(i)), device=self.rt.device)
         check_finite(disk)
         dtypes = {n: t.dtype for n, t in disk.items()}
         block = self.adapter.build_block(i, disk, device=self.rt.device, dtype=self.rt.dtype, consume=True)

@@ -418,4 +418,5 @@ def plan_for_run(cfg, reader, adapter: ArchAdapter, stages: Sequence[BlockStage]
         host_memory=host_memory,
         baseline=rss,
         one_pass=one_pass,
+        prefetch=bool(rt.overlap),
     )

@@ -43,6 +43,7 @@ from engine.export import MODELING_FILE, kept_layers, nonuniform_config, output_
 from engine.fp8 import source_reader
 from engine.memory_plan import MemoryPlan, plan_for_run
 from engine.model_check import check_reader
+from engine.overlap import BlockIO
 from engine.prepass import scoring_pass
 from engine.report.llmc_recipe import llmc_recipe_yaml
 from engine.report.run_report import RunReport
@@ -215,18 +216,27 @@ def _run(cfg, reader, adapter, stages, budget, memory_plan, rt, ids, writer, run
         if budget is not None:
             budget.lookup(reader, rt, ids)
         scorers = [s.scorer() for s in stages] + [budget.scorer() if budget is not None else None]
-        scoring_pass(builder, runner, scorers, embed)
+        if any(sc is not None and sc.needed() for sc in scorers):
+            with builder.overlapping(range(adapter.num_layers), cfg.runtime.overlap):
+                scoring_pass(builder, runner, scorers, embed)
         kept = [i for i in range(adapter.num_layers) if not any(s.skips(i) for s in stages)]
         if budget is not None:
             budget.plan(kept)
         embed()
-        bar = tqdm(kept, desc="blocks", unit="block", disable=not rt.progress, dynamic_ncols=True)
-        for i in bar:
-            record, shapes[i] = loop.visit(i, kept.index(i))
-            report.add_block(record.to_dict())
-            err = record.output_error
-            bar.set_postfix(peak_rss=f"{memory.peak_rss_mb():.0f}MB", err="-" if err is None else f"{err:.3g}")
-            cache.swap()
+        committed = {i for i in kept if writer.is_committed(block_unit(kept.index(i)))}  # same order on every rank
+        records = []
+        with builder.overlapping([i for i in kept if i not in committed], cfg.runtime.overlap) as io:
+            loop.io = io
+            bar = tqdm(kept, desc="blocks", unit="block", disable=not rt.progress, dynamic_ncols=True)
+            for i in bar:
+                record, shapes[i] = loop.visit(i, kept.index(i))
+                records.append(record)
+                err = record.output_error
+                bar.set_postfix(peak_rss=f"{memory.peak_rss_mb():.0f}MB", err="-" if err is None else f"{err:.3g}")
+                cache.swap()
+        loop.io = None
+    for record in records:  # complete now: the last writes (and their times) have finished
+        report.add_block(record.to_dict())
     report.finish(time.perf_counter() - t_start, reader=reader)
     changes = OutputChanges()
     for s in stages:
@@ -308,6 +318,7 @@ class BlockLoop:
     writer: RankWriter
     rt: Runtime
     memory: MemoryPlan | None = None
+    io: BlockIO | None = None  # write-behind (and the builder's read-ahead), set while the loop runs
 
     @property
     def adapter(self) -> ArchAdapter:
@@ -447,10 +458,17 @@ class BlockLoop:
         }
         self._record_budget(record, decision)
         metadata = {**record.to_dict(volatile=False), "source_digest": self._source_digest(record.block)}
-        t = time.perf_counter()
-        self.writer.write_unit(unit, tensors, metadata=metadata, measurements=_measurements(record))
-        record.time_s["write"] = round(time.perf_counter() - t, 4)
-        record.time_s["total"] = round(time.perf_counter() - t0, 4)
+        record.time_s["total"] = round(time.perf_counter() - t0, 4)  # the block's compute, up to its write
+
+        def write() -> None:
+            t = time.perf_counter()
+            self.writer.write_unit(unit, tensors, metadata=metadata, measurements=_measurements(record))
+            record.time_s["write"] = round(time.perf_counter() - t, 4)
+
+        if self.io is not None:
+            self.io.write(write)  # behind the next block's compute; at most one pending
+        else:
+            write()
 
     def _source_names(self, i: int) -> list[str]:
         return self.builder.reader.names_with_prefix(self.adapter.block_prefix(i))

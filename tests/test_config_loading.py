@@ -218,7 +218,7 @@ def test_library_recipes_take_paths_and_refuse_a_reference_bomb_quickly(tmp_path
         leaf = [leaf] * 9
     recipe["prune"][0]["targets"] = leaf
     t0 = time.perf_counter()
-    _one_line_error(config_from_dict, recipe, match="prune[0].targets = [[[")
+    _one_line_error(config_from_dict, recipe, match="more than 10000 values")
     assert time.perf_counter() - t0 < 0.5
 
 

