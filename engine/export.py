@@ -13,9 +13,12 @@ to a `modeling_blockprune.py` written beside the weights (format in `engine/mode
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from engine.schema import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def kept_layers(num_layers: int, removed: list[int]) -> list[int]:
@@ -30,6 +33,10 @@ def output_config(src: dict, overrides: dict, removed: list[int]) -> dict:
     ConfigError when the config numbers layers in a way that cannot be renumbered (`decoder_sparse_step` > 1).
     """
     out = {**src, **overrides}
+    foreign = sorted((src.get("auto_map") or {}).items())
+    if foreign:  # the input's remote code is not ours and is not copied: no output may point at it
+        log.warning("dropping the input config's auto_map %s: blockprune outputs reference no foreign code", foreign)
+        out.pop("auto_map", None)
     if not removed:
         return out
     n = int(src["num_hidden_layers"])
@@ -73,5 +80,5 @@ def nonuniform_config(config: dict, layers: list[dict]) -> tuple[dict, str]:
     if len(layers) != int(config["num_hidden_layers"]):
         raise ValueError(f"{SECTION}.layers: {len(layers)} entries for {config['num_hidden_layers']} layers")
     out = {**config, SECTION: {"version": FORMAT_VERSION, "layers": layers}}
-    out["auto_map"] = {**(config.get("auto_map") or {}), "AutoModelForCausalLM": AUTO_CLASS}
+    out["auto_map"] = {"AutoModelForCausalLM": AUTO_CLASS}  # ours only: the file written beside the weights
     return out, modeling_source(config["model_type"])

@@ -96,3 +96,28 @@ def test_every_finished_block_meets_its_plan(tiny_ckpt, calib_file, tmp_path):
             assert int((W == 0).sum()) == rec["zeros"]
             assert rec["sparsity"] == pytest.approx(0.5, abs=0.02)
     assert torch.isfinite(torch.tensor([b["output_error"] for b in rep["blocks"]])).all()
+
+
+@pytest.mark.parametrize(
+    "stages,ours",
+    [
+        ([{"method": "wanda"}], False),  # a stock output
+        ([{"method": "structured", "target": 0.3, "allocation": {"rule": "softmax"}}], True),  # trust_remote_code
+    ],
+)
+def test_no_foreign_auto_map_survives(stages, ours, tiny_ckpt, calib_file, tmp_path):
+    """An input config.json whose auto_map names a foreign module: the output references only our own
+    modeling_blockprune.py (non-uniform) or no code at all (stock) — loading it never runs the input's code."""
+    dst = tmp_path / "model"
+    shutil.copytree(tiny_ckpt("llama"), dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "evil.EvilForCausalLM", "AutoConfig": "evil.EvilConfig"}
+    (dst / "config.json").write_text(json.dumps(cfg))
+    (dst / "evil.py").write_text("raise SystemExit('foreign code ran')\n")
+    run(config_from_dict(recipe(dst, tmp_path / "out", calib_file, stages)))
+    out = json.loads((tmp_path / "out" / "config.json").read_text())
+    if ours:
+        assert out["auto_map"] == {"AutoModelForCausalLM": "modeling_blockprune.BlockpruneForCausalLM"}
+    else:
+        assert "auto_map" not in out
+    assert not (tmp_path / "out" / "evil.py").exists()
