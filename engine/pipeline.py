@@ -22,6 +22,7 @@ import logging
 import math
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -665,15 +666,32 @@ def _copy_non_block(reader: CheckpointReader, adapter: ArchAdapter, writer: Rank
     _copy_unit(reader, writer, NON_BLOCK_UNIT, names, lambda tensors: tensors, "the embeddings/norm/lm_head unit")
 
 
-def _copy_unit(reader: CheckpointReader, writer: RankWriter, unit: str, names: list[str], rename, what: str) -> None:
+def _copy_unit(
+    reader: CheckpointReader,
+    writer: RankWriter,
+    unit: str,
+    names: list[str],
+    rename: Callable[[dict], dict],
+    what: str,
+    *,
+    all_ranks: bool = True,
+) -> None:
     """Copy source tensors `names` (renamed by `rename`) as `unit`, with their source digest; a committed unit's
-    sources are verified instead (resume)."""
+    sources are verified instead (resume). `all_ranks`: every rank calls this (the writer's queries are then
+    collectives); else only rank 0 does (finalize), which asks its own writer."""
+    if all_ranks:
+        committed = writer.is_committed(unit)
+        meta = writer.unit_metadata(unit) if committed else {}
+    elif writer.writer is not None:
+        committed = writer.writer.is_committed(unit)
+        meta = writer.writer.unit_metadata(unit) if committed else {}
+    else:
+        return
     if writer.writer is None:
         return
-    if writer.is_committed(unit):
-        digest = writer.unit_metadata(unit).get("source_digest")
-        if digest is not None:
-            reader.verify_digest(names, digest, what=what)
+    if committed:
+        if meta.get("source_digest") is not None:
+            reader.verify_digest(names, meta["source_digest"], what=what)
         return
     tensors = reader.read(names)
     check_finite(tensors)
@@ -704,13 +722,13 @@ def _copy_extra_layers(reader: CheckpointReader, writer: RankWriter, n_out: int,
             out[f"model.layers.{n_out + k - n}.{name[len(f'model.layers.{k}.') :]}"] = t
         return out
 
-    if reshaped and not writer.is_committed(EXTRA_UNIT):
+    if reshaped and not writer.writer.is_committed(EXTRA_UNIT):
         log.warning(
             "layers %s after the last block (multi-token prediction) are copied with the source's shapes, not "
             "pruned like the blocks; transformers does not load them",
             sorted({_extra_layer(name, n) for name in names}),
         )
-    _copy_unit(reader, writer, EXTRA_UNIT, names, renumber, "the layers after the last block")
+    _copy_unit(reader, writer, EXTRA_UNIT, names, renumber, "the layers after the last block", all_ranks=False)
 
 
 def _measurements(record: BlockRecord) -> dict:
