@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.align import alignment_note
 from engine.arch import adapter_for
 from engine.blocks import build_meta_block
 from engine.budget import ERROR_GRID, SCORES_FILE
@@ -28,6 +29,7 @@ class Plan:
     bytes_read: int = 0
     allocation: str | None = None  # the global allocation's scoring pass, in words (None without one)
     experts: str | None = None  # the experts stage's counts, in words (None without one)
+    alignment: str | None = None  # structured channel alignment and its cost in parameters (engine.align)
 
 
 def make_plan(cfg: RunConfig) -> Plan:
@@ -89,6 +91,7 @@ def make_plan(cfg: RunConfig) -> Plan:
     embed = _numel(reader.info(adapter.embed_key).shape) * item
     plan.peak_bytes = int(max(b["peak_mb"] for b in plan.blocks) * 2**20 + plan.activations_bytes + embed)
     plan.bytes_read = reader.bytes_read
+    plan.alignment = alignment_note(cfg, adapter)
     plan.allocation = _allocation_note(cfg, int(getattr(adapter.config, "num_key_value_heads", 1) or 1))
     for st in stages:
         if hasattr(st, "plan_summary"):
@@ -141,6 +144,8 @@ def format_plan(plan: Plan) -> str:
         lines.append(plan.allocation)
     if plan.experts:
         lines.append(plan.experts)
+    if plan.alignment:
+        lines.append(plan.alignment)
     return "\n".join(lines)
 
 
