@@ -228,13 +228,23 @@ def _finalize(
     shapes: list[LayerShape],
 ) -> None:
     """The output config from the written layers' shapes: one shape for all -> the stock architecture with its
-    fields; several -> a non-uniform checkpoint (per-layer entries, `modeling_blockprune.py`)."""
+    fields; several -> a non-uniform checkpoint (per-layer entries, `modeling_blockprune.py`). Also what the
+    checkpoint is: `sparsity_config` in config.json, the README.md model card, `total_parameters` in the index
+    (engine/report/card.py)."""
+    from engine.report.card import CARD_NAME, SPARSITY_KEY, add_index_metadata, model_card, run_sparsity
+
     stock, entries = split_shapes(shapes)
     out_config = output_config(dict(reader.config), {**changes.overrides, **stock}, changes.removed_layers)
-    extra = {"blockprune_recipe.yaml": config_to_yaml(cfg), "blockprune_report.json": report.to_json()}
+    params, sparsity = run_sparsity(cfg, reader, report.data, shapes)
+    if sparsity is not None:
+        out_config[SPARSITY_KEY] = sparsity
+    recipe = config_to_yaml(cfg)
+    extra = {"blockprune_recipe.yaml": recipe, "blockprune_report.json": report.to_json()}
     if entries:
         out_config, extra[MODELING_FILE] = nonuniform_config(out_config, entries)
+    extra[CARD_NAME] = model_card(out_config, report=report.data, recipe_text=recipe, total_parameters=params)
     writer.finalize(out_config, source_dir=cfg.model, extra_files=extra)
+    add_index_metadata(cfg.output, {"total_parameters": params})
     if cfg.report_plots:
         from engine.report.render import write_report_files
 
