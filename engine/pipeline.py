@@ -228,9 +228,11 @@ def _finalize(
     shapes: list[LayerShape],
 ) -> None:
     """The output config from the written layers' shapes: one shape for all -> the stock architecture with its
-    fields; several -> a non-uniform checkpoint (per-layer entries, `modeling_blockprune.py`). Also what the
+    fields; several -> a non-uniform checkpoint (per-layer entries, `modeling_blockprune.py`), rewritten in the
+    padded stock layout when the recipe asks for it (`export.layout: padded`, engine/padded.py). Also what the
     checkpoint is: `sparsity_config` in config.json, the README.md model card, `total_parameters` in the index
     (engine/report/card.py)."""
+    from engine.padded import pad_in_place
     from engine.report.card import CARD_NAME, SPARSITY_KEY, add_index_metadata, model_card, run_sparsity
 
     stock, entries = split_shapes(shapes)
@@ -245,6 +247,8 @@ def _finalize(
     extra[CARD_NAME] = model_card(out_config, report=report.data, recipe_text=recipe, total_parameters=params)
     writer.finalize(out_config, source_dir=cfg.model, extra_files=extra)
     add_index_metadata(cfg.output, {"total_parameters": params})
+    if cfg.export.layout == "padded" and entries:
+        report.data["export"] = pad_in_place(cfg.output, max_shard_size=cfg.max_shard_size)
     if cfg.report_plots:
         from engine.report.render import write_report_files
 

@@ -40,7 +40,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def outputs(tiny_ckpt, calib_file, tmp_path_factory):
     """Tiny outputs of every kind: 2:4 (llama; Mixtral experts), unstructured (tied embeddings), uniform
-    structured, non-uniform structured."""
+    structured, non-uniform structured (native and padded)."""
     d = tmp_path_factory.mktemp("card")
     runs = {
         "nm": (tiny_ckpt("llama"), [NM], {}),
@@ -51,6 +51,7 @@ def outputs(tiny_ckpt, calib_file, tmp_path_factory):
     softmax = {"method": "structured", "target": 0.3, "allocation": {"rule": "softmax", "temperature": 0.5}}
     layers4 = tiny_ckpt("llama", num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4)
     runs["native"] = (layers4, [softmax], {})
+    runs["padded"] = (layers4, [softmax], {"export": {"layout": "padded"}})
     out = {}
     for name, (src, stages, extra) in runs.items():
         out[name] = d / name
@@ -112,11 +113,11 @@ def test_unstructured_and_structured_metadata(outputs):
     assert sc["sparsity_structure"] == "unstructured" and sc["targets"]
     info = inspect_checkpoint(outputs["unstructured_tied"], verify=False)
     assert info["sparsity_config"]["linears_checked"] == 0 and info["ok"]  # nothing to check for unstructured
-    for kind in ("uniform", "native"):  # physically smaller: no zeros to describe
+    for kind in ("uniform", "native", "padded"):  # physically smaller: no zeros to describe
         assert "sparsity_config" not in _config(outputs[kind])
 
 
-@pytest.mark.parametrize("kind", ["nm", "unstructured_tied", "uniform", "native"])
+@pytest.mark.parametrize("kind", ["nm", "unstructured_tied", "uniform", "native", "padded"])
 def test_total_parameters_as_transformers_writes_it(outputs, kind):
     path = outputs[kind]
     meta = json.loads((path / "model.safetensors.index.json").read_text())["metadata"]
@@ -135,6 +136,7 @@ def test_every_output_has_a_card_that_says_how_to_load_it(outputs):
         assert re.search(r"parameters of this checkpoint \| [\d,]+ \|", text), kind
     assert "trust_remote_code=True" in cards["native"] and "--layout padded" in cards["native"]
     assert "trust_remote_code" not in cards["uniform"].split("## How to load")[1].split("## Recipe")[0]
+    assert "**padded** layout" in cards["padded"] and "zeros added by padding" in cards["padded"]
     for kind in ("nm", "unstructured_tied"):
         assert "merge_and_unload" in cards[kind] and "blockprune distill" in cards[kind], kind
         assert "`2:4`" in cards["nm"]
