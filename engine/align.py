@@ -80,6 +80,8 @@ def alignment_note(cfg, adapter) -> str | None:
         kinds = {kd: resolve_align(st.align, v["count"], kd) for kd, v in inv.items() if kd != "kv_group"}
         which = ", ".join(f"{kd} {inv[kd]['count']} -> multiples of {a}" for kd, a in kinds.items())
         head = f"prune[{k}] align {st.align}: {which}"
+        if all(a == 1 for a in kinds.values()):
+            return f"{head} (exact widths; GPU GEMMs prefer multiples of 64: align auto)"
         if st.allocation.get("rule", "uniform") != "uniform":
             per_layer = sum(a // 2 * inv[kd]["params"] * inv[kd]["groups"] for kd, a in kinds.items())
             per_layer //= max(adapter.num_layers, 1)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,12 @@ from launch.benchmarks import common
 log = logging.getLogger("align_speed")
 
 SECTION = "align_speed"
+WHAT = (
+    "A random SmolLM2-135M-shaped Llama (30 layers, hidden 576, 9 query / 3 KV heads, vocab 49152, tied) at the "
+    "widths `plan_uniform` gives for each target with `align: 1` and with `align: auto` (64), timed by "
+    "`blockprune eval` (batch 1, 128-token prompt, 32 greedy tokens, median of the repeats; each model's best of "
+    "the rounds, run in alternating order). `params` counts the tied embedding once."
+)
 SHAPE = dict(
     hidden_size=576,
     intermediate_size=1536,
@@ -144,10 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     print(md)
     if args.write_results:
         info = common.machine_info()
+        threads = os.environ.get("OMP_NUM_THREADS")
+        cmd = common.command_line("launch.benchmarks.align_speed", argv or sys.argv[1:])
         body = "\n\n".join(
             [
-                "## Aligned and unaligned structured widths (CPU)",
-                f"`{common.command_line('launch.benchmarks.align_speed', argv or sys.argv[1:])}`",
+                f"## Aligned and unaligned structured widths ({args.device.upper()})",
+                f"`{'OMP_NUM_THREADS=' + threads + ' ' if threads else ''}{cmd}`",
+                WHAT,
                 md,
                 common.machine_markdown(info, load_before, common.load_average()),
             ]
