@@ -66,7 +66,6 @@ from sharding.writer import INDEX_NAME, MANIFEST_NAME, CheckpointWriter
 
 log = logging.getLogger(__name__)
 
-LAYOUTS: tuple[str, ...] = ("native", "padded")
 HEAD_FIELDS = ("num_key_value_heads", "num_attention_heads")
 CHANNEL_FIELDS = ("intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size")
 FLAG_FIELDS = ("attention_bias", "mlp_bias")

@@ -348,7 +348,8 @@ def model_card(
     lines += _numbers(config, report, total_parameters)
     lines += _evaluation(evaluation)
     lines += _load_section(config, report, sparse)
-    if recipe_text:
+    if recipe_text:  # without `output:`: where it was written says nothing about the model (and differs per copy)
+        recipe_text = "\n".join(x for x in recipe_text.splitlines() if not x.startswith("output:"))
         lines += [
             "## Recipe",
             "",
