@@ -32,6 +32,7 @@ import yaml
 
 import engine.stages  # noqa: F401  (registers the built-in stages)
 from engine.calibration import CalibrationConfig
+from engine.export import ExportConfig
 from engine.schema import (  # noqa: F401  (re-exported: the recipe vocabulary)
     ALLOCATION_DEFAULTS,
     ALLOCATION_ENERGIES,
@@ -101,6 +102,7 @@ class RunConfig:
     overwrite: bool = False  # replace a non-empty output directory
     resume: bool = False  # continue an interrupted run in `output` (same recipe and input)
     max_shard_size: str = "5GB"
+    export: ExportConfig = field(default_factory=ExportConfig)  # layout of the output: native | padded
     report_plots: bool = True  # write report.md and plots/*.png beside blockprune_report.json
     version: int = CONFIG_VERSION
 
@@ -110,7 +112,7 @@ class RunConfig:
     def run_id(self) -> str:
         """Hash of everything that determines the output bytes (not paths of the output, resume or overwrite)."""
         d = self.to_dict()
-        for k in ("output", "overwrite", "resume", "report_plots"):
+        for k in ("output", "overwrite", "resume", "report_plots", "export"):  # export: applied after the blocks
             d.pop(k, None)
         d["runtime"] = {k: v for k, v in d["runtime"].items() if k in ("dtype", "micro_batch", "device")}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -241,11 +243,14 @@ def config_from_dict(data: dict) -> RunConfig:
             raise ConfigError(f"recipe: `{key}` is required")
     calib = _build(CalibrationConfig, data.pop("calibration"), "calibration")
     runtime = _build(RuntimeConfig, data.pop("runtime", {}) or {}, "runtime")
+    export = _build(ExportConfig, data.pop("export", {}) or {}, "export")
     stages_raw = data.pop("prune", []) or []
     if not isinstance(stages_raw, list):
         raise ConfigError("prune: expected a list of stages")
     stages = [_build_stage(s, f"prune[{i}]") for i, s in enumerate(stages_raw)]
-    cfg = _build(RunConfig, {**data, "calibration": calib, "runtime": runtime, "prune": stages}, "recipe")
+    cfg = _build(
+        RunConfig, {**data, "calibration": calib, "runtime": runtime, "export": export, "prune": stages}, "recipe"
+    )
     _validate(cfg)
     _validate_stage_mix(stages)
     return cfg
@@ -271,6 +276,7 @@ def _validate(cfg: RunConfig) -> None:
             # an empty output would be the working directory (and `overwrite` would clear it)
             raise ConfigError(f"{key} is empty: give a directory path")
     cfg.runtime.validate("runtime")
+    cfg.export.validate("export", cfg.prune)
     c = cfg.calibration
     if c.samples < 1 or c.seq_len < 2:
         raise ConfigError("calibration: samples must be >= 1 and seq_len >= 2")

@@ -9,14 +9,46 @@ the remaining layers, `first_k_dense_replace` counts the remaining dense layers)
 Non-uniform layers (removed sublayers, per-layer widths or expert counts) add a `blockprune` section and `auto_map`
 to a `modeling_blockprune.py` written beside the weights (format in `engine/modeling_blockprune.py`);
 `engine.load_pruned` reads them without remote code.
+
+`export: {layout: native|padded}` (`ExportConfig`): `native` writes the layers as pruned (non-uniform outputs need
+the shipped model class); `padded` rewrites a non-uniform output as the stock architecture by zero-padding every
+layer to the widest (`engine.padded`), so that it loads without remote code.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from engine.schema import ConfigError
+from engine.schema import ConfigError, choice
+
+LAYOUTS: tuple[str, ...] = ("native", "padded")
+
+
+@dataclass
+class ExportConfig:
+    """How the output is laid out. `layout`: `native` (default; the smallest, fastest checkpoint: non-uniform
+    layers need `trust_remote_code=True` or `engine.load_pruned`) or `padded` (non-uniform layers zero-padded to one
+    stock shape, same function, loads in every client; engine/padded.py). Uniform outputs are stock either way."""
+
+    layout: str = "native"
+
+    def validate(self, where: str = "export", stages: list[Any] | None = None) -> None:
+        """ConfigError for an unknown layout, or `padded` with a stage whose output padding cannot represent
+        (per-layer expert counts: a padded expert would need a router logit of -inf, see engine/padded.py)."""
+        choice([self.layout], LAYOUTS, f"{where}.layout")
+        if self.layout != "padded":
+            return
+        for k, st in enumerate(stages or []):
+            if getattr(st, "method", None) == "experts" and getattr(st, "per_layer", False):
+                raise ConfigError(
+                    f"{where}.layout = padded: prune[{k}] keeps per-layer expert counts (per_layer: true), which "
+                    "the stock architecture cannot hold (a padded expert would need a router logit of -inf); use "
+                    "layout: native, or per_layer: false"
+                )
+
 
 log = logging.getLogger(__name__)
 

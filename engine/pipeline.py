@@ -272,10 +272,19 @@ def _finalize(
     shapes: list[LayerShape],
 ) -> None:
     """The output config from the written layers' shapes: one shape for all -> the stock architecture with its
-    fields; several -> a non-uniform checkpoint (per-layer entries, `modeling_blockprune.py`)."""
+    fields; several -> a non-uniform checkpoint (per-layer entries, `modeling_blockprune.py`), rewritten in the
+    padded stock layout when the recipe asks for it (`export.layout: padded`, engine/padded.py). Also what the
+    checkpoint is: `sparsity_config` in config.json, the README.md model card, `total_parameters` in the index
+    (engine/report/card.py)."""
+    from engine.padded import pad_in_place
+    from engine.report.card import CARD_NAME, SPARSITY_KEY, model_card, run_sparsity
+
     stock, entries = split_shapes(shapes)
     out_config = output_config(dict(reader.config), {**changes.overrides, **stock}, changes.removed_layers)
     _copy_extra_layers(reader, writer, len(shapes), reshaped=bool(stock or entries or changes.overrides))
+    params, sparsity = run_sparsity(cfg, reader, report.data, shapes)
+    if sparsity is not None:
+        out_config[SPARSITY_KEY] = sparsity
     recipe_text = config_to_yaml(cfg)
     extra: dict[str, str | bytes] = {
         "blockprune_recipe.yaml": recipe_text,
@@ -285,11 +294,14 @@ def _finalize(
     }
     if entries:
         out_config, extra[MODELING_FILE] = nonuniform_config(out_config, entries)
+    extra[CARD_NAME] = model_card(out_config, report=report.data, recipe_text=recipe_text, total_parameters=params)
     if cfg.report_plots:  # written by finalize, inside the output's commit (the writer knows them as its own)
         from engine.report.render import render_report
 
         extra.update(render_report(report.data))
-    writer.finalize(out_config, source_dir=cfg.model, extra_files=extra)
+    writer.finalize(out_config, source_dir=cfg.model, extra_files=extra, index_metadata={"total_parameters": params})
+    if cfg.export.layout == "padded" and entries:
+        report.data["export"] = pad_in_place(cfg.output, max_shard_size=cfg.max_shard_size)
 
 
 def split_shapes(shapes: list[LayerShape]) -> tuple[dict, list[dict]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.align import alignment_note
 from engine.arch import adapter_for
 from engine.budget import ERROR_GRID, SCORES_FILE
 from engine.config import RunConfig
@@ -28,6 +29,7 @@ class Plan:
     bytes_read: int = 0
     allocation: str | None = None  # the global allocation's scoring pass, in words (None without one)
     experts: str | None = None  # the experts stage's counts, in words (None without one)
+    alignment: str | None = None  # structured channel alignment and its cost in parameters (engine.align)
 
     def to_json(self) -> dict:
         """`blockprune plan --json`: the memory plan (`device_peak_gb`, `host_peak_gb`, `fits`, `device_memory_gb`,
@@ -77,6 +79,7 @@ def make_plan(cfg: RunConfig) -> Plan:
     plan.non_block_params = sum(_numel(reader.info(n).shape) for n in reader.names() if n not in block_names)
     plan.peak_bytes = memory.device_peak if memory.device.startswith("cuda") else memory.host_peak
     plan.bytes_read = reader.bytes_read
+    plan.alignment = alignment_note(cfg, adapter)
     plan.allocation = _allocation_note(cfg, int(getattr(adapter.config, "num_key_value_heads", 1) or 1))
     for st in stages:
         if hasattr(st, "plan_summary"):
@@ -138,6 +141,8 @@ def format_plan(plan: Plan) -> str:
         lines.append(plan.allocation)
     if plan.experts:
         lines.append(plan.experts)
+    if plan.alignment:
+        lines.append(plan.alignment)
     return "\n".join(lines)
 
 

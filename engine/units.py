@@ -25,13 +25,13 @@ grouped matmul, which needs 16-byte strides.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from torch import nn
 from transformers import PretrainedConfig
 
+from engine.align import EXPERT_ALIGN, resolve_align  # noqa: F401 (EXPERT_ALIGN re-exported)
 from engine.arch import ArchAdapter, LinearSpec, UnitGroup, adapter_for, shrunk_config
 from engine.blocks import build_meta_block
 from engine.schema import ConfigError
@@ -45,8 +45,8 @@ UNIT_KINDS: dict[str, tuple[str, ...]] = {
     "channels": ("channel", "expert_channel", "shared_channel"),
 }
 CHANNEL_KINDS = UNIT_KINDS["channels"]
-# Fused experts run through torch's grouped matmul, which needs 16-byte strides: kept expert widths are multiples of 8.
-EXPERT_ALIGN = 8
+# EXPERT_ALIGN (engine.align): fused experts run through torch's grouped matmul, which needs 16-byte strides, so
+# kept expert widths are multiples of 8.
 
 
 @dataclass
@@ -168,7 +168,7 @@ def split_units(
     inv: dict[str, dict],
     kinds: list[str],
     goal: float,
-    align: int,
+    align: int | str,
     heads: int | None = None,
     allowed_heads: Sequence[int] | None = None,
 ) -> dict[str, int]:
@@ -177,8 +177,8 @@ def split_units(
     `inv` is per layer or summed over layers (`unit_inventory`). KV groups first: `heads` when given, else the same
     share of their parameters as the whole goal (rounded, at most n_kv − 1); then the channel kinds, coarsest
     (routed experts) first, each absorbing the rounding of the ones before; kept channel counts are multiples of
-    `align` (routed experts: of lcm(align, 8)); `allowed_heads` (`kv_removals`) restricts the KV-group count.
-    ConfigError when the goal needs more than all channels."""
+    `align` (`engine.align.resolve_align`: "auto" per width; routed experts: lcm with 8); `allowed_heads`
+    (`kv_removals`) restricts the KV-group count. ConfigError when the goal needs more than all channels."""
     held = {k: inv[k]["groups"] * inv[k]["count"] * inv[k]["params"] for k in kinds}
     per_unit = {k: inv[k]["groups"] * inv[k]["params"] for k in kinds}  # removing one unit from every group
     remove: dict[str, int] = {}
@@ -195,7 +195,7 @@ def split_units(
         if frac >= 1.0:
             raise ConfigError(f"structured: removing {goal:.0f} more parameters needs more than all MLP channels")
         n = inv[k]["count"]
-        a = math.lcm(align, EXPERT_ALIGN) if k == "expert_channel" else align
+        a = resolve_align(align, n, k)
         remove[k] = n - _round_keep(n, frac, a)
         goal -= remove[k] * per_unit[k]
     return remove
@@ -243,7 +243,7 @@ def plan_uniform(adapter: ArchAdapter, stage) -> StructuredPlan:
     )
     if abs(plan.achieved - stage.target) > 0.02:
         log.warning(
-            "structured: whole units give %.4f of the block parameters, not the target %.4f (units %s, align %d)",
+            "structured: whole units give %.4f of the block parameters, not the target %.4f (units %s, align %s)",
             plan.achieved,
             stage.target,
             stage.units,

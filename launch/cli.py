@@ -1,4 +1,4 @@
-"""`blockprune` command line: run, submit, plan, inspect, eval, demo, distill.
+"""`blockprune` command line: run, submit, plan, inspect, eval, export, demo, distill.
 
 Thin by design: parse arguments, call the engine, turn known errors into one line on stderr and exit code 2.
 """
@@ -173,6 +173,27 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from engine.model_check import open_checked
+    from engine.padded import export_padded
+
+    open_checked(args.checkpoint, require_float=False)
+    s = export_padded(
+        args.checkpoint,
+        args.output,
+        align=args.align,
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+        origin=str(args.checkpoint),
+    )
+    widths = ", ".join(f"{k} {v}" for k, v in s["widths"].items()) or "no per-layer widths (already stock)"
+    print(
+        f"exported {args.checkpoint} -> {args.output} ({args.layout}): {widths}; "
+        f"{s['zero_params']:,} zero parameters added, {s['total_parameters']:,} in all"
+    )
+    return 0
+
+
 def _check_device(device: str) -> None:
     """ConfigError for an evaluation device this machine lacks (torch would fail deep inside with a traceback)."""
     import torch
@@ -247,6 +268,15 @@ def version() -> str:
         pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
         m = re.search(r'^version\s*=\s*"([^"]+)"', pyproject.read_text(), re.M) if pyproject.is_file() else None
         return m.group(1) if m else "unknown"
+
+
+def _align_arg(value: str) -> int | str:
+    from engine.align import check_align
+
+    try:
+        return check_align(value, "--align")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 _OVERRIDES_HELP = "key=value overrides of the recipe (YAML values, dotted keys), e.g. prune.0.sparsity=0.6"
@@ -385,6 +415,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--json", action="store_true", help="print the result as JSON")
     ev.set_defaults(func=_cmd_eval)
+
+    ex = _subcommand(
+        sub,
+        "export",
+        "rewrite a non-uniform output as the stock architecture (padded)",
+        "Rewrite a blockprune output whose layers differ (per-layer widths, removed sublayers) as the stock "
+        "architecture: every layer zero-padded to the widest (rounded to the alignment), the function unchanged, "
+        "so it loads in every client without trust_remote_code. Streamed one block at a time; an interrupted "
+        "export continues when rerun. Per-layer expert counts cannot be padded and are refused (docs/structured.md).",
+        "blockprune export /out/llama-softmax /out/llama-softmax-padded --layout padded\n"
+        "blockprune export /out/llama-softmax /out/padded --align 128 --max-shard-size 2GB",
+    )
+    ex.add_argument("checkpoint", help="the blockprune output to export (left unchanged)")
+    ex.add_argument("output", help="the new checkpoint directory")
+    ex.add_argument(
+        "--layout", choices=["padded"], default="padded", help="padded: stock architecture, zero-padded layers"
+    )
+    ex.add_argument(
+        "--align",
+        type=_align_arg,
+        default=None,
+        help="padded widths are multiples of this: an integer or 'auto' (default: the recipe's structured align)",
+    )
+    ex.add_argument("--max-shard-size", default="5GB", help="largest shard file, e.g. 5GB, 500MB (as transformers)")
+    ex.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    ex.set_defaults(func=_cmd_export)
 
     d = _subcommand(
         sub,

@@ -542,15 +542,25 @@ class CheckpointWriter:
         *,
         source_dir: str | os.PathLike | None = None,
         extra_files: Mapping[str, str | bytes] | None = None,
+        index_metadata: Mapping[str, Any] | None = None,
     ) -> Path:
         """Turn the committed units into an HF checkpoint; returns `out_dir`. Resumable and idempotent.
+        `index_metadata`: further keys of the index's ``metadata`` (e.g. ``total_parameters``, as transformers
+        writes it), JSON, never ``total_size`` (the writer's).
 
         Order: record the rename plan and the names of the files about to be written in the manifest; rename parts
         to ``model-0000i-of-0000N.safetensors``; write config.json, the SOURCE_FILES found in `source_dir`,
         `extra_files` (``name`` or ``dir/name``); then the index (commit point); then ``finalized: true`` in the
         manifest. Then the output lock is released (a later call takes it again)."""
         extra = dict(extra_files or {})
+        meta = dict(index_metadata or {})
         self._check_finalizable(config, extra, source_dir)
+        try:
+            json.dumps(meta)
+        except (TypeError, ValueError) as e:
+            raise WriterError(f"index metadata for {self.out_dir / INDEX_NAME} is not JSON: {e}") from e
+        if "total_size" in meta:
+            raise WriterError("index metadata: `total_size` is the writer's own key")
         self._require_lock("finalize")
         src = Path(source_dir) if source_dir is not None else None
         try:
@@ -563,7 +573,7 @@ class CheckpointWriter:
                 logger.debug("copied %s", src / name)
             for name, content in sorted(extra.items()):
                 self._write_extra(name, content.encode() if isinstance(content, str) else bytes(content))
-            atomic_write(self.out_dir / INDEX_NAME, _json_bytes(self._index(dict(plan)), sort_keys=True))
+            atomic_write(self.out_dir / INDEX_NAME, _json_bytes(self._index(dict(plan), meta), sort_keys=True))
             self._save_manifest({**self._manifest, "finalized": True})
         except _IO_ERRORS as e:
             raise WriterError(_io_message(e, f"while finalizing {self.out_dir}")) from e
@@ -990,7 +1000,8 @@ class CheckpointWriter:
     def _shard_path(self, part: str) -> Path:
         return _resolve_shard(self.out_dir, self._manifest, part)
 
-    def _index(self, renames: dict[str, str]) -> dict[str, Any]:
-        """``{"metadata": {"total_size": ...}, "weight_map": {tensor: file}}`` as transformers writes it."""
+    def _index(self, renames: dict[str, str], metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """``{"metadata": {"total_size": ..., **metadata}, "weight_map": {tensor: file}}`` as transformers writes it."""
         weight_map = {t: renames[s["file"]] for u in self._manifest["units"] for s in u["shards"] for t in s["tensors"]}
-        return {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}
+        meta = {**dict(metadata or {}), "total_size": self.total_size}
+        return {"metadata": meta, "weight_map": dict(sorted(weight_map.items()))}

@@ -7,6 +7,12 @@ embeddings, final norm, lm_head), so memory stays bounded by the largest layer. 
     params   = Σ numel(t)              nonzero  = Σ count_nonzero(t)          sparsity = 1 − nonzero / params
     bytes    = Σ numel(t) · itemsize   linear_sparsity = the same over the layer's 2-D tensors (its linears)
 
+Sparsity metadata: when config.json has a `sparsity_config` (engine/report/card.py, compressed-tensors' fields)
+whose `sparsity_structure` is "N:M", every 2-D weight its `targets` / `ignore` select is checked as it is read:
+`nm_violations` = the groups of M consecutive inputs of a row with more than N nonzeros. Any violation makes `ok`
+False (the metadata claims a pattern the weights break, e.g. after a LoRA merge); a `global_sparsity` that differs
+from the measured one by more than 0.001 is a note.
+
 Verification (`verify=True`): the SHA-256 of every shard. When `blockprune_manifest.json` (sharding.writer) is
 present, each shard's size and digest must equal the manifest's record of it; the manifest records shards under
 their part names (`blockprune-part-*.safetensors`) and, once finalized, `finalize.renames` maps those to the final
@@ -27,6 +33,7 @@ from typing import Any
 import torch
 
 from engine.arch import adapter_for
+from engine.report.card import SPARSITY_KEY, module_selected, nm_violations, parse_nm
 from sharding.reader import SAFETENSORS_INDEX, CheckpointReader
 from sharding.writer import MANIFEST_NAME
 
@@ -49,8 +56,10 @@ def inspect_checkpoint(path: str | Path, *, verify: bool = True) -> dict[str, An
     """
     reader = CheckpointReader(path)
     model_type, supported, groups = _layer_groups(reader)
-    layers = [_inspect_layer(reader, name, prefix, names) for name, prefix, names in groups]
+    claim = _nm_claim(reader.config)
+    layers = [_inspect_layer(reader, name, prefix, names, claim) for name, prefix, names in groups]
     verification = verify_shards(reader) if verify else None
+    sparsity = _sparsity_check(reader.config, claim, layers)
     info = {
         "path": str(reader.model_dir),
         "format": reader.format,
@@ -60,9 +69,51 @@ def inspect_checkpoint(path: str | Path, *, verify: bool = True) -> dict[str, An
         "layers": layers,
         "totals": _totals(layers),
         "verification": verification,
-        "ok": verification is None or not verification["problems"],
+        "sparsity_config": sparsity,
+        "ok": (verification is None or not verification["problems"]) and (sparsity is None or sparsity["ok"]),
     }
     return info
+
+
+# --------------------------------------------------------------------------------------------- sparsity metadata
+
+
+def _nm_claim(config: dict) -> tuple[int, int, list[str], list[str]] | None:
+    """(N, M, targets, ignore) when config.json's `sparsity_config` claims an N:M structure, else None."""
+    sc = config.get(SPARSITY_KEY)
+    if not isinstance(sc, dict):
+        return None
+    nm = parse_nm(sc.get("sparsity_structure"))
+    if nm is None:
+        return None
+    targets = list(sc.get("targets") or ["Linear"])  # compressed-tensors: no targets = every layer
+    return nm[0], nm[1], targets, list(sc.get("ignore") or [])
+
+
+def _sparsity_check(config: dict, claim, layers: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The `sparsity_config` of config.json and what the weights say about it (module docstring); None without one."""
+    sc = config.get(SPARSITY_KEY)
+    if not isinstance(sc, dict):
+        return None
+    rows = [t for layer in layers for t in layer["tensors"] if "nm_violations" in t]
+    params, nonzero = _sum(layers, "params"), _sum(layers, "nonzero")
+    measured = _sparsity(params, nonzero)
+    notes = []
+    claimed = sc.get("global_sparsity")
+    if isinstance(claimed, (int, float)) and abs(float(claimed) - measured) > 1e-3:
+        notes.append(f"global_sparsity {claimed} in config.json, measured {measured:.6f}")
+    out = {
+        "config": sc,
+        "structure": sc.get("sparsity_structure"),
+        "global_sparsity_measured": measured,
+        "linears_checked": len(rows),
+        "violations": {t["name"]: t["nm_violations"] for t in rows if t["nm_violations"]},
+        "notes": notes,
+    }
+    if claim is not None and not rows:
+        notes.append("the sparsity_config targets select no 2-D weight of the checkpoint")
+    out["ok"] = not out["violations"]
+    return out
 
 
 # --------------------------------------------------------------------------------------------- layers
@@ -111,21 +162,26 @@ def count_nonzero(t: torch.Tensor) -> int:
         return int(torch.count_nonzero(t.view(_SIGNED_OF_SIZE[t.element_size()])))  # same bits, zero iff zero
 
 
-def _inspect_layer(reader: CheckpointReader, name: str, prefix: str, names: list[str]) -> dict[str, Any]:
-    """Read the layer's tensors (one layer in memory at a time) and count them."""
+def _inspect_layer(reader: CheckpointReader, name: str, prefix: str, names: list[str], claim=None) -> dict[str, Any]:
+    """Read the layer's tensors (one layer in memory at a time) and count them; with an N:M `claim`
+    ((N, M, targets, ignore)), the violations of every selected 2-D weight."""
     tensors = []
     for tname, t in reader.read(names).items():
         nz = count_nonzero(t)
-        tensors.append(
-            {
-                "name": tname,
-                "shape": list(t.shape),
-                "dtype": reader.info(tname).dtype,
-                "params": t.numel(),
-                "nonzero": nz,
-                "sparsity": _sparsity(t.numel(), nz),
-            }
-        )
+        row = {
+            "name": tname,
+            "shape": list(t.shape),
+            "dtype": reader.info(tname).dtype,
+            "params": t.numel(),
+            "nonzero": nz,
+            "sparsity": _sparsity(t.numel(), nz),
+        }
+        module = tname.removesuffix(".weight")
+        if claim is not None and t.ndim == 2 and module != tname and "embed_tokens" not in module:
+            n, m, targets, ignore = claim
+            if module_selected(module, targets, ignore):
+                row["nm_violations"], row["nm_groups"] = nm_violations(t, n, m)
+        tensors.append(row)
     linears = [t for t in tensors if len(t["shape"]) == 2]
     params, nonzero = _sum(tensors, "params"), _sum(tensors, "nonzero")
     lin_params, lin_nonzero = _sum(linears, "params"), _sum(linears, "nonzero")
@@ -257,8 +313,25 @@ def format_inspection(info: dict[str, Any]) -> str:
     t = info["totals"]
     lines.append("-" * len(head))
     lines.append(_layer_line("total", {**t, "linear_sparsity": None}, f"{t['tensors']} tensors, {_mb(t['bytes'])}"))
-    lines += ["", *_verification_lines(info["verification"])]
+    lines += ["", *_verification_lines(info["verification"]), *_sparsity_lines(info.get("sparsity_config"))]
     return "\n".join(lines)
+
+
+def _sparsity_lines(sp: dict[str, Any] | None) -> list[str]:
+    if sp is None:
+        return []
+    head = f"sparsity_config: {sp['structure']}, global_sparsity {sp['config'].get('global_sparsity')} "
+    head += f"(measured {sp['global_sparsity_measured']:.6f})"
+    lines = [head]
+    if sp["linears_checked"]:
+        bad = sp["violations"]
+        if bad:
+            lines.append(f"  FAILED: {len(bad)} of {sp['linears_checked']} linears break {sp['structure']}:")
+            lines += [f"    {name}: {n} group(s)" for name, n in list(bad.items())[:20]]
+            lines += [f"    ... and {len(bad) - 20} more"] if len(bad) > 20 else []
+        else:
+            lines.append(f"  OK: {sp['linears_checked']} linears follow {sp['structure']}")
+    return lines + [f"  note: {n}" for n in sp["notes"]]
 
 
 def _layer_line(name: str, row: dict[str, Any], tail: str) -> str:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from engine.align import check_align, resolve_align
 from engine.arch import ArchAdapter, LinearSpec
 from engine.coordinator import LayerDecision, LayerModel, UnitKind, plan_layer
 from engine.schema import ConfigError, choice, resolve_allocation
@@ -43,7 +44,6 @@ from engine.surgery import GroupOptions, prune_block
 from engine.units import (
     CHANNEL_GRID,
     CHANNEL_KINDS,
-    EXPERT_ALIGN,
     UNIT_KINDS,
     StructuredPlan,
     config_overrides,
@@ -72,7 +72,8 @@ class StructuredConfig:
     and/or `channels` (MLP / expert intermediate channels). `score`: how units are chosen; `solver`: how the kept
     weights of o_proj / down_proj are refit. `allocation`: how the target is spread over the layers (`uniform`: every
     layer removes the same units, stock output; `owl` / `softmax`: per-layer widths from a scoring pass, see
-    docs/allocation.md). `align`: kept channel counts are multiples of it.
+    docs/allocation.md). `align`: kept channel counts are multiples of it; `auto` (default) is 64 for real widths,
+    clipped to about 1/16 of small ones (`engine.align`), so the output's GEMMs tile evenly on GPUs.
     """
 
     method: str = "structured"
@@ -82,7 +83,7 @@ class StructuredConfig:
     solver: str = "closed_form"  # solvers.group_prune.SOLVERS
     allocation: dict[str, Any] = field(default_factory=lambda: {"rule": "uniform"})
     bias_compensation: bool = False
-    align: int = 1
+    align: str | int = "auto"  # "auto" or an integer >= 1 (engine.align)
     percdamp: float = 0.01
 
     def validate(self, where: str) -> None:
@@ -99,8 +100,10 @@ class StructuredConfig:
                 f"{where}.allocation.max = {self.allocation['max']}: a structured layer keeps at least "
                 "one unit of each kind; use max < 1"
             )
-        if self.align < 1:
-            raise ConfigError(f"{where}.align must be >= 1")
+        try:
+            self.align = check_align(self.align, f"{where}.align")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if not 0 <= self.percdamp < math.inf:
             raise ConfigError(f"{where}.percdamp = {self.percdamp}: must be a finite number >= 0")
 
@@ -166,7 +169,7 @@ class StructuredStage(StageBase):
         kinds = []
         align = self.config.align
         for k in selected_kinds(inv, self.config.units):
-            a = 1 if k == "kv_group" else (math.lcm(align, EXPERT_ALIGN) if k == "expert_channel" else align)
+            a = resolve_align(align, inv[k]["count"], k)
             allowed = kv_removals(adapter.config) if k == "kv_group" else ()
             kinds.append(UnitKind(k, inv[k]["count"], inv[k]["groups"], inv[k]["params"], a, allowed))
         steps = [k.align * k.groups * k.params for k in kinds if k.kind in CHANNEL_KINDS]
