@@ -107,11 +107,13 @@ def stock_causal_lm(model_type: str) -> type:
 
 
 def make_causal_lm(model_type: str) -> type:
-    """`BlockpruneForCausalLM` for `model_type`: the stock causal LM with layers resized from the config."""
+    """`BlockpruneForCausalLM` for `model_type`: the stock causal LM with layers resized from the config. The class
+    carries the stock class's name (e.g. `LlamaForCausalLM`): clients such as `pipeline("text-generation")` check the
+    model class by name against the architectures they support."""
     base = stock_causal_lm(model_type)
 
     def __init__(self, config):  # noqa: N807 (a method of the class built below)
         base.__init__(self, config)
         resize_layers(self.model, config)
 
-    return type("BlockpruneForCausalLM", (base,), {"__init__": __init__, "__module__": __name__})
+    return type(base.__name__, (base,), {"__init__": __init__, "__module__": __name__})

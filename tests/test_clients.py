@@ -330,14 +330,7 @@ def _pipeline_log(model, tok) -> tuple[list[int], str]:
     "kind",
     [
         *KINDS[:3],
-        pytest.param(
-            "nonuniform",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="the class is named BlockpruneForCausalLM, which pipeline() does not know: the lead's "
-                "engine/modeling_blockprune.py make_causal_lm should name it after the stock class",
-            ),
-        ),
+        "nonuniform",
     ],
 )
 def test_pipeline_text_generation_supports_the_model(kind, outputs):
