@@ -65,6 +65,17 @@ sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "")
 sys.path_hooks[:] = [h for h in sys.path_hooks if not getattr(h, "__module__", "").startswith("__editable__")]
 sys.path_importer_cache.clear()
 import torch
+def assert_same_greedy(m, ids, a, b):
+    # cached and uncached greedy generation agree, up to a near-tie: where they differ, the token the cached one
+    # chose is within 1e-4 (relative) of the best logit of an uncached forward over it (different matmul shapes)
+    if torch.equal(a, b):
+        return
+    with torch.no_grad():
+        logits = m(a[:, :-1]).logits[:, ids.shape[1] - 1 :]
+    chosen = logits.gather(-1, a[:, ids.shape[1] :, None])[..., 0]
+    gap = logits.max(-1).values - chosen
+    assert bool((gap <= 1e-4 * logits.abs().max()).all()), (a, b, gap)
+
 from transformers import AutoModelForCausalLM
 try:
     import engine
@@ -80,7 +91,7 @@ for k, path in enumerate(sys.argv[2:]):
         out[str(k)] = m(ids).logits
         a = m.generate(ids, max_new_tokens=5, do_sample=False, use_cache=True, pad_token_id=0)
         b = m.generate(ids, max_new_tokens=5, do_sample=False, use_cache=False, pad_token_id=0)
-    assert torch.equal(a, b), (a, b)
+    assert_same_greedy(m, ids, a, b)
 torch.save(out, sys.argv[1])
 print("REMOTE OK")
 """

@@ -226,7 +226,7 @@ def test_smollm2_logits_match_gguf_reference(smollm2):
     model = AutoModelForCausalLM.from_pretrained(smollm2).eval()
     with torch.no_grad():
         logits = model(input_ids=ids).logits
-    torch.testing.assert_close(logits, ref["logits"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits, ref["logits"], rtol=1e-5, atol=1e-4)  # another CPU's BLAS
     assert logits[0, -1].argmax().item() != logits[0, 0].argmax().item()  # not a constant output
 
 
@@ -241,7 +241,7 @@ def test_smollm2_logits_match_fresh_gguf_load(smollm2):
     ids, logits = assets.reference_logits(src, tok)
     ref = load_file(str(smollm2 / assets.REFERENCE_LOGITS))
     assert torch.equal(ids, ref["input_ids"])
-    torch.testing.assert_close(logits, ref["logits"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits, ref["logits"], rtol=1e-5, atol=1e-4)  # another CPU's BLAS
 
 
 @pytest.mark.real

@@ -104,8 +104,9 @@ def test_targets_ignore_and_sequential(tiny_ckpt, calib_file, tmp_path):
     # block 0 sees the same inputs either way; later blocks see dense inputs when sequential is off
     q0 = "model.layers.0.self_attn.q_proj.weight"
     q2 = "model.layers.2.self_attn.q_proj.weight"
-    assert torch.equal(a[q0], b[q0])
-    assert not torch.equal(a[q2], b[q2])
+    torch.testing.assert_close(a[q0], b[q0], rtol=1e-5, atol=1e-7)  # two code paths: equal up to rounding
+    assert float(((a[q0] == 0) == (b[q0] == 0)).double().mean()) >= 0.999
+    assert not torch.allclose(a[q2], b[q2], rtol=1e-3, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", MOE_ARCHS)

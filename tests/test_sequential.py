@@ -117,8 +117,8 @@ def test_two_forward_path_still_available_and_differs(tiny_ckpt, calib_file, tmp
     assert not any(b.get("true_sequential") for b in two["blocks"])
     a, b = all_tensors(tmp_path / "one"), all_tensors(tmp_path / "two")
     q0, o0 = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.o_proj.weight"
-    assert torch.equal(a[q0], b[q0])  # the first group sees the dense input either way
-    assert not torch.equal(a[o0], b[o0])  # o_proj's statistics come from pruned q/k/v only in true-sequential
+    torch.testing.assert_close(a[q0], b[q0], rtol=1e-5, atol=1e-7)  # the first group sees the dense input either way
+    assert not torch.allclose(a[o0], b[o0], rtol=1e-3, atol=1e-5)  # o_proj's statistics: pruned q/k/v only here
     for r in (one, two):
         assert all(0 < blk["output_error"] < 1 for blk in r["blocks"])
 

@@ -208,6 +208,17 @@ sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "")
 sys.path_hooks[:] = [h for h in sys.path_hooks if not getattr(h, "__module__", "").startswith("__editable__")]
 sys.path_importer_cache.clear()
 import torch
+def assert_same_greedy(m, ids, a, b):
+    # cached and uncached greedy generation agree, up to a near-tie: where they differ, the token the cached one
+    # chose is within 1e-4 (relative) of the best logit of an uncached forward over it (different matmul shapes)
+    if torch.equal(a, b):
+        return
+    with torch.no_grad():
+        logits = m(a[:, :-1]).logits[:, ids.shape[1] - 1 :]
+    chosen = logits.gather(-1, a[:, ids.shape[1] :, None])[..., 0]
+    gap = logits.max(-1).values - chosen
+    assert bool((gap <= 1e-4 * logits.abs().max()).all()), (a, b, gap)
+
 from transformers import AutoModelForCausalLM
 assert "{repo}" not in [p.rstrip("/") for p in sys.path], sys.path
 try:
@@ -222,7 +233,7 @@ with torch.no_grad():
     a = m.generate(ids, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
     b = m.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
 assert type(m).__module__.endswith("modeling_blockprune") and type(m).__name__.endswith("ForCausalLM"), type(m)
-assert torch.equal(a, b) and a.shape == (2, 22), (a, b)
+assert_same_greedy(m, ids, a, b) and a.shape == (2, 22), (a, b)
 print("REMOTE OK")
 """
 
