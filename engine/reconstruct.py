@@ -52,16 +52,18 @@ import logging
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from engine.cache import ActivationCache
-from engine.dense_pass import BlockRunner
 from engine.modeling_blockprune import RemovedAttention, RemovedMLP
 from engine.schema import ConfigError, choice
 from sharding import dist
+
+if TYPE_CHECKING:  # the recipe part is imported by every stage file: keep it light
+    from engine.cache import ActivationCache
+    from engine.dense_pass import BlockRunner
 
 log = logging.getLogger(__name__)
 
