@@ -27,6 +27,7 @@ from engine.reconstruct import (
 from engine.runtime import Runtime
 from engine.schema import ConfigError
 from engine.stage import StatsRequest
+from engine.stages.unstructured import UnstructuredConfig
 from tests.test_arch import block_tensors, load
 
 N, L, MB = 8, 16, 4  # calibration samples, tokens per sample, samples per micro-batch
@@ -281,6 +282,34 @@ def test_bytes_estimate_from_shapes_alone(tiny_ckpt):
             cfg = ReconstructConfig(granularity=granularity)
             args = (MB, 2048, adapter.config.hidden_size, dtype, cfg)
             assert reconstruct_bytes(meta, *args, n_samples=128) == reconstruct_bytes(block, *args, n_samples=128)
+
+
+# --------------------------------------------------------------------------------------------- end to end
+
+WIRED = "reconstruct" in {f.name for f in dataclasses.fields(UnstructuredConfig)}
+needs_wiring = pytest.mark.skipif(not WIRED, reason="the stages' `reconstruct` key is not wired yet (issue 17)")
+
+
+@needs_wiring
+@pytest.mark.parametrize(
+    ("arch", "stage"),
+    [("llama", {"method": "wanda", "sparsity": 0.5}), ("mixtral", {"method": "experts", "target": 0.25})],
+)
+def test_a_run_with_reconstruct_has_lower_output_errors(tiny_ckpt, calib_file, tmp_path, arch, stage):
+    from engine.config import config_from_dict
+    from engine.pipeline import run
+    from tests.tiny_models import recipe
+
+    def blocks(st: dict, out: str) -> list[dict]:
+        return run(config_from_dict(recipe(tiny_ckpt(arch), tmp_path / out, calib_file, [st])))["blocks"]
+
+    plain = blocks(stage, "plain")
+    rec = blocks({**stage, "reconstruct": {"steps": 20, "lr": 1e-3}}, "rec")
+    for a, b in zip(plain, rec):
+        assert "reconstruct" not in a and not b.get("true_sequential")  # two forwards: the dense outputs of all
+        assert b["reconstruct"]["after"] < b["reconstruct"]["before"]
+        assert b["output_error"] == pytest.approx(b["reconstruct"]["after"], rel=1e-4)
+    assert rec[0]["output_error"] < plain[0]["output_error"]  # the first block sees the same inputs in both runs
 
 
 # --------------------------------------------------------------------------------------------- CUDA
