@@ -225,7 +225,8 @@ class DenseIntermediate:
     `reconstruct_block` reads it, overwrites it with the pruned ``h`` and releases it."""
 
     def __init__(self, block: nn.Module, cache: ActivationCache, device: torch.device | str | None = None) -> None:
-        self.block, self.cache = block, cache
+        self.block: nn.Module | None = block  # dropped after the dense forward: a stage may replace the block
+        self.cache = cache
         self.device = (
             torch.device(device)
             if device is not None
@@ -242,6 +243,8 @@ class DenseIntermediate:
         return n_samples * seq_len * hidden * torch.empty((), dtype=dtype).element_size()
 
     def __enter__(self) -> DenseIntermediate:
+        if self.block is None:
+            raise RuntimeError("DenseIntermediate observes one dense forward; make a new one for the next block")
         if self.buffer is None:
             self.buffer = self._alloc()
         self._next, self.complete = 0, False
@@ -251,6 +254,7 @@ class DenseIntermediate:
     def __exit__(self, *exc: object) -> None:
         self._handle.remove()
         self._handle = None
+        self.block = None
         self.complete = self._next == self.cache.num_batches()
 
     def _alloc(self) -> Tensor:
@@ -433,7 +437,8 @@ class _Error:
     def reduced(self, info: dist.DistInfo) -> tuple[float, float]:
         """(relative error, energy per token) over every rank."""
         num, den, tokens = dist.all_reduce_floats([self.num, self.den, float(self.tokens)], info)
-        return (num / den if den > 0 else 0.0), den / max(tokens, 1.0)
+        energy = den / max(tokens, 1.0)
+        return (num / den if den > 0 else 0.0), (energy if energy > 0 else 1.0)  # all-zero targets: plain sums
 
 
 def _forward(block: nn.Module, runner: BlockRunner, x: Tensor, part: str | None) -> Tensor:

@@ -126,7 +126,7 @@ def test_sublayers_compose_to_the_block_and_the_capture_is_the_dense_h(tiny_ckpt
     cache = runner.cache
     with DenseIntermediate(block, cache) as capture:
         ys = [runner.forward(block, cache.get(b), runner.ctx(MB)) for b in range(cache.num_batches())]
-    assert capture.complete
+    assert capture.complete and capture.block is None  # holds no block once the dense forward is over
     for b in range(cache.num_batches()):
         x = cache.get(b)
         with only(block, "attention"):
