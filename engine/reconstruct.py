@@ -349,7 +349,8 @@ def _train(
 ) -> tuple[list[_Trainable], dict[str, float]]:
     """`cfg.steps` Adam steps of `part`'s trainable tensors on ``Σ‖f(x) − y‖² / (tokens · energy)`` (the relative
     error of the step's samples; `energy` = mean ``‖y_t‖²`` per token of all calibration tokens). Returns the
-    tensors (their `start` copies for `revert`) and the mean loss of the first and last tenth of the steps."""
+    tensors (their `start` copies for `revert`) and the mean loss of the first and last tenth of the steps (mean
+    over ranks)."""
     tensors = [_Trainable.of(n, p, cfg.revert) for n, p in trainable_parameters(block, part, cfg.norms)]
     if not tensors:
         return tensors, {}
@@ -379,7 +380,8 @@ def _train(
             t.param.requires_grad_(False)
             t.param.grad = None
     k = max(1, len(losses) // 10)
-    return tensors, {"loss_first": sum(losses[:k]) / k, "loss_last": sum(losses[-k:]) / k}
+    first, last = dist.all_reduce_floats([sum(losses[:k]) / k, sum(losses[-k:]) / k], info)
+    return tensors, {"loss_first": first / info.world_size, "loss_last": last / info.world_size}
 
 
 def _step(tensors: list[_Trainable], opt: torch.optim.Optimizer, lr: float, info: dist.DistInfo) -> None:

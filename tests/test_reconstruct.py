@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -282,6 +283,64 @@ def test_bytes_estimate_from_shapes_alone(tiny_ckpt):
             cfg = ReconstructConfig(granularity=granularity)
             args = (MB, 2048, adapter.config.hidden_size, dtype, cfg)
             assert reconstruct_bytes(meta, *args, n_samples=128) == reconstruct_bytes(block, *args, n_samples=128)
+
+
+# --------------------------------------------------------------------------------------------- ranks
+
+
+def _rank_main(rank: int, port: int, path: str, out: dict) -> None:
+    """One of two gloo ranks: its half of the calibration samples, the same pruned block; gradients all-reduced."""
+    import torch.distributed as tdist
+
+    from sharding.dist import DistInfo
+
+    torch.set_num_threads(1)
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        adapter, i, block, runner = setup_block(lambda arch: Path(path), "mixtral")
+        x = [runner.cache.get(b).clone() for b in range(runner.cache.num_batches())]
+        half = ActivationCache(
+            N // 2,
+            L,
+            adapter.config.hidden_size,
+            dtype=torch.float32,
+            device="cpu",
+            micro_batch=MB,
+            device_budget_bytes=None,
+            host_budget_bytes=None,
+        )
+        half.put(0, x[rank])  # rank r holds micro-batch r of the one-rank run
+        half.swap()
+        rt = dataclasses.replace(runner.rt, dist=DistInfo(rank=rank, world_size=2, backend="gloo"))
+        runner = BlockRunner(adapter, half, rt)
+        cfg = ReconstructConfig(granularity="sublayer", **FAST)
+        rep = reconstruct_block(block, runner, cfg, intermediate=dense_then_prune(block, i, runner, cfg))
+        out[rank] = (rep, state(block))
+    finally:
+        tdist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_train_the_same_weights(tiny_ckpt):
+    """Ranks hold different samples; the all-reduced gradients keep their weights identical, and the errors are
+    over all samples (the one-rank run's `before`)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    path = str(tiny_ckpt("mixtral"))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_rank_main, args=(port, path, out), nprocs=2)
+    (rep0, w0), (rep1, w1) = out[0], out[1]
+    assert all(torch.equal(w0[n], w1[n]) for n in w0) and rep0 == rep1
+    adapter, i, block, runner = setup_block(tiny_ckpt, "mixtral")
+    cfg = ReconstructConfig(granularity="sublayer", **FAST)
+    one = reconstruct_block(block, runner, cfg, intermediate=dense_then_prune(block, i, runner, cfg))
+    assert rep0["before"] == pytest.approx(one["before"], rel=1e-6)
+    assert rep0["after"] < 0.8 * rep0["before"]
 
 
 # --------------------------------------------------------------------------------------------- end to end
