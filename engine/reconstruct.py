@@ -359,7 +359,9 @@ def _train(
     if not tensors:
         return tensors, {}
     masters = [t.master for t in tensors]
-    opt = torch.optim.Adam(masters, lr=cfg.lr, foreach=False, **_ADAM)
+    # CUDA: the fused kernel (no per-tensor launches, no temporaries); CPU: one tensor at a time (temporaries of one)
+    impl = {"fused": True} if masters[0].is_cuda else {"foreach": False}
+    opt = torch.optim.Adam(masters, lr=cfg.lr, **impl, **_ADAM)
     info, seq_len = runner.rt.dist, runner.cache.shape[1]
     losses: list[float] = []
     scope = only(block, part) if part in ("attention", "mlp") else contextlib.nullcontext()
