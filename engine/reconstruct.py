@@ -84,10 +84,10 @@ class ReconstructConfig:
     by at most ≈ lr a step, ≈ 1e-2 over 200 steps, a fraction of a typical weight (std ≈ 1/√hidden). Measured on
     SmolLM2-135M block 10 (Wanda 50 %, 64 x 128 calibration tokens, 200 steps, error on 8 held-out samples):
     1e-4 took the block's relative output error from 0.0123 to 0.0084, 3e-4 to 0.0069, 1e-3 to 0.0056 (1e-5 on
-    16 samples: 0.0119 -> 0.0108; perplexities in docs/guide.md) — small models take larger steps; sweep it. Tiny random float32 test
-    models need 1e-3. `steps` is per trained part: `sublayer` runs `steps` for the attention, then `steps` for the
-    MLP (each on about half the block). Cost per block: ``steps · batch_size`` sample forwards and backwards plus
-    two (`block`) or three (`sublayer`) no-grad passes over the calibration set.
+    16 samples: 0.0119 -> 0.0108; perplexities in docs/guide.md) — small models take larger steps; sweep it. Tiny
+    random float32 test models need 1e-3. `steps` is per trained part: `sublayer` runs `steps` for the attention,
+    then `steps` for the MLP (each on about half the block). Cost per block: ``steps · batch_size`` sample forwards
+    and backwards plus two (`block`) or three (`sublayer`) no-grad passes over the calibration set.
     """
 
     steps: int = 200
