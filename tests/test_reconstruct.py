@@ -261,8 +261,9 @@ class LiveBytes(TorchDispatchMode):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("granularity", ["sublayer", "block"])
 def test_bytes_estimate_bounds_the_measured_peak(tiny_ckpt, arch, dtype, granularity):
-    """``measured <= estimate <= 3 · measured`` (seen: 1.4 to 2.7): every allocation during the reconstruction (masters, Adam state,
-    masks, gradients, activations; the dense-h buffer, allocated before, is counted separately by `n_samples`)."""
+    """``measured <= estimate <= 3 · measured`` (seen: 1.4 to 2.7): every allocation during the reconstruction
+    (masters, Adam state, masks, gradients, activations; the dense-h buffer, allocated before, is counted separately
+    by `n_samples`)."""
     adapter, i, block, runner = setup_block(tiny_ckpt, arch, dtype=dtype, seq_len=64)
     cfg = ReconstructConfig(granularity=granularity, steps=3, lr=1e-3, batch_size=2)
     capture = dense_then_prune(block, i, runner, cfg)
