@@ -14,7 +14,7 @@ grouped matmul over the fused expert tensors needs 16-byte strides). An integer 
 
 The price is rounding: per layer, each channel kind keeps up to ``align/2`` channels more or fewer than its exact
 share (uniform allocation: the total lands off target by that much; a global budget moves the difference to the
-other layers). `alignment_note` says what it comes to for a recipe (`blockprune plan`).
+other layers). `engine.planning.alignment_note` says what it comes to for a recipe (`blockprune plan`).
 """
 
 from __future__ import annotations
@@ -63,37 +63,3 @@ def check_align(value: Any, where: str) -> int | str:
 def round_up(n: int, align: int) -> int:
     """The smallest multiple of `align` that is >= `n`."""
     return -(-int(n) // align) * align
-
-
-def alignment_note(cfg, adapter) -> str | None:
-    """One line for `blockprune plan`: each structured stage's channel alignment and what it costs in parameters.
-
-    Uniform allocation: the exact difference between the planned output and the same plan with `align: 1` (positive:
-    alignment keeps more parameters than the target asks for). A global budget: the largest rounding per layer (the
-    coordinator moves it to other layers, the total stays on target). None without a structured stage."""
-    from engine.units import plan_uniform, unit_inventory
-
-    for k, st in enumerate(cfg.prune):
-        if getattr(st, "method", None) != "structured" or "channels" not in st.units:
-            continue
-        inv = unit_inventory(adapter)
-        kinds = {kd: resolve_align(st.align, v["count"], kd) for kd, v in inv.items() if kd != "kv_group"}
-        which = ", ".join(f"{kd} {inv[kd]['count']} -> multiples of {a}" for kd, a in kinds.items())
-        head = f"prune[{k}] align {st.align}: {which}"
-        if all(a == 1 for a in kinds.values()):
-            return f"{head} (exact widths; GPU GEMMs prefer multiples of 64: align auto)"
-        if st.allocation.get("rule", "uniform") != "uniform":
-            per_layer = sum(a // 2 * inv[kd]["params"] * inv[kd]["groups"] for kd, a in kinds.items())
-            per_layer //= max(adapter.num_layers, 1)
-            return f"{head}; rounding moves up to {per_layer:,} parameters per layer (the budget absorbs it)"
-        import dataclasses
-
-        aligned = plan_uniform(adapter, st)
-        exact = plan_uniform(adapter, dataclasses.replace(st, align=1))
-        cost = aligned.params_after - exact.params_after
-        share = cost / aligned.params_before if aligned.params_before else 0.0
-        return (
-            f"{head}; costs {cost:+,} block parameters against align 1 ({share:+.2%} of the blocks; "
-            f"achieved {aligned.achieved:.4f} for target {st.target})"
-        )
-    return None

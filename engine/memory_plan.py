@@ -36,6 +36,7 @@ from torch import nn
 
 from engine.arch import ArchAdapter
 from engine.blocks import build_meta_block, num_experts_of
+from engine.reconstruct import reconstruct_bytes, reconstruct_config
 from engine.stage import BlockStage, BlockVisit, StatsRequest
 
 GiB = 2**30
@@ -204,10 +205,12 @@ def plan_memory(
     one_pass: bool,
     skip: Sequence[int] = (),
     prefetch: bool = False,
+    reconstruct=None,
 ) -> MemoryPlan:
     """The plan of a run (module docstring). `device_memory` / `host_memory`: what the run may use. `baseline`: the
     process's own resident memory before any block (interpreter, libraries). `one_pass`: the stages allow the
-    one-pass path (dense blocks only take it). `skip`: blocks removed whole."""
+    one-pass path (dense blocks only take it). `skip`: blocks removed whole. `reconstruct`: the run's
+    `ReconstructConfig` (its training, `engine.reconstruct.reconstruct_bytes`, counted as a solve after the stages')."""
     cuda = device.startswith("cuda")
     size = itemsize(dtype)
     H = int(adapter.config.hidden_size)
@@ -217,7 +220,11 @@ def plan_memory(
     for i in range(adapter.num_layers):
         if i in skip:
             continue
-        blocks.append(_block_memory(adapter, stages, i, dtype, source_dtype, samples, seq_len, mb, one_pass, cuda))
+        b = _block_memory(adapter, stages, i, dtype, source_dtype, samples, seq_len, mb, one_pass, cuda)
+        if reconstruct is not None:
+            meta = build_meta_block(adapter.spec, adapter.config, i)
+            b.solve = max(b.solve, reconstruct_bytes(meta, mb, seq_len, H, dtype, reconstruct, n_samples=samples))
+        blocks.append(b)
     worst = max((b.work for b in blocks), default=0)
     core = max((b.side_core for b in blocks if b.one_pass), default=0)
     advice: list[str] = []
@@ -403,7 +410,10 @@ def plan_for_run(cfg, reader, adapter: ArchAdapter, stages: Sequence[BlockStage]
         device_memory = 0
     rss = int(memory.rss_mb() * 2**20)
     host_memory = int(rt.host_memory_gb * GiB) if rt.host_memory_gb is not None else memory.available_host_bytes() + rss
-    one_pass = bool(cfg.sequential and cfg.true_sequential and stages and all(s.linear_wise for s in stages))
+    rc = reconstruct_config(list(stages))
+    one_pass = bool(
+        cfg.sequential and cfg.true_sequential and stages and all(s.linear_wise for s in stages) and rc is None
+    )
     c = cfg.calibration
     return plan_memory(
         adapter,
@@ -419,4 +429,5 @@ def plan_for_run(cfg, reader, adapter: ArchAdapter, stages: Sequence[BlockStage]
         baseline=rss,
         one_pass=one_pass,
         prefetch=bool(rt.overlap),
+        reconstruct=rc,
     )

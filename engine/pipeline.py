@@ -46,6 +46,7 @@ from engine.memory_plan import MemoryPlan, plan_for_run
 from engine.model_check import check_reader
 from engine.overlap import BlockIO
 from engine.prepass import scoring_pass
+from engine.reconstruct import DenseIntermediate, needs_intermediate, reconstruct_block, reconstruct_config
 from engine.report.llmc_recipe import llmc_recipe_yaml
 from engine.report.run_report import RunReport
 from engine.runtime import Runtime, resolve_runtime
@@ -333,6 +334,9 @@ class BlockLoop:
     memory: MemoryPlan | None = None
     io: BlockIO | None = None  # write-behind (and the builder's read-ahead), set while the loop runs
 
+    def __post_init__(self) -> None:
+        self.reconstruct = reconstruct_config(self.stages)
+
     @property
     def adapter(self) -> ArchAdapter:
         return self.builder.adapter
@@ -377,7 +381,8 @@ class BlockLoop:
     ) -> tuple[BlockRecord, dict[str, torch.Tensor], dict[str, StageResult]]:
         t = time.perf_counter()
         request = StatsRequest.union([s.stats(visit, targets[s.key]) for s in self.stages])
-        visit.stats = self._gather(visit, request)  # the dense outputs -> the cache (the reference)
+        capture = self._capture(visit)  # the dense sublayer output, for reconstruction by sublayer
+        visit.stats = self._gather(visit, request, [capture] if capture is not None else [])  # dense -> the cache
         times["stats"] = time.perf_counter() - t
         t = time.perf_counter()
         dense_block = visit.block
@@ -386,19 +391,38 @@ class BlockLoop:
         del dense_block
         visit.stats = {}
         times["solve"] = time.perf_counter() - t
+        section = None
+        if self.reconstruct is not None and changed:  # every stage done: train what is left towards the dense block
+            t = time.perf_counter()
+            section = reconstruct_block(visit.block, self.runner, self.reconstruct, intermediate=capture)
+            times["reconstruct"] = time.perf_counter() - t
+        del capture
         t = time.perf_counter()
         tensors = self._as_written(visit, src_dtypes, shape)
         out_err = None
         if self.cfg.sequential and changed:
             out_err = self.runner.propagate(visit.block, compare=True)
         times["forward"] = time.perf_counter() - t
-        return self._record(visit, results, tensors, times, out_err), tensors, results
+        record = self._record(visit, results, tensors, times, out_err)
+        if section is not None:
+            record.sections["reconstruct"] = section
+        return record, tensors, results
 
-    def _gather(self, visit: BlockVisit, request: StatsRequest) -> dict:
+    def _capture(self, visit: BlockVisit) -> DenseIntermediate | None:
+        """An observer of the dense forward keeping each micro-batch's dense attention-sublayer output when the
+        block is reconstructed by sublayer (on the device when the cache is and it fits beside it, else the host)."""
+        rc = self.reconstruct
+        if rc is None or not needs_intermediate(visit.block, rc):
+            return None
+        cache = self.runner.cache
+        fits = cache.tier == "device" and DenseIntermediate.bytes_for(*cache.shape, cache.dtype) <= self._side_budget()
+        return DenseIntermediate(visit.block, cache, device=None if fits else "cpu")
+
+    def _gather(self, visit: BlockVisit, request: StatsRequest, extra: list | None = None) -> dict:
         """The statistics of `request` from the dense block: one forward, or, when the memory plan chunks this
         block, one forward per chunk of inputs with each chunk's statistics moved to the host (exactly what one
         forward gives; the stages' solvers move each back to the device when they solve it)."""
-        observers = [s.observe(visit) for s in self.stages]
+        observers = [s.observe(visit) for s in self.stages] + list(extra or [])
         plan = self.memory.block(visit.i) if self.memory is not None else None
         if plan is None or plan.stats_chunks <= 1:
             return self.runner.dense(visit.block, visit.i, request, observers=observers).stats
@@ -531,6 +555,8 @@ class BlockLoop:
         if not (cfg.true_sequential and cfg.sequential and self.stages) or shape.sublayers_removed:
             return False
         if not all(s.linear_wise for s in self.stages) or seq_mod.parts_of(self.adapter, visit.block) is None:
+            return False
+        if self.reconstruct is not None:  # reconstruction trains towards the dense outputs of every sample
             return False
         tokens = cache.shape[0] * cache.shape[1]
         core, _ = seq_mod.side_bytes(self.adapter, visit.block, tokens, rt.dtype)

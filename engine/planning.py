@@ -4,15 +4,17 @@ every refusal happens here) and budgets memory with the same code the run uses (
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
-from engine.align import alignment_note
+from engine.align import resolve_align
 from engine.arch import adapter_for
 from engine.budget import ERROR_GRID, SCORES_FILE
 from engine.config import RunConfig
 from engine.fp8 import source_reader
 from engine.memory_plan import GiB, MemoryPlan, plan_for_run
 from engine.model_check import check_reader
+from engine.units import plan_uniform, unit_inventory
 from sharding.reader import CheckpointReader
 
 
@@ -151,3 +153,33 @@ def _numel(shape) -> int:
     for d in shape:
         n *= d
     return n
+
+
+def alignment_note(cfg, adapter) -> str | None:
+    """One line for `blockprune plan`: each structured stage's channel alignment and what it costs in parameters.
+
+    Uniform allocation: the exact difference between the planned output and the same plan with `align: 1` (positive:
+    alignment keeps more parameters than the target asks for). A global budget: the largest rounding per layer (the
+    coordinator moves it to other layers, the total stays on target). None without a structured stage."""
+    for k, st in enumerate(cfg.prune):
+        if getattr(st, "method", None) != "structured" or "channels" not in st.units:
+            continue
+        inv = unit_inventory(adapter)
+        kinds = {kd: resolve_align(st.align, v["count"], kd) for kd, v in inv.items() if kd != "kv_group"}
+        which = ", ".join(f"{kd} {inv[kd]['count']} -> multiples of {a}" for kd, a in kinds.items())
+        head = f"prune[{k}] align {st.align}: {which}"
+        if all(a == 1 for a in kinds.values()):
+            return f"{head} (exact widths; GPU GEMMs prefer multiples of 64: align auto)"
+        if st.allocation.get("rule", "uniform") != "uniform":
+            per_layer = sum(a // 2 * inv[kd]["params"] * inv[kd]["groups"] for kd, a in kinds.items())
+            per_layer //= max(adapter.num_layers, 1)
+            return f"{head}; rounding moves up to {per_layer:,} parameters per layer (the budget absorbs it)"
+        aligned = plan_uniform(adapter, st)
+        exact = plan_uniform(adapter, dataclasses.replace(st, align=1))
+        cost = aligned.params_after - exact.params_after
+        share = cost / aligned.params_before if aligned.params_before else 0.0
+        return (
+            f"{head}; costs {cost:+,} block parameters against align 1 ({share:+.2%} of the blocks; "
+            f"achieved {aligned.achieved:.4f} for target {st.target})"
+        )
+    return None

@@ -50,7 +50,7 @@ import contextlib
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -643,3 +643,10 @@ def _activation_bytes_per_token(block: nn.Module, hidden: int, item: int) -> int
         top_k = int(getattr(block.mlp, "top_k", None) or getattr(block.mlp.gate, "top_k", None) or num_e)
         elements += top_k * (2 * h + 2 * two_i) + 2 * num_e
     return elements * item + 4 * 4 * hidden + 4 * 4 * hidden
+
+
+def reconstruct_config(stages: Sequence[Any]) -> ReconstructConfig | None:
+    """The block-local reconstruction of a run: the `reconstruct` key of the last stage that has one (the block is
+    reconstructed once, after all its stages); None without."""
+    found = [s.config.reconstruct for s in stages if getattr(s.config, "reconstruct", None)]
+    return ReconstructConfig(**found[-1]) if found else None

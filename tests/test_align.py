@@ -8,11 +8,11 @@ import json
 
 import pytest
 
-from engine.align import alignment_note, auto_align, check_align, resolve_align
+from engine.align import auto_align, check_align, resolve_align
 from engine.arch import adapter_for
 from engine.config import ConfigError, config_from_dict
 from engine.pipeline import run
-from engine.planning import format_plan, make_plan
+from engine.planning import alignment_note, format_plan, make_plan
 from engine.stages.structured import StructuredConfig
 from engine.units import plan_uniform
 from sharding.reader import CheckpointReader

@@ -133,7 +133,6 @@ def run_sparsity(cfg, reader, report: dict, shapes: list) -> tuple[int, dict[str
     unchanged) from the source's headers; their zeros are counted, one tensor at a time, only when a stage masked
     weights. `shapes`: the written layers' `LayerShape`s, in output order."""
     from engine.arch import adapter_for
-    from engine.report.inspect_ckpt import count_nonzero
 
     adapter = adapter_for(reader.config)
     non_block = adapter.non_block_keys(reader.names())
@@ -381,3 +380,17 @@ def refresh_card(path: str | Path, evaluation: dict | None = None) -> str:
 def checkpoint_parameters(shapes: Iterable[Iterable[int]]) -> int:
     """Σ numel over tensor shapes (what `num_parameters()` gives for a checkpoint whose tensors are all parameters)."""
     return sum(math.prod(s) for s in shapes)
+
+
+_SIGNED_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def count_nonzero(t: torch.Tensor) -> int:
+    """Number of nonzero entries of `t`, for every safetensors dtype (float8 and unsigned ints included;
+    −0.0 counts as zero)."""
+    try:
+        return int(torch.count_nonzero(t))
+    except (NotImplementedError, RuntimeError):
+        if t.dtype.is_floating_point:
+            return int(torch.count_nonzero(t.to(torch.float32)))
+        return int(torch.count_nonzero(t.view(_SIGNED_OF_SIZE[t.element_size()])))  # same bits, zero iff zero

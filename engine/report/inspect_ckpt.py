@@ -30,10 +30,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from engine.arch import adapter_for
-from engine.report.card import SPARSITY_KEY, module_selected, nm_violations, parse_nm
+from engine.report.card import SPARSITY_KEY, count_nonzero, module_selected, nm_violations, parse_nm  # noqa: F401
 from sharding.reader import SAFETENSORS_INDEX, CheckpointReader
 from sharding.writer import MANIFEST_NAME
 
@@ -41,7 +39,6 @@ log = logging.getLogger(__name__)
 
 OTHER_LAYER = "other"
 _LAYER_RE = re.compile(r"^(model\.layers\.(\d+)\.)")
-_SIGNED_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def inspect_checkpoint(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
@@ -149,17 +146,6 @@ def _layer_groups(reader: CheckpointReader) -> tuple[str | None, bool, list[tupl
     if rest:
         groups.append((OTHER_LAYER, "", rest))
     return (str(model_type) if model_type is not None else None), supported, groups
-
-
-def count_nonzero(t: torch.Tensor) -> int:
-    """Number of nonzero entries of `t`, for every safetensors dtype (float8 and unsigned ints included;
-    −0.0 counts as zero)."""
-    try:
-        return int(torch.count_nonzero(t))
-    except (NotImplementedError, RuntimeError):
-        if t.dtype.is_floating_point:
-            return int(torch.count_nonzero(t.to(torch.float32)))
-        return int(torch.count_nonzero(t.view(_SIGNED_OF_SIZE[t.element_size()])))  # same bits, zero iff zero
 
 
 def _inspect_layer(reader: CheckpointReader, name: str, prefix: str, names: list[str], claim=None) -> dict[str, Any]:

@@ -45,7 +45,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -56,6 +56,7 @@ from transformers import PretrainedConfig
 
 from engine.arch import ArchAdapter
 from engine.blocks import build_meta_block, num_experts_of
+from engine.reconstruct import resolve_reconstruct
 from engine.schema import ConfigError, choice
 from engine.stage import BlockVisit, LayerShape, ModelInfo, OutputChanges, StageBase, StageResult, register_stage
 from engine.surgery import ROUTER_WEIGHT, cluster_averages, members, select_experts
@@ -101,8 +102,10 @@ class ExpertsConfig:
 
     SIMILARITIES: ClassVar[tuple[str, ...]] = ("router", "coactivation", "both")
     REPRESENTATIVES: ClassVar[tuple[str, ...]] = ("centroid", "average")
+    reconstruct: Any | None = None  # block-local reconstruction after the block is pruned (engine/reconstruct.py)
 
     def validate(self, where: str) -> None:
+        self.reconstruct = resolve_reconstruct(self.reconstruct, f"{where}.reconstruct")
         if not 0.0 < self.target < 1.0:
             raise ConfigError(f"{where}.target = {self.target}: must be in (0, 1)")
         choice([self.similarity], self.SIMILARITIES, f"{where}.similarity")

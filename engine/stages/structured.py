@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from engine.align import check_align, resolve_align
 from engine.arch import ArchAdapter, LinearSpec
 from engine.coordinator import LayerDecision, LayerModel, UnitKind, plan_layer
+from engine.reconstruct import resolve_reconstruct
 from engine.schema import ConfigError, choice, resolve_allocation
 from engine.stage import (
     BlockVisit,
@@ -85,8 +86,10 @@ class StructuredConfig:
     bias_compensation: bool = False
     align: str | int = "auto"  # "auto" or an integer >= 1 (engine.align)
     percdamp: float = 0.01
+    reconstruct: Any | None = None  # block-local reconstruction after the block is pruned (engine/reconstruct.py)
 
     def validate(self, where: str) -> None:
+        self.reconstruct = resolve_reconstruct(self.reconstruct, f"{where}.reconstruct")
         if not 0.0 < self.target < 1.0:
             raise ConfigError(f"{where}.target = {self.target}: must be in (0, 1)")
         choice(self.units, tuple(UNIT_KINDS), f"{where}.units")

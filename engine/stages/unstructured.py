@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from engine.arch import ArchAdapter, LinearSpec
 from engine.coordinator import LayerDecision, LayerModel
 from engine.dense_pass import stats_to
+from engine.reconstruct import resolve_reconstruct
 from engine.schema import ConfigError, PruningError, compile_pattern, name_selected, parse_nm, resolve_allocation
 from engine.stage import BlockVisit, ModelInfo, StageBase, StageResult, StatsRequest, register_stage
 from solvers.masks import magnitude_prune, n_pruned, wanda_prune, wanda_scores
@@ -64,8 +65,10 @@ class UnstructuredConfig:
     iterations: int = 20  # ADMM iterations
     schedule_iterations: int = 15  # ADMM iterations over which the mask grows to the target (cubic schedule)
     allocation: dict[str, Any] = field(default_factory=lambda: {"rule": "uniform"})  # docs/allocation.md
+    reconstruct: Any | None = None  # block-local reconstruction after the block is pruned (engine/reconstruct.py)
 
     def validate(self, where: str) -> None:
+        self.reconstruct = resolve_reconstruct(self.reconstruct, f"{where}.reconstruct")
         if not 0.0 <= self.sparsity < 1.0:
             raise ConfigError(f"{where}.sparsity = {self.sparsity}: must be in [0, 1)")
         self.allocation = resolve_allocation(self.allocation, f"{where}.allocation", structured=False)
