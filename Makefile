@@ -24,6 +24,7 @@ $(STAMP): pyproject.toml Makefile
 lint: setup
 	$(VENV)/bin/ruff check engine solvers sharding launch tests
 	$(VENV)/bin/ruff format --check engine solvers sharding launch tests
+	$(VENV)/bin/mypy engine solvers sharding launch
 
 test: lint
 	$(PY) -m pytest -q tests

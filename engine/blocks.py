@@ -182,7 +182,8 @@ def disk_to_memory_state(
     want = meta_block.state_dict().keys()
     num_e = num_experts_of(meta_block)
     fused_on_disk = num_e > 0 and FUSED_GATE_UP in dense
-    missing_e, unexpected_e = [], []
+    missing_e: list[str] = []
+    unexpected_e: list[str] = []
     if num_e and not fused_on_disk:
         fused, missing_e, unexpected_e = _fuse_experts(experts, meta_block, prefix, spec)
         dense.update(fused)

@@ -68,7 +68,9 @@ TOLERANCE = 1e-3  # the global removed fraction lands within this of the target 
 def allocated(stage: BlockStage) -> bool:
     """Whether `stage` needs a budget: it has an `allocation` whose rule is not uniform, or `of: total`."""
     alloc = getattr(stage, "allocation", None)
-    return bool(alloc) and (alloc.get("rule") != "uniform" or alloc.get("of") == "total")
+    if not alloc:
+        return False
+    return alloc.get("rule") != "uniform" or alloc.get("of") == "total"
 
 
 def make_budget(stages: Sequence[BlockStage], model: ModelInfo) -> Budget | None:

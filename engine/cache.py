@@ -122,7 +122,7 @@ class _DiskStore:
 
     def read(self, i: int, start: int, stop: int) -> torch.Tensor:
         out = torch.empty((stop - start, *self.shape[1:]), dtype=self.dtype)
-        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
         f = self.files[i]
         f.seek(start * self.row_bytes)
         done = 0
@@ -135,7 +135,7 @@ class _DiskStore:
 
     def write(self, i: int, start: int, x: torch.Tensor) -> None:
         data = x.detach().to("cpu").contiguous()
-        view = memoryview(data.reshape(-1).view(torch.uint8).numpy())
+        view = memoryview(data.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
         f = self.files[i]
         f.seek(start * self.row_bytes)
         done = 0

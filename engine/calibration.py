@@ -352,7 +352,10 @@ class _TokenStream:
         texts = [p for p in self._pending if p is not None]
         encoded = iter(self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else [])
         for p in self._pending:
-            self.ids.extend([self.eos] if p is None else next(encoded))
+            if p is not None:
+                self.ids.extend(next(encoded))
+            elif self.eos is not None:
+                self.ids.append(self.eos)
         self._pending.clear()
         self._pending_chars = 0
         logger.debug("calibration: %d tokens from %d documents", self.count, self.documents)
@@ -369,10 +372,10 @@ def _tokenize(docs: Documents, tokenizer: Any, cap: int) -> torch.Tensor:
     stream = _TokenStream(tokenizer, cap)
     if stream.eos is None:
         logger.warning("calibration: the tokenizer has no eos_token; documents are joined without a separator")
-    with contextlib.closing(docs) if hasattr(docs, "close") else contextlib.nullcontext():
+    with contextlib.closing(docs) if hasattr(docs, "close") else contextlib.nullcontext():  # type: ignore[type-var]
         for doc in docs:
             stream.begin_document()
-            with contextlib.closing(doc) if hasattr(doc, "close") else contextlib.nullcontext():
+            with contextlib.closing(doc) if hasattr(doc, "close") else contextlib.nullcontext():  # type: ignore[type-var]
                 for piece in doc:
                     stream.add(piece)
                     if stream.count >= cap:

@@ -540,7 +540,8 @@ def _kind(value: Any) -> str:
         return "a boolean"
     if isinstance(value, (int, float)):
         return "a number"
-    return {str: "a string", dict: "a mapping", list: "a list"}.get(type(value), f"a {type(value).__name__}")
+    names: dict[type, str] = {str: "a string", dict: "a mapping", list: "a list"}
+    return names.get(type(value), f"a {type(value).__name__}")
 
 
 _REPR = reprlib.Repr()

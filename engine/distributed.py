@@ -28,7 +28,9 @@ R = TypeVar("R")
 
 
 def _layout(st: InputStats) -> tuple[int, bool, bool, str]:
-    return st.d, st.H is not None, st.sum is not None, str(st.sumsq.dtype if st.H is None else st.H.dtype)
+    ref = st.H if st.H is not None else st.sumsq
+    assert ref is not None  # statistics hold a Gram or column sums of squares
+    return st.d, st.H is not None, st.sum is not None, str(ref.dtype)
 
 
 def reduce_stats(stats: dict[str, InputStats], info: DistInfo, device: torch.device | str) -> dict[str, InputStats]:
@@ -121,6 +123,7 @@ class RankWriter:
         from sharding.dist import broadcast_tensors
 
         if not self.info.enabled:
+            assert self.writer is not None  # one rank: rank 0 owns the writer
             return self.writer.read_unit(unit, device=device)
         tensors = self.writer.read_unit(unit, device="cpu") if self.writer else None
         return broadcast_tensors(tensors, self.info, device=device)

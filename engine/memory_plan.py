@@ -161,7 +161,7 @@ def forward_bytes(
 
 def _meta_visit(adapter: ArchAdapter, i: int) -> BlockVisit:
     block = build_meta_block(adapter.spec, adapter.config, i)
-    return BlockVisit(i, i, adapter, adapter, block, rt=None, run_sharded=None)  # type: ignore[arg-type]
+    return BlockVisit(i, i, adapter, adapter, block, rt=None, run_sharded=None)  # shapes only: no runtime
 
 
 def _gram_bytes(request: StatsRequest, widths: dict[str, int]) -> dict[str, int]:

@@ -764,7 +764,7 @@ def _copy_extra_layers(reader: CheckpointReader, writer: RankWriter, n_out: int,
         log.warning(
             "layers %s after the last block (multi-token prediction) are copied with the source's shapes, not "
             "pruned like the blocks; transformers does not load them",
-            sorted({_extra_layer(name, n) for name in names}),
+            sorted({k for name in names if (k := _extra_layer(name, n)) is not None}),
         )
     _copy_unit(reader, writer, EXTRA_UNIT, names, renumber, "the layers after the last block", all_ranks=False)
 

@@ -146,7 +146,7 @@ def make_executor(opts: SubmitOptions, folder: Path):
         ex = submitit.LocalExecutor(folder=str(folder), max_num_timeout=opts.max_requeues)
         ex.update_parameters(tasks_per_node=tasks, nodes=1, timeout_min=opts.time_min)
         return ex
-    ex = submitit.AutoExecutor(folder=str(folder), max_num_timeout=opts.max_requeues)
+    auto = submitit.AutoExecutor(folder=str(folder), max_num_timeout=opts.max_requeues)
     params: dict[str, Any] = {
         "nodes": opts.nodes,
         "tasks_per_node": tasks,
@@ -163,8 +163,8 @@ def make_executor(opts: SubmitOptions, folder: Path):
         params["slurm_partition"] = opts.partition
     if opts.account:
         params["slurm_account"] = opts.account
-    ex.update_parameters(**params)
-    return ex
+    auto.update_parameters(**params)
+    return auto
 
 
 def submit(recipe: str, overrides: list[str], opts: SubmitOptions):

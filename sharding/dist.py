@@ -154,9 +154,8 @@ def broadcast_tensors(
     if not info.enabled:
         assert tensors is not None
         return tensors
-    spec = broadcast_object(
-        None if info.rank != src else [(n, tuple(t.shape), t.dtype) for n, t in sorted(tensors.items())], info, src
-    )
+    mine = None if info.rank != src or tensors is None else sorted(tensors.items())
+    spec = broadcast_object(None if mine is None else [(n, tuple(t.shape), t.dtype) for n, t in mine], info, src)
     wire = _wire_device(info)
     out: dict[str, torch.Tensor] = {}
     for name, shape, dtype in spec:

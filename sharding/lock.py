@@ -251,7 +251,7 @@ class OutputLock:
         pid = holder["pid"]
         if pid == os.getpid():
             with _HELD_GUARD:
-                owner = _HELD.get(holder.get("token"))
+                owner = _HELD.get(str(holder.get("token")))
             if owner is None:
                 return "left by this process, by a writer that no longer holds it"
             owner.held, owner.lost_to = False, f"a newer writer of {self.out_dir}"

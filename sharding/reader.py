@@ -457,7 +457,7 @@ def _readinto_exact(f: BinaryIO, info: TensorInfo, out: memoryview) -> None:
     f.seek(info.start)
     done = 0
     while done < len(out):
-        n = f.readinto(out[done:])
+        n = f.readinto(out[done:])  # type: ignore[attr-defined]
         if not n:
             raise CheckpointError(
                 f"file ended at byte {info.start + done} inside the tensor's bytes "
@@ -506,10 +506,11 @@ class CheckpointReader:
         self.config: dict[str, Any] = _load_config(self.model_dir)
         self.format, index_path, files = _discover(self.model_dir)
         weight_map = _load_index(index_path, self.model_dir) if index_path else None
-        self.files: list[Path] = _index_files(weight_map, index_path) if weight_map else files
+        self.files: list[Path] = _index_files(weight_map, index_path) if weight_map and index_path else files
         contents = self._open_safetensors() if self.format == "safetensors" else self._open_pickles()
         _check_unique(contents)
         if weight_map:
+            assert index_path is not None
             _check_index(weight_map, contents, index_path)
         self._infos = {name: info for infos in contents.values() for name, info in infos.items()}
         if not self._infos:
@@ -637,7 +638,7 @@ class CheckpointReader:
         with _open_regular(file) as f:
             for info in group:
                 buf = torch.empty(info.nbytes, dtype=torch.uint8)
-                view = memoryview(buf.numpy())
+                view = memoryview(buf.numpy())  # type: ignore[arg-type]
                 if info.nbytes:
                     _readinto_exact(f, info, view)
                 self.bytes_read += info.nbytes
@@ -695,13 +696,13 @@ class CheckpointReader:
             raise SourceChangedError(
                 f"source tensor of {what} {change} the checkpoint{_CHANGED_ADVICE}", self.model_dir, name
             )
-        got = self.tensor_digests(names)
+        digests = self.tensor_digests(names)
         for name in names:
             want = str(expected[name])
-            if len(want) < 16 or not got[name].startswith(want):
+            if len(want) < 16 or not digests[name].startswith(want):
                 raise SourceChangedError(
                     f"source tensor of {what} changed since it was written (sha256 {want[:12]}... then, "
-                    f"{got[name][:12]}... now){_CHANGED_ADVICE}",
+                    f"{digests[name][:12]}... now){_CHANGED_ADVICE}",
                     self.info(name).file,
                     name,
                 )
@@ -748,7 +749,7 @@ class CheckpointReader:
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The raw bytes of a contiguous CPU tensor (any dtype, 0-d included), as stored in a file."""
     flat = tensor.contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")  # type: ignore[arg-type]
 
 
 def _as_names(names: str | Iterable[str]) -> list[str]:

@@ -150,7 +150,8 @@ def _io_message(err: BaseException, where: str) -> str:
     """One line: ``disk full while writing unit 'x' to DIR: No space left on device``."""
     code = _errno_of(err)
     reason = os.strerror(code) if code else str(err).splitlines()[0]
-    return f"{_ERRNO_KIND.get(code, 'I/O error')} {where}: {reason}"
+    kind = _ERRNO_KIND.get(code, "I/O error") if code is not None else "I/O error"
+    return f"{kind} {where}: {reason}"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -517,7 +518,9 @@ class CheckpointWriter:
         meas = None if measurements is None else self._check_metadata(unit, measurements, "measurements")
         self._require_lock(f"write unit {unit!r}")
         sizes = [(name, _tensor_nbytes(tensors[name])) for name in sorted(tensors)]
-        seq, created, pending = len(self._manifest["units"]), [], {}
+        seq = len(self._manifest["units"])
+        created: list[Path] = []
+        pending: dict[str, Any] = {}
         try:
             shards = [
                 self._write_shard(seq, k, names, tensors, created)
@@ -569,6 +572,7 @@ class CheckpointWriter:
             self._apply_renames(plan)
             atomic_write(self.out_dir / CONFIG_NAME, _json_bytes(config, sort_keys=True))
             for name in copies:
+                assert src is not None  # copies come from source_dir
                 atomic_write(self.out_dir / name, (src / name).read_bytes())
                 logger.debug("copied %s", src / name)
             for name, content in sorted(extra.items()):
@@ -689,6 +693,7 @@ class CheckpointWriter:
     def _manifest_for_clearing(self) -> dict[str, Any]:
         """The old manifest, validated; refuse to clear when it cannot say which files are ours."""
         path = self.out_dir / MANIFEST_NAME
+        problem: str | None
         try:
             manifest = json.loads(path.read_text())
         except (ValueError, UnicodeDecodeError) as e:

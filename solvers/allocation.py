@@ -51,7 +51,7 @@ Vector = Tensor | Sequence[float]
 Bound = float | Vector
 
 
-def _vec(x: Vector, name: str) -> Tensor:
+def _vec(x: Bound, name: str) -> Tensor:
     """A finite-or-inf 1-D float64 CPU tensor from a tensor or a sequence; NaN is refused."""
     t = torch.as_tensor(x, dtype=torch.float64).detach().cpu().reshape(-1).clone()
     if t.numel() == 0:

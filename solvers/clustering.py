@@ -257,6 +257,7 @@ def _closest(members: Tensor, features: Tensor | None, D: Tensor | None) -> int:
     if features is not None:
         X = features[members].reshape(members.numel(), -1).double()
         return int(members[torch.argmin(((X - X.mean(0)) ** 2).sum(1))])
+    assert D is not None  # choose_representatives checks that one of them is given
     return int(members[torch.argmin((D[members][:, members] ** 2).sum(1))])
 
 
@@ -280,7 +281,7 @@ def choose_representatives(
     feats = None if features is None else features.detach().cpu()
     reps = [_closest(m, feats, Dm) for m in _members(clusters)]
     order = sorted(range(len(reps)), key=lambda c: reps[c])
-    merged = None if mode == "centroid" else merge_average(features, clusters)[order]
+    merged = None if mode == "centroid" or features is None else merge_average(features, clusters)[order]
     return Representatives(keep=[reps[c] for c in order], merged=merged)
 
 

@@ -107,6 +107,7 @@ def _column_updates(W1: Tensor, U1: Tensor, mask1: Tensor, d: Tensor, nm: tuple[
             mask1[:, j1:j2] = keep
             part = (~keep).T.to(WT.dtype) / d[j1:j2, None]
         else:
+            assert pruned is not None
             part = pruned[j1:j2]
         for i in range(j1, j2):
             torch.mul(WT[i], part[i - j1], out=ET[i])  # err_i (zero where kept)

@@ -234,7 +234,7 @@ def _load_section(config: dict, report: dict | None, sparse: bool) -> list[str]:
             "```",
         ]
         if layout == "padded":
-            export = report["export"]
+            export = (report or {})["export"]
             lines += [
                 "",
                 f"This is the **padded** layout: every layer was zero-padded to the widest one ({export['widths']}, "

@@ -168,7 +168,7 @@ def _inspect_layer(reader: CheckpointReader, name: str, prefix: str, names: list
             if module_selected(module, targets, ignore):
                 row["nm_violations"], row["nm_groups"] = nm_violations(t, n, m)
         tensors.append(row)
-    linears = [t for t in tensors if len(t["shape"]) == 2]
+    linears = [t for t in tensors if len(t["shape"]) == 2]  # type: ignore[arg-type]
     params, nonzero = _sum(tensors, "params"), _sum(tensors, "nonzero")
     lin_params, lin_nonzero = _sum(linears, "params"), _sum(linears, "nonzero")
     return {

@@ -85,7 +85,7 @@ def stage_modifier(stage: dict, index: int, report: dict | None = None) -> dict[
     method = stage.get("method")
     out: dict[str, Any] = {"stage": index, "method": method, "modifier": None, "args": None, "equivalent": None}
     if method not in MODIFIERS:
-        out["note"] = NO_EQUIVALENT.get(method, f"unknown method {method!r}")
+        out["note"] = NO_EQUIVALENT.get(str(method), f"unknown method {method!r}")
         return out
     alloc = stage.get("allocation") or {"rule": "uniform"}
     rule = alloc.get("rule", "uniform")

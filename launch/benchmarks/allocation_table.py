@@ -178,7 +178,7 @@ def best_lines(rows: list[dict], energies: list[str]) -> list[str]:
                 )
             }
             if soft:
-                n = min(soft, key=soft.get)
+                n = min(soft, key=lambda k: soft[k])
                 verdict = "beats" if soft[n] < rs["uniform"] else "does NOT beat"
                 parts.append(f"energy `{e}`: best {n} ppl {soft[n]:.3f} ({verdict} uniform)")
         others = ", ".join(f"{n} {rs[n]:.3f}" for n in ("uniform", "equal-budgets", "owl") if n in rs)

@@ -269,7 +269,7 @@ def machine_markdown(info: dict, load_before: str, load_after: str, extra: dict 
     return "\n".join(lines)
 
 
-def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """GitHub markdown table; cells are formatted with ``str``."""
     cells = [[str(c) for c in r] for r in rows]
     out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]

@@ -47,7 +47,8 @@ def build(path: Path, shape: dict, layers: int) -> Path:
     cfg = LlamaConfig(vocab_size=512, num_hidden_layers=layers, max_position_embeddings=4096, **shape)
     torch.manual_seed(0)
     with torch.device("cpu"):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+        model = LlamaForCausalLM(cfg)
+    model = model.to(torch.bfloat16)  # type: ignore[arg-type]
     model.save_pretrained(path, max_shard_size="2GB")
     tiny_tokenizer(cfg.vocab_size).save_pretrained(path)
     return path

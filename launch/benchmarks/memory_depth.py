@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work_dir
     work.mkdir(parents=True, exist_ok=True)
     info = common.machine_info()
-    rows, peaks = [], {}
+    rows: list[list[object]] = []
+    peaks: dict[str, float] = {}
     for depth in depths:
         model = build_model(work / f"llama-{depth}x{args.hidden}", depth, args.hidden)
         for k, (label, stage) in enumerate(STAGES.items()):

@@ -135,8 +135,8 @@ def whole_clusters_removed(truth: list[int], n_remove: int) -> list[int]:
         gone += [e for e in range(len(truth)) if truth[e] == c]
         if len(gone) >= n_remove:
             break
-    gone = set(gone[:n_remove])
-    return [e for e in range(len(truth)) if e not in gone]
+    removed = set(gone[:n_remove])
+    return [e for e in range(len(truth)) if e not in removed]
 
 
 def random_keeps(E: int, n_keep: int, layers: list[int], draws: int, seed: int = 0) -> list[dict[int, list[int]]]:

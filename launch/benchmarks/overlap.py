@@ -49,7 +49,7 @@ class Throttle:
             time.sleep(delay)
             return out
 
-        CheckpointReader.read = slow_read  # type: ignore[method-assign]
+        CheckpointReader.read = slow_read  # type: ignore[method-assign,assignment]
         return self
 
     def __exit__(self, *exc: object) -> None:
