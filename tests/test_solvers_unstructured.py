@@ -473,3 +473,82 @@ def test_gram_add_is_symmetric_even_from_an_asymmetric_start():
     gram_add_(H, X)
     assert torch.equal(H, H.T)
     torch.testing.assert_close(torch.triu(H), upper, rtol=1e-5, atol=1e-4)
+
+
+# ---------------------------------------------------------------- selection internals (chunks, straddling ties)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_kth_smallest_numpy_and_torch_agree(monkeypatch, dtype):
+    """The CPU selection (numpy introselect) and the torch one (other devices) give the same threshold and the same
+    rows with a tie straddling it, on integer-valued scores (ties everywhere) and continuous ones."""
+    import solvers.masks as masks
+    from solvers.masks import _kth_smallest_torch, kth_smallest
+
+    monkeypatch.setattr(masks, "_PARALLEL_MIN", 1)  # rows partitioned on 3 threads
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    g = _gen(40)
+    for scores in (torch.randint(0, 5, (9, 37), generator=g).to(dtype), torch.rand(9, 37, generator=g).to(dtype)):
+        for k in (1, 2, 18, 36, 37):
+            thr, straddle = kth_smallest(scores, k)
+            ref_thr, ref_straddle = _kth_smallest_torch(scores, k)
+            assert thr.dtype == scores.dtype and thr.shape == (9, 1)
+            assert torch.equal(thr, ref_thr) and torch.equal(straddle, ref_straddle), k
+            s = np.sort(scores.float().numpy(), axis=1)
+            assert np.array_equal(thr[:, 0].float().numpy(), s[:, k - 1])
+
+
+@pytest.mark.parametrize("per_row", [True, False])
+def test_masks_in_chunks_of_rows_equal_one_chunk(monkeypatch, per_row):
+    """Wanda and magnitude select row chunk by row chunk (`_CHUNK` entries): the same masks and weights as one chunk,
+    with bfloat16 weights (ties straddling many rows' thresholds) and an N:M pattern."""
+    import solvers.masks as masks
+
+    g = _gen(41)
+    W = torch.randint(-3, 4, (23, 40), generator=g).bfloat16()
+    norms = torch.randint(1, 3, (40,), generator=g).float()
+    runs = []
+    for chunk in (1 << 22, 40, 3 * 40 + 7):
+        monkeypatch.setattr(masks, "_CHUNK", chunk)
+        runs.append(
+            [
+                masks.wanda_prune(W, norms, 0.5),
+                masks.wanda_prune(W, norms, 0.5, pattern="2:4"),
+                masks.magnitude_prune(W, 0.3, per_row=per_row),
+                masks.magnitude_prune(W, 0.5, pattern="4:8"),
+            ]
+        )
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a.mask, b.mask) and torch.equal(a.weight, b.weight) and a.info == b.info
+    scores = (W.float().abs() * norms.sqrt()).numpy()
+    assert np.array_equal(runs[1][0].mask.numpy(), _ref_prune_lowest_rows(scores, 20))
+    assert runs[1][0].weight.dtype == torch.bfloat16 and torch.equal(runs[1][0].weight, W * runs[1][0].mask)
+
+
+def test_all_finite():
+    from solvers.masks import all_finite
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        x = torch.randn(50, 7).to(dtype)
+        assert all_finite(x) and all_finite(x[:0])
+        for bad in (math.nan, math.inf, -math.inf):
+            y = x.clone()
+            y[31, 4] = bad
+            assert not all_finite(y)
+
+
+def test_long_rows_break_ties_by_position(monkeypatch):
+    """A row longer than `_CHUNK` (a layer flattened for one global threshold) breaks its straddling ties from the
+    positions of its tied entries instead of a cumulative count: the same set as the stable sort."""
+    import solvers.masks as masks
+
+    monkeypatch.setattr(masks, "_CHUNK", 30)
+    scores = torch.randint(0, 3, (3, 100), generator=_gen(42)).float()
+    for k in (1, 33, 50, 99):
+        assert np.array_equal(masks.prune_lowest(scores, k).numpy(), _ref_prune_lowest_rows(scores.numpy(), k)), k
+    W = torch.randint(-2, 3, (7, 13), generator=_gen(43)).bfloat16()
+    for sparsity in (0.2, 0.5, 0.9):
+        res = masks.magnitude_prune(W, sparsity)  # streamed over chunks of 2 rows, ties in row-major order
+        ref = _ref_prune_lowest_rows(W.float().abs().numpy().reshape(1, -1), _round_half_up(sparsity * 91))
+        assert np.array_equal(res.mask.numpy(), ref.reshape(7, 13)), sparsity
