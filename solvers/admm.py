@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from solvers.gram import check_weight_gram, damped_gram
+from solvers.gram import DampedGram, check_weight_gram, frob_dot, work_dtype
 from solvers.groups import check_count, check_groups, closed_form_reconstruct, group_columns, group_ids, kept_error
 from solvers.obs import swap_refine
 
@@ -98,6 +98,7 @@ def admm_group_prune(
     init_keep: Tensor | None = None,
     best_of_path: bool = True,
     max_swaps: int = 16,
+    dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Keep ``k_keep`` groups of input columns of ``W [d_out, d_in]`` chosen by ADMM (see the module docstring).
 
@@ -105,36 +106,39 @@ def admm_group_prune(
     (sorted group ids) starts ``Z`` on that support (default: the ``k_keep`` groups of largest ``‖W_G D_G‖``).
     Stops after ``iters`` iterations, or once the support has been stable for ``patience`` iterations and
     ``‖W̃ − Z‖ ≤ tol·‖W̃‖``. ``best_of_path`` picks the best support visited rather than the last; ``max_swaps``
-    rounds of :func:`solvers.obs.swap_refine` follow (``0``: none). Iterations run in float32 (float64 for
-    float64 weights); the eigendecomposition and the final solve in float64. Returns ``(keep_groups, W_new)``: sorted kept ids and the full-width ``[d_out, d_in]``
+    rounds of :func:`solvers.obs.swap_refine` follow (``0``: none). Everything runs in float32 (float64 for
+    float64 weights, or ``dtype``): the iterations only pick the support, whose exact errors then decide (best of
+    path, swaps); memory: the normalised Gram and its eigendecomposition (~3·d² in ``dtype``, LAPACK's ``syevd``
+    workspace included). Returns ``(keep_groups, W_new)``: sorted kept ids and the full-width ``[d_out, d_in]``
     closed-form weight on the kept columns (removed columns exactly zero), in ``W.dtype``.
     """
     check_weight_gram(W, H, "admm_group_prune")
     check_groups(groups, W.shape[1], "admm_group_prune")
     check_count(k_keep, len(groups), "k_keep", "admm_group_prune")
     schedule = _Schedule(rho0, rho_growth, iters, patience, tol)
-    keep, seen = _admm_support(W, H, groups, k_keep, schedule, percdamp, init_keep)
+    G = DampedGram.of(H, percdamp, dtype=work_dtype(W, dtype), device=W.device)
+    keep, seen = _admm_support(W, G, groups, k_keep, schedule, init_keep)
     logger.debug("admm_group_prune: %d distinct supports visited", len(seen))
     if best_of_path:
-        keep = _best_support(W, H, groups, seen, percdamp)
-    keep = swap_refine(W, H, groups, keep, max_swaps=max_swaps, percdamp=percdamp)
+        keep = _best_support(W, G, groups, seen)
+    keep = swap_refine(W, H, groups, keep, max_swaps=max_swaps, percdamp=percdamp, dtype=G.dtype)
     cols = group_columns(groups, keep, W.shape[1]).to(W.device)
     W_new = torch.zeros_like(W)
-    W_new[:, cols] = closed_form_reconstruct(W, H, cols, percdamp=percdamp)
+    W_new[:, cols] = closed_form_reconstruct(W, H, cols, percdamp=percdamp, dtype=G.dtype)
     return keep.cpu(), W_new
 
 
 def _admm_support(
-    W: Tensor, H: Tensor, groups: list[Tensor], k_keep: int, sch: _Schedule, percdamp: float, init_keep: Tensor | None
+    W: Tensor, G: DampedGram, groups: list[Tensor], k_keep: int, sch: _Schedule, init_keep: Tensor | None
 ) -> tuple[Tensor, set[tuple[int, ...]]]:
     """The iterations; returns the last support and every support visited (sorted id tuples)."""
     n_groups, d_in = len(groups), W.shape[1]
-    Hd, dead = damped_gram(H.to(W.device), percdamp)
-    Dg = Hd.diagonal().sqrt()
-    evals, Q = torch.linalg.eigh(Hd / (Dg[:, None] * Dg[None, :]))
-    dtype = torch.promote_types(W.dtype, torch.float32)  # iterations only pick the support: float32 is enough
-    evals, Q, Dg = evals.to(dtype), Q.to(dtype), Dg.to(dtype)
-    W0 = (W.to(dtype) * Dg).masked_fill(dead[None, :], 0.0)
+    N = G.full()
+    Dg = N.diagonal().sqrt()
+    N.div_(Dg[:, None]).div_(Dg[None, :])  # unit diagonal, in place
+    evals, Q = torch.linalg.eigh(N)
+    del N
+    W0 = (W.to(G.dtype) * Dg).masked_fill(G.dead[None, :], 0.0)
     PQ = W0 @ Q * evals  # W̃₀ H̃ Q = W̃₀ Q Λ
     gid = group_ids(groups, d_in, W.device)
     if init_keep is None:
@@ -161,16 +165,15 @@ def _admm_support(
     return keep, seen
 
 
-def _best_support(W: Tensor, H: Tensor, groups: list[Tensor], seen: set[tuple[int, ...]], percdamp: float) -> Tensor:
+def _best_support(W: Tensor, G: DampedGram, groups: list[Tensor], seen: set[tuple[int, ...]]) -> Tensor:
     """The visited support of least exact least-squares error (ties: first in sorted order)."""
-    Hd, dead = damped_gram(H.to(W.device), percdamp)
-    Wf = W.to(Hd.dtype).masked_fill(dead[None, :], 0.0)
-    M = Wf @ Hd
-    total = float((M * Wf).sum())
+    Wf = W.to(G.dtype).masked_fill(G.dead[None, :], 0.0)
+    M = G.left(Wf)
+    total = frob_dot(M, Wf)
     best, best_err = None, float("inf")
     for cand in sorted(seen):
         ids = torch.tensor(cand, dtype=torch.long)
-        err = kept_error(M, total, Hd, group_columns(groups, ids, W.shape[1]).to(W.device), "admm_group_prune")[0]
+        err = kept_error(M, total, G, group_columns(groups, ids, W.shape[1]).to(W.device), "admm_group_prune")[0]
         if err < best_err:
             best, best_err = ids, err
     assert best is not None

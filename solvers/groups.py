@@ -29,7 +29,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from solvers.gram import check_weight_gram, cholesky_jittered, damped_gram, spd_inverse
+from solvers.gram import (
+    DampedGram,
+    check_weight_gram,
+    cholesky_block,
+    cholesky_inplace,
+    frob_dot,
+    solve_cholesky_,
+    work_dtype,
+)
 
 __all__ = [
     "groups_contiguous",
@@ -48,9 +56,6 @@ __all__ = [
     "bucket_costs",
     "obs_group_costs",
 ]
-
-_F64 = torch.float64  # every solve: Grams of LLM activations are ill-conditioned and inverses get downdated
-
 
 # ---------------------------------------------------------------- groups
 
@@ -123,29 +128,32 @@ def as_index(keep: Tensor, d_in: int, where: str) -> Tensor:
 # ---------------------------------------------------------------- closed form
 
 
-def solve_kept(Wf: Tensor, Hd: Tensor, keep: Tensor, where: str) -> Tensor:
-    """``W·H_{:,S}·(H_{S,S})⁻¹`` (``[d_out, |S|]``) in the dtype of ``Hd``; ``Wf`` already in that dtype, ``Hd``
-    already damped (no checks: the public entry points validate)."""
+def solve_kept(MS: Tensor, G: DampedGram, keep: Tensor, where: str) -> Tensor:
+    """``MS·((H_λ)_{S,S})⁻¹`` (``[d_out, |S|]``, written over ``MS``) for ``MS = (W·H_λ)_{:,S}``: the closed form
+    ``W·(H_λ)_{:,S}·((H_λ)_{S,S})⁻¹``. One ``|S|²`` block, factorised in place, and two triangular solves in
+    ``MS``'s storage (no checks: the public entry points validate)."""
     if keep.numel() == 0:
-        return Wf.new_zeros(Wf.shape[0], 0)
-    L = cholesky_jittered(Hd[keep[:, None], keep], where)
-    rhs = Hd[keep] @ Wf.T  # H_{S,:} Wᵀ  [|S|, d_out]
-    return torch.cholesky_solve(rhs, L).T
+        return MS.new_zeros(MS.shape[0], 0)
+    return solve_cholesky_(cholesky_block(G, keep, where), MS.T).T
 
 
-def closed_form_reconstruct(W: Tensor, H: Tensor, keep: Tensor, *, percdamp: float = 0.0) -> Tensor:
+def closed_form_reconstruct(
+    W: Tensor, H: Tensor, keep: Tensor, *, percdamp: float = 0.0, dtype: torch.dtype | None = None
+) -> Tensor:
     """Optimal kept weights ``W_S = W·H_{:,S}·(H_{S,S})⁻¹`` (``[d_out, |S|]``, columns in the order of ``keep``).
 
     Exact least squares of ``min_{W_S} ‖W Xᵀ − W_S X_Sᵀ‖_F²`` (with ``percdamp > 0``: ``H`` replaced by ``H_λ``, the
-    ridge solution toward ``W_{:,S}``). Dead inputs (``H_jj = 0``) keep their weights. Solved in float64 by
-    Cholesky, returned in ``W.dtype``.
+    ridge solution toward ``W_{:,S}``). Dead inputs (``H_jj = 0``) keep their weights. Solved by Cholesky in
+    float32 (float64 for float64 weights, or ``dtype``), returned in ``W.dtype``; memory: ``W·H`` and one
+    ``|S|²`` block, no copy of ``H``.
 
     Example: ``W = [[1, 1]]``, ``H = [[3, 1], [1, 3]]``, ``keep = [0]`` gives ``[[4/3]]``.
     """
     check_weight_gram(W, H, "closed_form_reconstruct")
     keep = as_index(keep, W.shape[1], "closed_form_reconstruct").to(W.device)
-    Hd, _ = damped_gram(H.to(W.device), percdamp, dtype=_F64)
-    return solve_kept(W.to(Hd.dtype), Hd, keep, "closed_form_reconstruct").to(W.dtype)
+    G = DampedGram.of(H, percdamp, dtype=work_dtype(W, dtype), device=W.device)
+    MS = G.left(W.to(G.dtype))[:, keep]  # the full W·H_λ is freed here
+    return solve_kept(MS, G, keep, "closed_form_reconstruct").to(W.dtype)
 
 
 def augmented_gram(H: Tensor, x_sum: Tensor, n: int) -> Tensor:
@@ -161,48 +169,73 @@ def augmented_gram(H: Tensor, x_sum: Tensor, n: int) -> Tensor:
 
 
 def closed_form_with_bias(
-    W: Tensor, H: Tensor, x_sum: Tensor, n: int, keep: Tensor, *, percdamp: float = 0.0
+    W: Tensor,
+    H: Tensor,
+    x_sum: Tensor,
+    n: int,
+    keep: Tensor,
+    *,
+    percdamp: float = 0.0,
+    dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Kept weights and a bias fitted together: ``min_{W_S, b} Σ_t ‖W x_t − W_S x_{t,S} − b‖²``.
 
     Closed form on the augmented Gram ``H̃ = [[H_λ, Σx], [Σxᵀ, n]]`` with ``W̃ = [W, 0]`` and ``S̃ = S ∪ {d_in}``:
     ``[W_S, b] = W̃ H̃_{:,S̃} (H̃_{S̃,S̃})⁻¹``. Returns ``(W_S [d_out, |S|], b [d_out])``; ``b`` is to be *added* to
     the layer's existing bias (which is unchanged by the fit). The mean output over the calibration tokens is
-    then exact (the normal equation of ``b``): FLAP's bias compensation with reconstruction.
+    then exact (the normal equation of ``b``): FLAP's bias compensation with reconstruction. Only the kept block of
+    ``H̃`` is formed (``(|S|+1)²``), in the precision of :func:`closed_form_reconstruct`.
     """
     check_weight_gram(W, H, "closed_form_with_bias")
     d_in = W.shape[1]
+    if x_sum.shape != (d_in,):
+        raise ValueError(f"closed_form_with_bias: input sum has shape {tuple(x_sum.shape)}, Gram has {d_in} inputs")
+    if n <= 0:
+        raise ValueError(f"closed_form_with_bias: token count must be positive, got {n}")
     keep = as_index(keep, d_in, "closed_form_with_bias").to(W.device)
-    Hd, _ = damped_gram(H.to(W.device), percdamp, dtype=_F64)
-    Ha = augmented_gram(Hd, x_sum.to(W.device), n)
-    Wa = torch.cat([W.to(Hd.dtype), W.new_zeros(W.shape[0], 1, dtype=Hd.dtype)], dim=1)
-    keep_a = torch.cat([keep, keep.new_tensor([d_in])])
-    sol = solve_kept(Wa, Ha, keep_a, "closed_form_with_bias")
+    G = DampedGram.of(H, percdamp, dtype=work_dtype(W, dtype), device=W.device)
+    Wf, s = W.to(G.dtype), x_sum.to(W.device, G.dtype)
+    k = keep.numel()
+
+    def kept_block() -> Tensor:  # H̃_{S̃,S̃}
+        A = torch.empty(k + 1, k + 1, dtype=G.dtype, device=W.device)
+        A[:k, :k] = G.block(keep)
+        A[:k, k] = A[k, :k] = s[keep]
+        A[k, k] = float(n)
+        return A
+
+    rhs = torch.cat([G.left(Wf)[:, keep], (Wf @ s)[:, None]], dim=1)  # W̃ H̃_{:,S̃}
+    sol = solve_cholesky_(cholesky_inplace(kept_block, "closed_form_with_bias"), rhs.T).T
     return sol[:, :-1].to(W.dtype), sol[:, -1].to(W.dtype)
 
 
-def kept_error(M: Tensor, total: float, Hd: Tensor, S: Tensor, where: str) -> tuple[float, Tensor]:
-    """``E(S) = tr(W H Wᵀ) − ‖L⁻¹ (W H)_{:,S}ᵀ‖²`` with ``L L ᵀ = H_SS``, from ``M = W H`` and ``total = tr(W H Wᵀ)``.
+def kept_error(M: Tensor, total: float, G: DampedGram, S: Tensor, where: str) -> tuple[float, Tensor]:
+    """``E(S) = tr(W H Wᵀ) − ‖L⁻¹ (W H)_{:,S}ᵀ‖²`` with ``L Lᵀ = (H_λ)_SS``, from ``M = W H_λ`` and
+    ``total = tr(W H_λ Wᵀ)``.
 
     Returns ``(E(S), L)``; for many supports of one layer, compute ``M`` and ``total`` once.
     """
     if S.numel() == 0:
-        return total, Hd.new_zeros(0, 0)
-    L = cholesky_jittered(Hd[S[:, None], S], where)
-    return max(total - float(torch.linalg.solve_triangular(L, M[:, S].T, upper=False).square().sum()), 0.0), L
+        return total, M.new_zeros(0, 0)
+    L = cholesky_block(G, S, where)
+    Y = M[:, S].T  # a copy, column-major: solved in place
+    fit = float(torch.linalg.vector_norm(torch.linalg.solve_triangular(L, Y, upper=False, out=Y))) ** 2
+    return max(total - fit, 0.0), L
 
 
-def support_error(W: Tensor, H: Tensor, keep: Tensor, *, percdamp: float = 0.0) -> float:
+def support_error(
+    W: Tensor, H: Tensor, keep: Tensor, *, percdamp: float = 0.0, dtype: torch.dtype | None = None
+) -> float:
     """Least-squares error of the best reconstruction on ``keep``: ``tr(W H Wᵀ) − tr(W H_{:,S} H_{S,S}⁻¹ H_{S,:} Wᵀ)``.
 
     Equals ``tr(ΔW H ΔWᵀ)`` for ``ΔW`` = the closed form minus ``W`` (a sum over tokens, as ``H``).
     """
     check_weight_gram(W, H, "support_error")
     keep = as_index(keep, W.shape[1], "support_error").to(W.device)
-    Hd, dead = damped_gram(H.to(W.device), percdamp, dtype=_F64)
-    Wf = W.to(Hd.dtype).masked_fill(dead[None, :], 0.0)  # dead inputs contribute nothing to the outputs
-    M = Wf @ Hd
-    return kept_error(M, float((M * Wf).sum()), Hd, keep, "support_error")[0]
+    G = DampedGram.of(H, percdamp, dtype=work_dtype(W, dtype), device=W.device)
+    Wf = W.to(G.dtype).masked_fill(G.dead[None, :], 0.0)  # dead inputs contribute nothing to the outputs
+    M = G.left(Wf)
+    return kept_error(M, frob_dot(M, Wf), G, keep, "support_error")[0]
 
 
 # ---------------------------------------------------------------- OBS-group costs (ZipLM)
@@ -256,15 +289,19 @@ def bucket_costs(
     return costs
 
 
-def obs_group_costs(W: Tensor, H: Tensor, groups: list[Tensor], *, percdamp: float = 0.0) -> Tensor:
+def obs_group_costs(
+    W: Tensor, H: Tensor, groups: list[Tensor], *, percdamp: float = 0.0, dtype: torch.dtype | None = None
+) -> Tensor:
     """Single-shot OBS-group costs ``c_G = tr(W_{:,G} ([H_λ⁻¹]_{GG})⁻¹ W_{:,G}ᵀ)`` (``[n_groups]``, float64).
 
     ``c_G`` is exactly the increase of ``tr(ΔW H ΔWᵀ)`` when group ``G`` alone is removed and all other columns are
-    reconstructed optimally (closed form). Same units as ``H`` (a sum over tokens).
+    reconstructed optimally (closed form). Same units as ``H`` (a sum over tokens). Computed in float32 (float64
+    for float64 weights, or ``dtype``) from one ``d×d`` inverse made in place.
     """
     check_weight_gram(W, H, "obs_group_costs")
     check_groups(groups, W.shape[1], "obs_group_costs")
-    Hd, dead = damped_gram(H.to(W.device), percdamp, dtype=_F64)
-    Wf = W.to(Hd.dtype).masked_fill(dead[None, :], 0.0)
+    G = DampedGram.of(H, percdamp, dtype=work_dtype(W, dtype), device=W.device)
+    Wf = W.to(G.dtype).masked_fill(G.dead[None, :], 0.0)
     removed = torch.zeros(len(groups), dtype=torch.bool, device=W.device)
-    return bucket_costs(Wf, spd_inverse(Hd, "obs_group_costs"), GroupBuckets.of(groups, W.device), removed)
+    Hinv = G.inverse("obs_group_costs")
+    return bucket_costs(Wf, Hinv, GroupBuckets.of(groups, W.device), removed).to(torch.float64)

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -27,6 +30,9 @@ __all__ = [
     "prune_lowest",
     "n_pruned",
     "check_inputs",
+    "all_finite",
+    "kth_smallest",
+    "mask_workspace_bytes",
 ]
 
 _PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
@@ -68,27 +74,102 @@ def check_inputs(W: Tensor, sparsity: float, where: str) -> None:
         raise ValueError(f"{where}: weight must be a 2-D floating tensor, got {tuple(W.shape)} {W.dtype}")
     if not 0.0 <= sparsity <= 1.0:
         raise ValueError(f"{where}: sparsity must lie in [0, 1], got {sparsity}")
-    if not bool(torch.isfinite(W).all()):
+    if not all_finite(W):
         raise ValueError(f"{where}: weight {tuple(W.shape)} contains NaN or inf")
+
+
+def all_finite(x: Tensor) -> bool:
+    """No NaN or inf in ``x``: one reduction (``aminmax`` propagates NaN), no ``isfinite`` mask of ``x``'s size."""
+    if x.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(x.detach())
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
+_NUMPY_SELECT = (torch.float32, torch.float64, torch.float16)  # other CPU dtypes are selected as float32 (exact)
+
+
+def kth_smallest(scores: Tensor, k: int, *, work: np.ndarray | None = None) -> tuple[Tensor, Tensor]:
+    """``(thr [r, 1], straddle [r])``: the ``k``-th smallest value of each row of ``scores [r, c]`` (``1 <= k <=
+    c``), and whether an entry equal to it lies beyond the row's ``k`` smallest (a tie that straddles it).
+
+    On the CPU by numpy's introselect (``np.partition``: ~3x faster than ``torch.kthvalue``, which moves an int64
+    index with every value), on a copy of the scores (in ``work``, a reusable float array of at least their shape,
+    when given); elsewhere ``torch.kthvalue`` and a count. The value is the same either way."""
+    if scores.device.type != "cpu":
+        return _kth_smallest_torch(scores, k)
+    a = scores.detach()
+    a = (a if a.dtype in _NUMPY_SELECT else a.float()).numpy()
+    if work is not None and work.dtype == a.dtype:
+        part = work.reshape(-1)[: a.size].reshape(a.shape)
+        np.copyto(part, a)
+    else:
+        part = a.copy()
+    _partition_rows(part, k - 1)
+    thr = part[:, k - 1].copy()
+    straddle = part[:, k:].min(axis=1) == thr if k < a.shape[1] else np.zeros(a.shape[0], dtype=bool)
+    return torch.from_numpy(thr).to(scores.dtype)[:, None], torch.from_numpy(straddle)
+
+
+_PARALLEL_MIN = 1 << 20  # entries from which the rows are partitioned on several threads
+
+
+def _partition_rows(a: np.ndarray, kth: int) -> None:
+    """``a.partition(kth, axis=1)`` in place, its rows split over torch's intra-op thread count (numpy releases
+    the GIL while it partitions; the introselect itself is single-threaded)."""
+    n = min(torch.get_num_threads(), a.shape[0])
+    if n <= 1 or a.size < _PARALLEL_MIN:
+        a.partition(kth, axis=1)
+        return
+    edges = [round(i * a.shape[0] / n) for i in range(n + 1)]
+    with ThreadPoolExecutor(n) as pool:
+        list(pool.map(lambda i: a[edges[i] : edges[i + 1]].partition(kth, axis=1), range(n)))
+
+
+def _kth_smallest_torch(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    thr = torch.kthvalue(scores, k, dim=1, keepdim=True).values
+    return thr, (scores <= thr).sum(dim=1) != k
 
 
 def prune_lowest(scores: Tensor, k: int) -> Tensor:
     """Keep-mask that prunes the ``k`` lowest scores in each row of ``scores [r, c]`` (stable: lower index first).
 
-    Selection, not a sort: the k-th smallest value per row is the threshold; everything below it is pruned, and of
-    the entries equal to it the first ``k − #below`` by index (the same set as a stable sort's first ``k``)."""
+    Selection, not a sort: the k-th smallest value per row is the threshold (:func:`kth_smallest`); everything
+    below it is pruned, and of the entries equal to it the first ``k − #below`` by index (the same set as a stable
+    sort's first ``k``). Only the rows where a tie straddles the threshold pay for that tie-break."""
     if k <= 0:
         return torch.ones_like(scores, dtype=torch.bool)
     if k >= scores.shape[1]:
         return torch.zeros_like(scores, dtype=torch.bool)
-    thr = torch.kthvalue(scores, k, dim=1, keepdim=True).values
-    keep = scores > thr
-    if bool(((~keep).sum(dim=1) == k).all()):  # no tie straddles the threshold (the usual case): done
-        return keep
-    below = scores < thr
-    tie = scores == thr
-    need = k - below.sum(dim=1, keepdim=True)
-    return ~(below | (tie & (tie.cumsum(dim=1) <= need)))
+    return _prune_lowest_into(torch.empty_like(scores, dtype=torch.bool), scores, k)
+
+
+def _prune_lowest_into(keep: Tensor, scores: Tensor, k: int, work: np.ndarray | None = None) -> Tensor:
+    """:func:`prune_lowest` with ``0 < k < c`` written into ``keep`` (``work``: see :func:`kth_smallest`)."""
+    thr, straddle = kth_smallest(scores, k, work=work)
+    torch.gt(scores, thr, out=keep)
+    _break_ties_(keep, scores, thr, torch.nonzero(straddle.to(scores.device)).flatten(), k)
+    return keep
+
+
+def _break_ties_(keep: Tensor, scores: Tensor, thr: Tensor, rows: Tensor, k: int) -> None:
+    """In the given rows, keep again the entries equal to the threshold beyond the first ``k − #below`` (they were
+    all pruned by ``scores > thr``). Rows go in groups of at most `_CHUNK` entries (a cumulative count of the ties);
+    a row longer than that alone (e.g. a whole layer flattened) by the positions of its ties."""
+    c = scores.shape[1]
+    step = max(1, _CHUNK // c)
+    for i in range(0, rows.numel(), step):
+        sel = rows[i : i + step]
+        if c > _CHUNK:
+            r = int(sel[0])
+            need = k - int(torch.count_nonzero(scores[r] < thr[r]))
+            keep[r, torch.nonzero(scores[r] == thr[r]).flatten()[need:]] = True
+            continue
+        s, t = scores[sel], thr[sel]
+        below = s < t
+        tie = s == t
+        need = k - below.sum(dim=1, keepdim=True)
+        keep[sel] = ~(below | (tie & (tie.cumsum(dim=1, dtype=torch.int32) <= need)))
 
 
 def nm_mask(scores: Tensor, n: int, m: int) -> Tensor:
@@ -122,21 +203,81 @@ def _stable_ranks(groups: Tensor) -> Tensor:
     return rank
 
 
-def _mask_from_scores(scores: Tensor, sparsity: float, nm: tuple[int, int] | None, per_row: bool) -> Tensor:
-    if nm is not None:
-        return nm_mask(scores, *nm)
-    if per_row:
-        return prune_lowest(scores, n_pruned(sparsity, scores.shape[1]))
-    flat = scores.reshape(1, -1)
-    return prune_lowest(flat, n_pruned(sparsity, flat.shape[1])).reshape(scores.shape)
+_CHUNK = 1 << 22  # score entries per chunk of rows: scores, selection and masked weights never exist in full
 
 
-def _result(W: Tensor, mask: Tensor, method: str, nm: tuple[int, int] | None) -> PruneResult:
-    weight = W * mask.to(W.dtype)
+def _row_slices(d_out: int, d_in: int) -> list[tuple[int, int]]:
+    step = max(1, _CHUNK // max(d_in, 1))
+    return [(r, min(r + step, d_out)) for r in range(0, d_out, step)]
+
+
+def _prune_by_rows(
+    W: Tensor, score: Callable[[Tensor], Tensor], sparsity: float, nm: tuple[int, int] | None
+) -> tuple[Tensor, Tensor]:
+    """``(weight, mask)`` of a per-row or N:M selection on ``score(W_rows)``, a chunk of rows at a time (the
+    selection's copy of the scores in one reused buffer: fresh chunk-sized allocations cost a page fault per 4 KiB)."""
+    mask = torch.empty(W.shape, dtype=torch.bool, device=W.device)
+    weight = torch.empty_like(W)
+    zero = torch.zeros((), dtype=W.dtype, device=W.device)
+    k = n_pruned(sparsity, W.shape[1])
+    slices = _row_slices(*W.shape)
+    work = None
+    for r0, r1 in slices:
+        S = score(W[r0:r1])
+        if nm is not None:
+            mask[r0:r1] = nm_mask(S, *nm)
+        elif k <= 0 or k >= W.shape[1]:
+            mask[r0:r1] = k <= 0
+        else:
+            if work is None and S.device.type == "cpu" and S.dtype in _NUMPY_SELECT:
+                work = np.empty((slices[0][1] - slices[0][0]) * S.shape[1], dtype=S.numpy().dtype)
+            _prune_lowest_into(mask[r0:r1], S, k, work)
+        torch.where(mask[r0:r1], W[r0:r1], zero, out=weight[r0:r1])
+    return weight, mask
+
+
+def _global_threshold(W: Tensor, k: int) -> tuple[Tensor, int]:
+    """``(t, #below)``: the ``k``-th smallest ``|W_ij|`` over the whole matrix and how many entries lie below it,
+    from one temporary ``|W|`` (partitioned in place on the CPU)."""
+    a = W.detach().reshape(1, -1)
+    a = a.abs() if a.dtype in _NUMPY_SELECT or a.device.type != "cpu" else a.float().abs_()
+    if a.device.type != "cpu":
+        thr = torch.kthvalue(a[0], k).values
+        return thr, int(torch.count_nonzero(a < thr))
+    flat = a.numpy()[0]
+    flat.partition(k - 1)
+    thr = flat[k - 1]
+    return torch.tensor(thr).to(W.dtype), int(np.count_nonzero(flat[: k - 1] < thr))
+
+
+def _prune_global(W: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``(weight, mask)`` pruning the ``k`` smallest ``|W_ij|`` of the whole matrix (ties: lower row-major index
+    first), a chunk of rows at a time after one global threshold."""
+    mask = torch.ones(W.shape, dtype=torch.bool, device=W.device)
+    if k <= 0:
+        return W.clone(), mask
+    if k >= W.numel():
+        return torch.zeros_like(W), mask.zero_()
+    thr, below = _global_threshold(W, k)
+    need = k - below  # entries equal to the threshold still to prune, in row-major order
+    weight = torch.empty_like(W)
+    zero = torch.zeros((), dtype=W.dtype, device=W.device)
+    for r0, r1 in _row_slices(*W.shape):
+        a = W[r0:r1].abs()
+        m = a > thr
+        ties = torch.nonzero((a == thr).reshape(-1)).flatten()
+        m.view(-1)[ties[need:]] = True
+        need = max(need - ties.numel(), 0)
+        mask[r0:r1] = m
+        torch.where(m, W[r0:r1], zero, out=weight[r0:r1])
+    return weight, mask
+
+
+def _result(weight: Tensor, mask: Tensor, method: str, nm: tuple[int, int] | None) -> PruneResult:
     info = {
         "method": method,
         "pattern": "unstructured" if nm is None else f"{nm[0]}:{nm[1]}",
-        "sparsity": 1.0 - mask.float().mean().item(),
+        "sparsity": 1.0 - int(torch.count_nonzero(mask)) / max(mask.numel(), 1),
     }
     return PruneResult(weight=weight, mask=mask, info=info)
 
@@ -148,17 +289,23 @@ def magnitude_prune(W: Tensor, sparsity: float, *, pattern: str | None = None, p
     """
     check_inputs(W, sparsity, "magnitude_prune")
     nm = parse_pattern(pattern)
-    mask = _mask_from_scores(W.abs(), sparsity, nm, per_row)
-    return _result(W, mask, "magnitude", nm)
+    if nm is not None or per_row:
+        return _result(*_prune_by_rows(W, torch.abs, sparsity, nm), "magnitude", nm)
+    return _result(*_prune_global(W, n_pruned(sparsity, W.numel())), "magnitude", nm)
+
+
+def _col_norms(W: Tensor, col_norm_sq: Tensor) -> Tensor:
+    """``‖X_{:,j}‖₂`` in the scores' dtype (float32, or float64 when either input is)."""
+    if col_norm_sq.shape != (W.shape[1],):
+        raise ValueError(f"wanda: column norms have shape {tuple(col_norm_sq.shape)}, weight has {W.shape[1]} inputs")
+    dtype = torch.promote_types(torch.promote_types(W.dtype, col_norm_sq.dtype), torch.float32)
+    return col_norm_sq.to(device=W.device, dtype=dtype).clamp_min(0).sqrt()
 
 
 def wanda_scores(W: Tensor, col_norm_sq: Tensor) -> Tensor:
     """Wanda importance ``S_ij = |W_ij| · ‖X_{:,j}‖₂`` (Sun et al. 2023), in float32 or float64."""
-    if col_norm_sq.shape != (W.shape[1],):
-        raise ValueError(f"wanda: column norms have shape {tuple(col_norm_sq.shape)}, weight has {W.shape[1]} inputs")
-    dtype = torch.promote_types(torch.promote_types(W.dtype, col_norm_sq.dtype), torch.float32)
-    norms = col_norm_sq.to(device=W.device, dtype=dtype).clamp_min(0).sqrt()
-    return W.to(dtype).abs() * norms
+    norms = _col_norms(W, col_norm_sq)
+    return W.to(norms.dtype).abs() * norms
 
 
 def wanda_prune(W: Tensor, col_norm_sq: Tensor, sparsity: float, *, pattern: str | None = None) -> PruneResult:
@@ -169,5 +316,17 @@ def wanda_prune(W: Tensor, col_norm_sq: Tensor, sparsity: float, *, pattern: str
     """
     check_inputs(W, sparsity, "wanda_prune")
     nm = parse_pattern(pattern)
-    mask = _mask_from_scores(wanda_scores(W, col_norm_sq), sparsity, nm, per_row=True)
-    return _result(W, mask, "wanda", nm)
+    norms = _col_norms(W, col_norm_sq)
+    return _result(*_prune_by_rows(W, lambda rows: rows.to(norms.dtype).abs() * norms, sparsity, nm), "wanda", nm)
+
+
+def mask_workspace_bytes(d_out: int, d_in: int, *, itemsize: int = 4) -> int:
+    """Peak bytes :func:`magnitude_prune` / :func:`wanda_prune` allocate beyond ``W`` (``itemsize`` bytes an entry):
+    the pruned weight and the mask (``itemsize + 1`` per entry) and, per chunk of rows, the scores, the selection's
+    copy and masks (~32 bytes per entry of one chunk, measured with the allocator's slack). The global magnitude
+    threshold's ``|W|`` copy (``itemsize`` per entry) is freed before the weight is made.
+
+    Measured (CPU, fresh process, 4096 x 14336 float32): Wanda 6.8 bytes per entry, magnitude 6.3 (this estimate:
+    7.3)."""
+    n = d_out * d_in
+    return (itemsize + 1) * n + 32 * min(_CHUNK, n)

@@ -20,7 +20,7 @@ import math
 import torch
 from torch import Tensor
 
-from solvers.gram import check_weight_gram, cholesky_jittered, damped_gram, spd_inverse
+from solvers.gram import DampedGram, check_weight_gram, cholesky_jittered, col_sq_norms, frob_dot, work_dtype
 from solvers.groups import (
     GroupBuckets,
     bucket_costs,
@@ -34,8 +34,6 @@ from solvers.groups import (
 __all__ = ["obs_group_prune", "swap_refine"]
 
 logger = logging.getLogger(__name__)
-
-_F64 = torch.float64
 
 
 def _remove_group(Wf: Tensor, Hinv: Tensor, G: Tensor, where: str) -> None:
@@ -68,7 +66,7 @@ def _greedy_columns(Wf: Tensor, Hinv: Tensor, cols: Tensor, k_remove: int, remov
     while done < k_remove:
         b = min(_LAZY_STEPS, k_remove - done)
         U, V, A = Hinv.new_zeros(d_in, b), Hinv.new_zeros(d_in, b), Wf.new_zeros(d_out, b)
-        norms, diag = Wf.square().sum(dim=0), Hinv.diagonal().clone()
+        norms, diag = col_sq_norms(Wf), Hinv.diagonal().clone()
         gone = []
         for s in range(b):
             n_c, d_c = norms[cols], diag[cols]
@@ -96,8 +94,16 @@ def _greedy_columns(Wf: Tensor, Hinv: Tensor, cols: Tensor, k_remove: int, remov
 
 
 def obs_group_prune(
-    W: Tensor, H: Tensor, groups: list[Tensor], k_remove: int, *, percdamp: float = 0.01, max_swaps: int = 16
-) -> tuple[Tensor, Tensor]:
+    W: Tensor,
+    H: Tensor,
+    groups: list[Tensor],
+    k_remove: int,
+    *,
+    percdamp: float = 0.01,
+    max_swaps: int = 16,
+    dtype: torch.dtype | None = None,
+    weights: bool = True,
+) -> tuple[Tensor, Tensor | None]:
     """Greedy OBS-group removal (ZipLM): ``k_remove`` times, remove the group of least cost and update.
 
     Per step, with ``H⁻¹`` the inverse of ``H_λ`` restricted to the remaining columns (zero elsewhere):
@@ -110,16 +116,18 @@ def obs_group_prune(
     (``H_jj = 0``) count as free (their weights are zeroed).
 
     Returns ``(keep_groups, W_new)``: sorted kept group ids (``[n_groups − k_remove]``) and the full-width
-    ``[d_out, d_in]`` weight (removed columns exactly zero, kept ones the closed form), in ``W.dtype``. Float64
-    inside.
+    ``[d_out, d_in]`` weight (removed columns exactly zero, kept ones the closed form), in ``W.dtype``. Computed in
+    float32 (float64 for float64 weights, or ``dtype``); memory: one ``d×d`` inverse (made in place) during the
+    greedy, then the swap search's kept blocks (``|S|²``), never a copy of ``H``. ``weights=False`` returns
+    ``(keep_groups, None)`` (for callers that refit the kept columns themselves).
     """
     check_weight_gram(W, H, "obs_group_prune")
     check_groups(groups, W.shape[1], "obs_group_prune")
     check_count(k_remove, len(groups), "k_remove", "obs_group_prune")
-    Hd, dead = damped_gram(H.to(W.device), percdamp, dtype=_F64)
-    W0 = W.to(_F64).masked_fill(dead[None, :], 0.0)
+    G = DampedGram.of(H, percdamp, dtype=work_dtype(W, dtype), device=W.device)
+    W0 = W.to(G.dtype).masked_fill(G.dead[None, :], 0.0)
     Wf = W0.clone()
-    Hinv = spd_inverse(Hd, "obs_group_prune")
+    Hinv = G.inverse("obs_group_prune")
     removed = torch.zeros(len(groups), dtype=torch.bool, device=W.device)
     if all(g.numel() == 1 for g in groups):
         _greedy_columns(Wf, Hinv, torch.cat(groups).long().to(W.device), k_remove, removed)
@@ -132,30 +140,34 @@ def obs_group_prune(
     del Hinv
     keep = torch.nonzero(~removed).flatten().cpu()
     if max_swaps > 0 and 0 < k_remove < len(groups):
-        swapped = _swap_refine(W0, Hd, groups, keep, max_swaps)
-        if not torch.equal(swapped, keep):
-            keep = swapped
-            Wf = torch.zeros_like(Wf)
-            cols = group_columns(groups, keep, W.shape[1]).to(W.device)
-            Wf[:, cols] = solve_kept(W0, Hd, cols, "obs_group_prune")
-    return keep, Wf.to(W.dtype)
+        del Wf  # the closed form on the final support replaces it (equal to it when no swap is taken)
+        keep = _swap_refine(W0, G, groups, keep, max_swaps)
+        if not weights:
+            return keep, None
+        cols = group_columns(groups, keep, W.shape[1]).to(W.device)
+        Wf = torch.zeros_like(W0)
+        Wf[:, cols] = solve_kept(G.left(W0)[:, cols], G, cols, "obs_group_prune")
+    return keep, Wf.to(W.dtype) if weights else None
 
 
 # ---------------------------------------------------------------- swap refinement
 
 
-_COLLINEAR = 1e-12  # a removed column whose Schur complement is below this share of H_rr adds nothing new
+def _collinear(dtype: torch.dtype) -> float:
+    """A removed column whose Schur complement is below this share of ``H_rr`` adds nothing new (beyond the
+    working precision's rounding of that complement)."""
+    return 1e-12 if dtype == torch.float64 else 1e-5
 
 
-def _swap_gains(M: Tensor, Hd: Tensor, S: Tensor, R: Tensor, G: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+def _swap_gains(M: Tensor, Hg: DampedGram, S: Tensor, R: Tensor, G: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
     """Adding columns ``R`` to the kept set ``S``: Schur complement ``Σ = H_RR − H_RS H_SS⁻¹ H_SR``,
     ``v = C_R − C_S H_SS⁻¹ H_SR`` (``C = W₀H``); the error drops by ``tr(v Σ⁻¹ vᵀ)``. Returns
     ``(gain, vΣ⁻¹, Σ⁻¹)``, or ``None`` when ``R`` is (numerically) in the span of ``S``."""
     Gr = G[:, R]  # H_SS⁻¹ H_SR   [|S|, s]
-    H_RR = Hd[R][:, R]
-    Sig = H_RR - Hd[R][:, S] @ Gr
+    H_RR = Hg.block(R)
+    Sig = H_RR - Hg.block(R, S) @ Gr
     Sig = (Sig + Sig.T) / 2
-    if float(torch.linalg.eigvalsh(Sig).min()) <= _COLLINEAR * float(H_RR.diagonal().max()):
+    if float(torch.linalg.eigvalsh(Sig).min()) <= _collinear(Sig.dtype) * float(H_RR.diagonal().max()):
         return None
     Sig_inv = torch.linalg.inv(Sig)
     v = M[:, R] - M[:, S] @ Gr
@@ -164,57 +176,69 @@ def _swap_gains(M: Tensor, Hd: Tensor, S: Tensor, R: Tensor, G: Tensor) -> tuple
 
 
 def _best_swap_columns(
-    M: Tensor, Hd: Tensor, groups: list[Tensor], keep: Tensor, S: Tensor, Hinv_S: Tensor, W_S: Tensor
+    M: Tensor, MS: Tensor, Hg: DampedGram, groups: list[Tensor], keep: Tensor, S: Tensor, Hinv_S: Tensor, W_S: Tensor
 ) -> tuple[float, int, int]:
     """:func:`_best_swap` for single-column groups, all pairs at once (``|S|×|P|`` matrices, no loop).
 
-    With ``G = H_SS⁻¹ H_SP`` (only the removed columns are formed), ``g = G_{k,r}``, ``σ = Σ_r``: ``‖W'_k‖² = ‖W_k‖² − 2g/σ·W_kᵀv_r + g²/σ²·‖v_r‖²``,
-    ``[H'⁻¹]_kk = [H⁻¹]_kk + g²/σ``, ``Δ_kr = ‖W'_k‖²/[H'⁻¹]_kk − ‖v_r‖²/σ``.
+    With ``G = H_SS⁻¹ H_SP`` (only the removed columns are formed), ``g = G_{k,r}``, ``σ = Σ_r``:
+    ``‖W'_k‖² = ‖W_k‖² − 2g/σ·W_kᵀv_r + g²/σ²·‖v_r‖²``, ``[H'⁻¹]_kk = [H⁻¹]_kk + g²/σ``,
+    ``Δ_kr = ‖W'_k‖²/[H'⁻¹]_kk − ‖v_r‖²/σ``.
     """
     kept = set(keep.tolist())
     rem = torch.tensor([i for i in range(len(groups)) if i not in kept], dtype=torch.long)
-    P = torch.cat([groups[int(i)] for i in rem]).long().to(Hd.device)
-    pos = torch.full((Hd.shape[0],), -1, dtype=torch.long, device=Hd.device)
-    pos[S] = torch.arange(S.numel(), device=Hd.device)
-    K = pos[torch.cat([groups[int(i)] for i in keep]).long().to(Hd.device)]  # kept groups' rows in S order
-    H_SP = Hd[S[:, None], P[None, :]]
+    device = M.device
+    P = torch.cat([groups[int(i)] for i in rem]).long().to(device)
+    pos = torch.full((Hg.d,), -1, dtype=torch.long, device=device)
+    pos[S] = torch.arange(S.numel(), device=device)
+    K = pos[torch.cat([groups[int(i)] for i in keep]).long().to(device)]  # kept groups' rows in S order
+    H_SP = Hg.block(S, P)
     GP = Hinv_S @ H_SP  # [|S|, |P|]
-    sig = Hd[P, P] - (H_SP * GP).sum(dim=0)
-    new = sig > _COLLINEAR * Hd[P, P]
+    H_PP = Hg.diag(P)
+    sig = H_PP - (H_SP * GP).sum(dim=0)
+    del H_SP
+    new = sig > _collinear(sig.dtype) * H_PP
     sig = torch.where(new, sig, torch.ones_like(sig))
-    V = M[:, P] - M[:, S] @ GP  # [d_out, |P|]
+    V = M[:, P].addmm_(MS, GP, alpha=-1.0)  # [d_out, |P|]
     vv = V.square().sum(dim=0)
-    g = GP[K] / sig  # g/σ  [|K|, |P|]
-    WK = W_S[:, K]
-    w2 = WK.square().sum(dim=0)[:, None] - 2 * g * (WK.T @ V) + g.square() * vv
-    dk = Hinv_S[K, K][:, None] + g * GP[K]
-    delta = (w2 / dk - (vv / sig)[None, :]).masked_fill(~new[None, :], math.inf)
+    g = GP[K].div_(sig)  # g/σ  [|K|, |P|]
+    del GP
+    WK = W_S if torch.equal(K, torch.arange(K.numel(), device=device)) else W_S[:, K]
+    w2 = (WK.T @ V).mul_(g).mul_(-2.0)  # in place, few |K|×|P| temporaries: the widest layers' are ~d²/6 each
+    q = g.square()
+    del g
+    w2.addcmul_(q, vv).add_(col_sq_norms(WK)[:, None])
+    dk = q.mul_(sig).add_(Hinv_S[K, K][:, None])  # [H⁻¹]_kk + g²σ
+    delta = w2.div_(dk).sub_(vv / sig).masked_fill_(~new[None, :], math.inf)
     j = int(torch.argmin(delta))
     jk, jr = divmod(j, P.numel())
     return float(delta.flatten()[j]), int(keep[jk]), int(rem[jr])
 
 
 def _best_swap(
-    M: Tensor, Hd: Tensor, groups: list[Tensor], keep: Tensor, S: Tensor, L: Tensor
+    M: Tensor, Hg: DampedGram, groups: list[Tensor], keep: Tensor, S: Tensor, L: Tensor
 ) -> tuple[float, int, int]:
     """Best single swap (re-add removed group ``r``, remove kept group ``k``) by the exact error change
-    ``Δ = −gain_r + c_k(S ∪ r)`` with OBS costs on the enlarged set; ``L`` is the Cholesky factor of ``H_SS``.
-    Returns ``(Δ, k, r)``."""
-    Hinv_S = torch.cholesky_inverse(L)
-    W_S = M[:, S] @ Hinv_S  # current optimal weights on S
+    ``Δ = −gain_r + c_k(S ∪ r)`` with OBS costs on the enlarged set; ``L`` is the Cholesky factor of ``H_SS``
+    (row-major lower; overwritten by ``H_SS⁻¹``). Returns ``(Δ, k, r)``."""
+    F = L.mT  # Lᵀ column-major: the upper factor of H_SS, inverted in its own storage
+    Hinv_S = torch.cholesky_inverse(F, upper=True, out=F).mT
+    MS = M[:, S]
+    W_S = MS @ Hinv_S  # current optimal weights on S
     if all(g.numel() == 1 for g in groups):
-        return _best_swap_columns(M, Hd, groups, keep, S, Hinv_S, W_S)
-    G = Hinv_S @ Hd[S]  # [|S|, d_in]
-    pos = torch.full((Hd.shape[0],), -1, dtype=torch.long, device=Hd.device)
-    pos[S] = torch.arange(S.numel(), device=Hd.device)
-    kept_local = [pos[groups[int(k)].to(Hd.device).long()] for k in keep]
-    buckets = GroupBuckets.of(kept_local, Hd.device)
-    none_removed = torch.zeros(len(kept_local), dtype=torch.bool, device=Hd.device)
+        return _best_swap_columns(M, MS, Hg, groups, keep, S, Hinv_S, W_S)
+    del MS
+    device = M.device
+    G = Hinv_S @ Hg.rows(S)  # [|S|, d_in]
+    pos = torch.full((Hg.d,), -1, dtype=torch.long, device=device)
+    pos[S] = torch.arange(S.numel(), device=device)
+    kept_local = [pos[groups[int(k)].to(device).long()] for k in keep]
+    buckets = GroupBuckets.of(kept_local, device)
+    none_removed = torch.zeros(len(kept_local), dtype=torch.bool, device=device)
     best = (math.inf, -1, -1)
     kept_set = set(keep.tolist())
     for r in (i for i in range(len(groups)) if i not in kept_set):
-        R = groups[r].to(Hd.device).long()
-        added = _swap_gains(M, Hd, S, R, G)
+        R = groups[r].to(device).long()
+        added = _swap_gains(M, Hg, S, R, G)
         if added is None:
             continue
         gain, VS, Sig_inv = added
@@ -228,17 +252,19 @@ def _best_swap(
     return best
 
 
-def _swap_refine(Wf: Tensor, Hd: Tensor, groups: list[Tensor], keep: Tensor, max_swaps: int) -> Tensor:
-    """1-swap local search on float64 ``Wf`` (target weights) and damped ``Hd``; returns sorted kept ids."""
+def _swap_refine(Wf: Tensor, G: DampedGram, groups: list[Tensor], keep: Tensor, max_swaps: int) -> Tensor:
+    """1-swap local search on ``Wf`` (target weights, in ``G.dtype``) and the damped Gram ``G``; returns sorted kept
+    ids. A swap is taken only when it lowers the error by more than the working precision's rounding of it."""
     d_in = Wf.shape[1]
-    M = Wf @ Hd
-    total = float((M * Wf).sum())
+    M = G.left(Wf)
+    total = frob_dot(M, Wf)
     keep = keep.clone()
+    rel = 1e-9 if G.dtype == torch.float64 else 1e-5
     for _ in range(max_swaps):
-        S = group_columns(groups, keep, d_in).to(Hd.device)
-        err, L = kept_error(M, total, Hd, S, "swap_refine")
-        delta, k, r = _best_swap(M, Hd, groups, keep, S, L)
-        if not delta < -1e-9 * max(err, 1e-300):
+        S = group_columns(groups, keep, d_in).to(Wf.device)
+        err, L = kept_error(M, total, G, S, "swap_refine")
+        delta, k, r = _best_swap(M, G, groups, keep, S, L)
+        if not delta < -rel * max(err, 1e-300):
             break
         logger.debug("swap_refine: group %d out, group %d back in; error %.6g -> %.6g", k, r, err, err + delta)
         keep = torch.sort(torch.cat([keep[keep != k], keep.new_tensor([r])])).values
@@ -246,7 +272,14 @@ def _swap_refine(Wf: Tensor, Hd: Tensor, groups: list[Tensor], keep: Tensor, max
 
 
 def swap_refine(
-    W: Tensor, H: Tensor, groups: list[Tensor], keep: Tensor, *, max_swaps: int = 16, percdamp: float = 0.0
+    W: Tensor,
+    H: Tensor,
+    groups: list[Tensor],
+    keep: Tensor,
+    *,
+    max_swaps: int = 16,
+    percdamp: float = 0.0,
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Improve a kept set of groups by single swaps until none lowers the exact least-squares error.
 
@@ -254,7 +287,8 @@ def swap_refine(
     ``S ∪ r ∖ k``: ``E(S) − tr(v Σ⁻¹ vᵀ) + tr(W'_k ([H'⁻¹]_kk)⁻¹ W'_kᵀ)`` (Schur complement ``Σ`` of ``H`` for
     adding ``r``, then the OBS cost on the enlarged set, with ``W'``, ``H'⁻¹`` the rank-``|r|`` updates), and
     applies the best swap if it lowers the error; at most ``max_swaps`` rounds. Cost per round
-    ``O(|P|·d_out·d_in·s)`` plus one Cholesky. Returns the sorted kept group ids.
+    ``O(|P|·d_out·d_in·s)`` plus one Cholesky. Returns the sorted kept group ids. Float32 (float64 for float64
+    weights, or ``dtype``).
     """
     check_weight_gram(W, H, "swap_refine")
     check_groups(groups, W.shape[1], "swap_refine")
@@ -262,5 +296,5 @@ def swap_refine(
     check_count(keep.numel(), len(groups), "len(keep)", "swap_refine")
     if max_swaps <= 0 or keep.numel() in (0, len(groups)):
         return keep
-    Hd, dead = damped_gram(H.to(W.device), percdamp, dtype=_F64)
-    return _swap_refine(W.to(_F64).masked_fill(dead[None, :], 0.0), Hd, groups, keep, max_swaps)
+    G = DampedGram.of(H, percdamp, dtype=work_dtype(W, dtype), device=W.device)
+    return _swap_refine(W.to(G.dtype).masked_fill(G.dead[None, :], 0.0), G, groups, keep, max_swaps)

@@ -5,7 +5,9 @@ statistics it needs, so the engine can skip hooks (magnitude: none) or the ``d×
 ``init_stats(d, gram=False)``). ``options`` are solver keywords (SparseGPT: ``blocksize``, ``percdamp``;
 ADMM: ``iterations``, ``schedule_iterations``, ``percdamp``, ``rho``, ``per_row``, ``refine_iterations``,
 ``refine_tol``; magnitude: ``per_row``); every solver also takes ``compute_error=True`` to add ``info["error"]``, the
-mean per-token reconstruction error ``tr(ΔW H ΔWᵀ) / n`` (needs the Gram).
+mean per-token reconstruction error ``tr(ΔW H ΔWᵀ) / n`` (needs the Gram). SparseGPT also takes
+``consume_gram=True``: the caller will not read ``stats.H`` again, so its storage becomes the factorisation's
+workspace (``d²`` floats saved; ``stats.H`` is then set to ``None``, and ``info["error"]`` comes from the OBS sum).
 
     solve = get_solver("wanda")
     stats = init_stats(d, gram=needs_gram("wanda")); accumulate(stats, X)
@@ -26,8 +28,8 @@ from typing import Any
 from torch import Tensor
 
 from solvers.admm_unstructured import ADMMOptions, admm_prune_many
-from solvers.masks import PruneResult, magnitude_prune, wanda_prune
-from solvers.sparsegpt import sparsegpt_prune_many
+from solvers.masks import PruneResult, magnitude_prune, mask_workspace_bytes, wanda_prune
+from solvers.sparsegpt import sparsegpt_prune_many, sparsegpt_workspace_bytes
 from solvers.stats import InputStats, col_norm_sq, layer_error
 
 __all__ = [
@@ -48,6 +50,7 @@ __all__ = [
 
 SolverFn = Callable[..., PruneResult]
 SolverManyFn = Callable[..., list[PruneResult]]
+WorkspaceFn = Callable[..., int]  # (d_out, d_in, *, consume_gram: bool, cuda: bool) -> bytes
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,7 @@ class SolverSpec:
     needs_stats: bool
     needs_gram: bool
     many: SolverManyFn | None = None
-    workspace: Callable[[int, int], int] | None = None
+    workspace: WorkspaceFn | None = None
 
 
 def _with_error(W: Tensor, stats: InputStats | None, res: PruneResult, compute_error: bool) -> PruneResult:
@@ -108,12 +111,23 @@ def _sparsegpt_many(
     blocksize: int = 128,
     percdamp: float = 0.01,
     compute_error: bool = False,
+    consume_gram: bool = False,
 ) -> list[PruneResult]:
     stats = _require(stats, "sparsegpt", gram=True)
     assert stats.H is not None
     res = sparsegpt_prune_many(
-        Ws, stats.H, sparsity, pattern=pattern, blocksize=blocksize, percdamp=percdamp, n_tokens=stats.n
+        Ws,
+        stats.H,
+        sparsity,
+        pattern=pattern,
+        blocksize=blocksize,
+        percdamp=percdamp,
+        n_tokens=stats.n,
+        consume_H=consume_gram,
     )
+    if consume_gram:  # its storage was the workspace: nobody may read it as a Gram again
+        stats.H = None
+        return res  # info["error"]: sparsegpt's undamped error from its OBS sum (per token), no Gram needed
     return [_with_error(W, stats, r, compute_error) for W, r in zip(Ws, res)]
 
 
@@ -158,10 +172,11 @@ def register_solver(
     needs_stats: bool,
     needs_gram: bool,
     many: SolverManyFn | None = None,
-    workspace: Callable[[int, int], int] | None = None,
+    workspace: WorkspaceFn | None = None,
 ) -> None:
-    """Add a solver under ``name`` (``many``: its shared-input variant, if it has one; ``workspace(d_out, d_in)``:
-    the bytes it allocates beyond ``W`` and the statistics, for the memory plan); a name can be registered once."""
+    """Add a solver under ``name`` (``many``: its shared-input variant, if it has one; ``workspace(d_out, d_in, *,
+    consume_gram, cuda)``: the bytes it allocates beyond ``W`` and the statistics, for the memory plan); a name can
+    be registered once."""
     if name in _REGISTRY:
         raise ValueError(f"solver '{name}' is already registered")
     _REGISTRY[name] = SolverSpec(
@@ -169,18 +184,19 @@ def register_solver(
     )
 
 
-def _mask_workspace(d_out: int, d_in: int) -> int:
-    """A float32 copy of W, its scores and the selection's index / mask tensors."""
-    return 16 * d_out * d_in
+def _mask_workspace(d_out: int, d_in: int, *, consume_gram: bool = False, cuda: bool = True) -> int:
+    """The pruned weight, the mask and one chunk of rows' scores (:func:`solvers.masks.mask_workspace_bytes`)."""
+    return mask_workspace_bytes(d_out, d_in)
 
 
-def _sparsegpt_workspace(d_out: int, d_in: int) -> int:
-    """A float32 copy of H, its Cholesky factor, the inverse and its upper factor (4·d² floats), and the float32
-    weights, the block copy, errors and mask (~3·d_out·d_in floats)."""
-    return 4 * (4 * d_in * d_in + 3 * d_out * d_in)
+def _sparsegpt_workspace(d_out: int, d_in: int, *, consume_gram: bool = False, cuda: bool = True) -> int:
+    """:func:`solvers.sparsegpt.sparsegpt_workspace_bytes`: with ``consume_gram`` the Gram's storage is the
+    factor's (~d²/2 floats of retry backup), else one copy of it (d²); CUDA's ``cholesky_inverse`` clones (d²);
+    the stacked float32 weights, the mask and the block loop's temporaries."""
+    return sparsegpt_workspace_bytes(d_out, d_in, consume_H=consume_gram, cuda=cuda)
 
 
-def _admm_workspace(d_out: int, d_in: int) -> int:
+def _admm_workspace(d_out: int, d_in: int, *, consume_gram: bool = False, cuda: bool = True) -> int:
     """The normalised damped Gram and its inverse (2·d² floats) and the ADMM iterates W, Z, U, scores and the
     products (~6·d_out·d_in floats)."""
     return 4 * (2 * d_in * d_in + 6 * d_out * d_in)
@@ -237,18 +253,24 @@ def get_group_solver(name: str) -> SolverManyFn | None:
     return _spec(name).many
 
 
+_ENGINE_FLAGS = ("compute_error", "consume_gram")  # keywords for the caller, not recipe options
+
+
 def solver_options(name: str) -> tuple[str, ...]:
-    """The keyword options ``name`` accepts besides ``compute_error`` (e.g. SparseGPT: blocksize, percdamp)."""
+    """The keyword options ``name`` accepts besides ``compute_error`` and ``consume_gram`` (e.g. SparseGPT:
+    blocksize, percdamp)."""
     spec = _spec(name)
     params = inspect.signature(spec.many or spec.fn).parameters.values()
-    return tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name != "compute_error")
+    return tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in _ENGINE_FLAGS)
 
 
-def workspace_bytes(name: str, d_out: int, d_in: int) -> int:
+def workspace_bytes(name: str, d_out: int, d_in: int, *, consume_gram: bool = False, cuda: bool = True) -> int:
     """Bytes ``name`` allocates solving one ``[d_out, d_in]`` matrix (or a stacked group of that many rows) beyond
-    the weights and statistics it is given (0 when the solver does not say)."""
+    the weights and statistics it is given (0 when the solver does not say). ``consume_gram``: the solve is called
+    with ``consume_gram=True`` (its Gram's storage is reused); ``cuda``: on a CUDA device (whose
+    ``cholesky_inverse`` clones its input; the default, an upper bound for the CPU)."""
     ws = _spec(name).workspace
-    return int(ws(d_out, d_in)) if ws is not None else 0
+    return int(ws(d_out, d_in, consume_gram=consume_gram, cuda=cuda)) if ws is not None else 0
 
 
 def needs_stats(name: str) -> bool:

@@ -68,26 +68,34 @@ def input_variance(stats: InputStats) -> Tensor:
 
 
 def _col_scores(method: str, W: Tensor, stats: InputStats) -> tuple[Tensor, str]:
-    """Per-column contributions and how they combine over a group."""
-    Wf = W.to(torch.float64)
+    """Per-column contributions (float64 sums of float32 or float64 terms) and how they combine over a group."""
+    Wf = W.to(torch.promote_types(W.dtype, torch.float32))
+    f64 = torch.float64
     if method == "magnitude":
-        return Wf.square().sum(dim=0), "sum"
+        return Wf.square().sum(dim=0, dtype=f64), "sum"
     if method == "wanda":
         if stats.n == 0:
             raise ValueError("group_scores: 'wanda' needs calibration statistics with at least one token")
-        norms = col_norm_sq(stats).to(W.device, torch.float64).clamp_min(0).sqrt()
-        return (Wf.abs() * norms).sum(dim=0), "sum"
-    var = input_variance(stats).to(W.device, torch.float64)
-    return var * Wf.square().sum(dim=0), "mean"
+        norms = col_norm_sq(stats).to(W.device, Wf.dtype).clamp_min(0).sqrt()
+        return (Wf.abs() * norms).sum(dim=0, dtype=f64), "sum"
+    var = input_variance(stats).to(W.device, f64)
+    return var * Wf.square().sum(dim=0, dtype=f64), "mean"
 
 
 def group_scores(
-    method: str, W: Tensor, stats: InputStats | None, groups: list[Tensor], *, percdamp: float = 0.01
+    method: str,
+    W: Tensor,
+    stats: InputStats | None,
+    groups: list[Tensor],
+    *,
+    percdamp: float = 0.01,
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Importance of each group (``[n_groups]``, float64; formulas in the module docstring). Low = remove first.
 
     ``magnitude`` needs no statistics (``stats`` may be ``None``); ``wanda`` needs column norms; ``fluctuation``
-    needs ``track_moments=True``; ``obs`` needs the Gram ``H`` (damped by ``percdamp``).
+    needs ``track_moments=True``; ``obs`` needs the Gram ``H`` (damped by ``percdamp``; computed in float32, float64
+    for float64 weights or ``dtype``: :func:`solvers.groups.obs_group_costs`).
     """
     if method not in SCORES:
         raise ValueError(f"group_scores: unknown score {method!r}; choose one of: {', '.join(SCORES)}")
@@ -104,7 +112,7 @@ def group_scores(
             raise ValueError(
                 "group_scores: score 'obs' needs the Gram matrix H (init_stats(..., gram=True)) and tokens"
             )
-        return obs_group_costs(W, stats.H, groups, percdamp=percdamp) / stats.n
+        return obs_group_costs(W, stats.H, groups, percdamp=percdamp, dtype=dtype) / stats.n
     per_col, how = _col_scores(method, W, stats)  # type: ignore[arg-type]
     return group_reduce(per_col, groups, how)
 

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +16,7 @@ from torch.testing import assert_close
 
 from solvers.masks import PruneResult, magnitude_prune, nm_mask, parse_pattern, prune_lowest, wanda_prune
 from solvers.registry import available_solvers, get_solver, needs_gram, needs_stats
-from solvers.sparsegpt import sparsegpt_prune
+from solvers.sparsegpt import sparsegpt_prune, sparsegpt_prune_many
 from solvers.stats import accumulate, col_norm_sq, init_stats, layer_error, merge
 
 
@@ -366,6 +370,90 @@ def test_sparsegpt_cholesky_retry(caplog):
         sparsegpt_prune(W, H, 0.5)
 
 
+@pytest.mark.parametrize("pattern", [None, "2:4"])
+def test_sparsegpt_consuming_H_equals_copying(pattern):
+    """``consume_H=True`` factorises the caller's Gram in its own storage: the same masks and weights as the copying
+    path (float32, to 1e-6 relative), the Gram overwritten; without it the caller's Gram is bit-for-bit untouched."""
+    g = _gen(50)
+    X = torch.randn(256, 64, generator=g) @ torch.randn(64, 64, generator=g)
+    H = X.T @ X
+    H[:, 5] = 0.0
+    H[5, :] = 0.0  # a dead input
+    Ws = [torch.randn(r, 64, generator=g) for r in (24, 8)]
+    H0 = H.clone()
+    copying = sparsegpt_prune_many(Ws, H, 0.5, pattern=pattern, blocksize=16, n_tokens=256)
+    assert torch.equal(H, H0)
+    consumed = sparsegpt_prune_many(Ws, H, 0.5, pattern=pattern, blocksize=16, n_tokens=256, consume_H=True)
+    assert not torch.equal(H, H0)  # its storage held the factor
+    for a, b in zip(copying, consumed):
+        assert torch.equal(a.mask, b.mask)
+        assert_close(b.weight, a.weight, rtol=1e-6, atol=1e-6 * float(a.weight.abs().max()))
+        assert b.info["loss"] == pytest.approx(a.info["loss"], rel=1e-6)
+        assert b.info["damp"] == a.info["damp"] and b.info["dead_inputs"] == 1
+    # a Gram the solver cannot use in place (another dtype) is copied even when offered
+    H64 = H0.double()
+    sparsegpt_prune(Ws[0], H64, 0.5, blocksize=16, consume_H=True)
+    assert torch.equal(H64, H0.double())
+
+
+@pytest.mark.parametrize("consume", [False, True])
+def test_sparsegpt_retry_restores_the_gram(monkeypatch, consume):
+    """A failed factorisation is retried on the undamped Gram: restored from the caller's copy, or (consumed) from
+    the backup of its lower triangle in blocks of rows; either way the result equals a solve at the final damping."""
+    import solvers.sparsegpt as sg
+
+    monkeypatch.setattr(sg, "_BACKUP_ROWS", 5)
+    W, H = _sgpt_problem(51, d_out=6, d_in=23)
+    H[7, 7] = -0.2 * float(H.diagonal().mean())  # indefinite: needs damping ≥ ~0.2 to factorise
+    ref = sparsegpt_prune(W, H.clone(), 0.5, blocksize=8, percdamp=1.0)
+    res = sparsegpt_prune(W, H.clone(), 0.5, blocksize=8, percdamp=0.0, consume_H=consume)
+    assert res.info["damp"] == pytest.approx(1.0)
+    assert torch.equal(res.mask, ref.mask)
+    assert_close(res.weight, ref.weight, rtol=1e-9, atol=1e-9)
+
+
+def test_inverse_hessian_cholesky_in_place():
+    """``U`` with ``UᵀU = (H + λ·mean(diag H)·I)⁻¹`` is written over ``H`` (same storage), lower triangle zero."""
+    from solvers.sparsegpt import inverse_hessian_cholesky
+
+    _, H = _sgpt_problem(52, d_in=40)
+    ref = H + 0.05 * H.diagonal().mean() * torch.eye(40, dtype=torch.float64)
+    ptr = H.data_ptr()
+    U, damp = inverse_hessian_cholesky(H, 0.05)
+    assert U.data_ptr() == ptr and damp == 0.05
+    assert torch.equal(U, U.triu())
+    assert_close(U.T @ U, torch.linalg.inv(ref), rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="contiguous"):
+        inverse_hessian_cholesky(torch.eye(4, dtype=torch.float64).T[:, :3], 0.01)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sparsegpt_error_without_the_gram(dtype):
+    """``info["error"]`` (OBS sum minus the damping's share) is the undamped ``tr(ΔW H ΔWᵀ)/n``: what the registry
+    reports with ``consume_gram=True``, when no Gram is left to measure it."""
+    from solvers.registry import get_solver
+
+    X = _correlated_inputs(53, n=256, d=48).to(dtype)
+    W = torch.randn(20, 48, generator=_gen(54), dtype=dtype)
+    st = init_stats(48, dtype=dtype)
+    accumulate(st, X)
+    st.H[:, 3] = 0.0
+    st.H[3, :] = 0.0
+    exact = get_solver("sparsegpt")(W, st, 0.5, None, blocksize=16, compute_error=True)
+    consumed = get_solver("sparsegpt")(W, st, 0.5, None, blocksize=16, compute_error=True, consume_gram=True)
+    assert st.H is None  # consumed: nobody reads it as a Gram again
+    rel = 1e-9 if dtype == torch.float64 else 1e-4
+    assert exact.info["error"] == pytest.approx(float(layer_error(W, exact.weight, _gram(X, 3)) / 256), rel=rel)
+    assert consumed.info["error"] == pytest.approx(exact.info["error"], rel=rel)
+
+
+def _gram(X: torch.Tensor, dead: int) -> torch.Tensor:
+    H = X.double().T @ X.double()
+    H[:, dead] = 0.0
+    H[dead, :] = 0.0
+    return H
+
+
 def test_sparsegpt_rejects_bad_arguments():
     W, H = _sgpt_problem(14)
     with pytest.raises(ValueError, match="Hessian shape"):
@@ -473,3 +561,126 @@ def test_gram_add_is_symmetric_even_from_an_asymmetric_start():
     gram_add_(H, X)
     assert torch.equal(H, H.T)
     torch.testing.assert_close(torch.triu(H), upper, rtol=1e-5, atol=1e-4)
+
+
+# ---------------------------------------------------------------- selection internals (chunks, straddling ties)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_kth_smallest_numpy_and_torch_agree(monkeypatch, dtype):
+    """The CPU selection (numpy introselect) and the torch one (other devices) give the same threshold and the same
+    rows with a tie straddling it, on integer-valued scores (ties everywhere) and continuous ones."""
+    import solvers.masks as masks
+    from solvers.masks import _kth_smallest_torch, kth_smallest
+
+    monkeypatch.setattr(masks, "_PARALLEL_MIN", 1)  # rows partitioned on 3 threads
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    g = _gen(40)
+    for scores in (torch.randint(0, 5, (9, 37), generator=g).to(dtype), torch.rand(9, 37, generator=g).to(dtype)):
+        for k in (1, 2, 18, 36, 37):
+            thr, straddle = kth_smallest(scores, k)
+            ref_thr, ref_straddle = _kth_smallest_torch(scores, k)
+            assert thr.dtype == scores.dtype and thr.shape == (9, 1)
+            assert torch.equal(thr, ref_thr) and torch.equal(straddle, ref_straddle), k
+            s = np.sort(scores.float().numpy(), axis=1)
+            assert np.array_equal(thr[:, 0].float().numpy(), s[:, k - 1])
+
+
+@pytest.mark.parametrize("per_row", [True, False])
+def test_masks_in_chunks_of_rows_equal_one_chunk(monkeypatch, per_row):
+    """Wanda and magnitude select row chunk by row chunk (`_CHUNK` entries): the same masks and weights as one chunk,
+    with bfloat16 weights (ties straddling many rows' thresholds) and an N:M pattern."""
+    import solvers.masks as masks
+
+    g = _gen(41)
+    W = torch.randint(-3, 4, (23, 40), generator=g).bfloat16()
+    norms = torch.randint(1, 3, (40,), generator=g).float()
+    runs = []
+    for chunk in (1 << 22, 40, 3 * 40 + 7):
+        monkeypatch.setattr(masks, "_CHUNK", chunk)
+        runs.append(
+            [
+                masks.wanda_prune(W, norms, 0.5),
+                masks.wanda_prune(W, norms, 0.5, pattern="2:4"),
+                masks.magnitude_prune(W, 0.3, per_row=per_row),
+                masks.magnitude_prune(W, 0.5, pattern="4:8"),
+            ]
+        )
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a.mask, b.mask) and torch.equal(a.weight, b.weight) and a.info == b.info
+    scores = (W.float().abs() * norms.sqrt()).numpy()
+    assert np.array_equal(runs[1][0].mask.numpy(), _ref_prune_lowest_rows(scores, 20))
+    assert runs[1][0].weight.dtype == torch.bfloat16 and torch.equal(runs[1][0].weight, W * runs[1][0].mask)
+
+
+def test_all_finite():
+    from solvers.masks import all_finite
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        x = torch.randn(50, 7).to(dtype)
+        assert all_finite(x) and all_finite(x[:0])
+        for bad in (math.nan, math.inf, -math.inf):
+            y = x.clone()
+            y[31, 4] = bad
+            assert not all_finite(y)
+
+
+def test_long_rows_break_ties_by_position(monkeypatch):
+    """A row longer than `_CHUNK` (a layer flattened for one global threshold) breaks its straddling ties from the
+    positions of its tied entries instead of a cumulative count: the same set as the stable sort."""
+    import solvers.masks as masks
+
+    monkeypatch.setattr(masks, "_CHUNK", 30)
+    scores = torch.randint(0, 3, (3, 100), generator=_gen(42)).float()
+    for k in (1, 33, 50, 99):
+        assert np.array_equal(masks.prune_lowest(scores, k).numpy(), _ref_prune_lowest_rows(scores.numpy(), k)), k
+    W = torch.randint(-2, 3, (7, 13), generator=_gen(43)).bfloat16()
+    for sparsity in (0.2, 0.5, 0.9):
+        res = masks.magnitude_prune(W, sparsity)  # streamed over chunks of 2 rows, ties in row-major order
+        ref = _ref_prune_lowest_rows(W.float().abs().numpy().reshape(1, -1), _round_half_up(sparsity * 91))
+        assert np.array_equal(res.mask.numpy(), ref.reshape(7, 13)), sparsity
+
+
+_PEAK_SCRIPT = """
+import sys, torch
+from solvers.sparsegpt import sparsegpt_prune
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+sparsegpt_prune(torch.randn(64, 256), torch.eye(256), 0.5)  # warm-up: library code pages
+d, consume = int(sys.argv[1]), sys.argv[2] == "1"
+g = torch.Generator().manual_seed(0)
+W = torch.randn(d, d, generator=g)
+B = torch.randn(d, 64, generator=g)
+H = B @ B.T
+H.diagonal().add_(1.0)
+del B
+rss = status("VmRSS")
+sparsegpt_prune(W, H, 0.5, n_tokens=100, consume_H=consume)
+print(status("VmHWM") - rss)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="peak RSS from Linux's /proc/self/status")
+@pytest.mark.parametrize("consume", [False, True])
+def test_sparsegpt_workspace_estimate_bounds_the_measured_peak(consume):
+    """The memory plan's number (`workspace_bytes`, CPU) bounds the peak RSS increase of a solve in a fresh
+    process from above, within ~20% (d = d_out = 3072, float32)."""
+    from solvers.registry import workspace_bytes
+
+    d = 3072
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", _PEAK_SCRIPT, str(d), str(int(consume))], env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    measured = int(out.stdout.split()[-1])
+    estimate = workspace_bytes("sparsegpt", d, d, consume_gram=consume, cuda=False)
+    assert measured <= estimate <= 1.25 * measured, (measured, estimate)
+    gram = (
+        4 * 8192**2
+    )  # CUDA: cholesky_inverse's clone of the Gram while factorising (the larger phase when d_out << d)
+    assert workspace_bytes("sparsegpt", 64, 8192, consume_gram=consume) == int(1.15 * (1.5 if consume else 2) * gram)
