@@ -159,9 +159,9 @@ def forward_bytes(
     return micro_batch * seq_len * per_token * itemsize(dtype)
 
 
-def _meta_visit(adapter: ArchAdapter, i: int) -> BlockVisit:
+def _meta_visit(adapter: ArchAdapter, i: int, cuda: bool = False) -> BlockVisit:
     block = build_meta_block(adapter.spec, adapter.config, i)
-    return BlockVisit(i, i, adapter, adapter, block, rt=None, run_sharded=None)  # shapes only: no runtime
+    return BlockVisit(i, i, adapter, adapter, block, rt=None, run_sharded=None, cuda=cuda)  # shapes only
 
 
 def _gram_bytes(request: StatsRequest, widths: dict[str, int]) -> dict[str, int]:
@@ -305,7 +305,7 @@ def _block_memory(
     one_pass: bool,
     cuda: bool,
 ) -> BlockMemory:
-    visit = _meta_visit(adapter, i)
+    visit = _meta_visit(adapter, i, cuda)
     block = visit.block
     params = sum(p.numel() for p in block.parameters())
     size, src = itemsize(dtype), itemsize(source_dtype)
@@ -361,7 +361,7 @@ def _fit_stats(b: BlockMemory, adapter: ArchAdapter, stages: Sequence[BlockStage
     free = room - b.weights - max(b.forward, b.solve)
     if b.stats <= free:
         return
-    visit = _meta_visit(adapter, b.block)
+    visit = _meta_visit(adapter, b.block, cuda)
     widths = {s.input_id: s.d_in for s in adapter.linears(visit.block, b.block)}
     grams = _gram_bytes(StatsRequest.union([s.stats(visit, None) for s in stages]), widths)
     chunks = chunk_inputs(grams, max(free, 0))

@@ -201,7 +201,8 @@ class BlockVisit:
     will be written. `block`: the block as it is now (a stage may replace it with a rebuilt, smaller one). `stats`:
     the reduced input statistics of the dense forward (a stage may renumber them, e.g. after removing experts).
     `run_sharded(tasks, costs, fn)`: `[fn(t) for t in tasks]`, each task solved by one rank and broadcast.
-    `scratch`: per-stage data that lives for this visit (keyed by stage key)."""
+    `scratch`: per-stage data that lives for this visit (keyed by stage key). `cuda`: the device the visit is for
+    when there is no runtime (a memory plan's meta visit)."""
 
     i: int
     j: int
@@ -212,6 +213,11 @@ class BlockVisit:
     run_sharded: Callable[[list, list[float], Callable], list]
     stats: dict[str, InputStats] = field(default_factory=dict)
     scratch: dict[str, Any] = field(default_factory=dict)
+    cuda: bool = False
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.rt.device.type == "cuda" if self.rt is not None else self.cuda
 
     def specs(self) -> list[LinearSpec]:
         """The prunable linears of the block as it is now (shapes read from the block)."""

@@ -203,7 +203,7 @@ def workspace_bytes(d_out: int, d_in: int, score: str, solver: str, n_groups: in
     """
     d2, wd = d_in * d_in, d_out * d_in
     swap = 1.15 * d2 + (2 * d2 if n_groups < d_in else 0) + 3.5 * wd
-    steps = [2 * wd, wd + 1024 * d_in]
+    steps: list[float] = [2 * wd, wd + 1024 * d_in]
     if score == "obs":
         steps += [d2 * (2 if cuda else 1) + 2 * wd, swap]
     if solver in ("closed_form", "admm"):

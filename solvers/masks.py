@@ -98,8 +98,8 @@ def kth_smallest(scores: Tensor, k: int, *, work: np.ndarray | None = None) -> t
     when given); elsewhere ``torch.kthvalue`` and a count. The value is the same either way."""
     if scores.device.type != "cpu":
         return _kth_smallest_torch(scores, k)
-    a = scores.detach()
-    a = (a if a.dtype in _NUMPY_SELECT else a.float()).numpy()
+    t = scores.detach()
+    a = (t if t.dtype in _NUMPY_SELECT else t.float()).numpy()
     if work is not None and work.dtype == a.dtype:
         part = work.reshape(-1)[: a.size].reshape(a.shape)
         np.copyto(part, a)
@@ -162,8 +162,8 @@ def _break_ties_(keep: Tensor, scores: Tensor, thr: Tensor, rows: Tensor, k: int
         sel = rows[i : i + step]
         if c > _CHUNK:
             r = int(sel[0])
-            need = k - int(torch.count_nonzero(scores[r] < thr[r]))
-            keep[r, torch.nonzero(scores[r] == thr[r]).flatten()[need:]] = True
+            short = k - int(torch.count_nonzero(scores[r] < thr[r]))
+            keep[r, torch.nonzero(scores[r] == thr[r]).flatten()[short:]] = True
             continue
         s, t = scores[sel], thr[sel]
         below = s < t

@@ -55,9 +55,10 @@ def test_a_solver_that_prunes_less_than_planned_fails_before_the_commit(tiny_ckp
     PruningError naming the linear; the block is not written and the run does not report success."""
     real = UnstructuredStage._solve
 
-    def lazy(self, group, Ws, st, s):
-        out = real(self, group, Ws, st, s)
-        return [W0.clone() for W0 in Ws] if group[0].name == "mlp.down_proj" else out
+    def lazy(self, group, Ws, st, s, consume):
+        originals = [W.clone() for W in Ws]
+        weights, errors = real(self, group, Ws, st, s, consume)
+        return (originals if group[0].name == "mlp.down_proj" else weights), errors
 
     monkeypatch.setattr(UnstructuredStage, "_solve", lazy)
     cfg = config_from_dict(recipe(tiny_ckpt("llama"), tmp_path / "out", calib_file, [{"method": "wanda"}]))

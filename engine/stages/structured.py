@@ -57,6 +57,7 @@ from engine.units import (
     selected_kinds,
 )
 from solvers.group_prune import SCORES, SOLVERS, groups_contiguous
+from solvers.group_prune import workspace_bytes as group_workspace_bytes
 from solvers.scores import group_scores
 from solvers.stats import InputStats
 
@@ -251,12 +252,20 @@ class StructuredStage(StageBase):
         return StatsRequest(moments=inputs, track=inputs)
 
     def solve_bytes(self, visit: BlockVisit, target: LayerDecision | None) -> int:
-        """The widest consumer's float64 solve (scores, inverse, closed form: about 13 float32-sized d²) plus the
-        rebuilt block's new tensors."""
-        inputs = consumer_inputs(visit.adapter, visit.block, visit.i, self.config.units)
-        widths = [s.d_in for s in visit.specs() if s.input_id in inputs]
+        """The largest consumer's solve (`solvers.group_prune.workspace_bytes`: its score and reconstruction for
+        that consumer's shape and unit count) plus the rebuilt block's new tensors."""
+        specs = {s.name: s for s in visit.specs()}
+        kinds = {k for u in self.config.units for k in UNIT_KINDS[u]}
+        c = self.config
+        work = [
+            group_workspace_bytes(
+                specs[consumer(g)].d_out, specs[consumer(g)].d_in, c.score, c.solver, g.count, cuda=visit.on_cuda
+            )
+            for g in visit.adapter.units(visit.block, visit.i)
+            if g.kind in kinds
+        ]
         block = sum(p.numel() * p.element_size() for p in visit.block.parameters())
-        return 52 * max(widths, default=0) ** 2 + block
+        return max(work, default=0) + block
 
     def apply(self, visit: BlockVisit, target: LayerDecision | None) -> StageResult:
         before = sum(p.numel() for p in visit.block.parameters())

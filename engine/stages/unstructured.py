@@ -38,7 +38,7 @@ from solvers.registry import (
     solver_options,
     workspace_bytes,
 )
-from solvers.stats import InputStats, col_norm_sq, layer_error
+from solvers.stats import InputStats, col_norm_sq
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,7 @@ class UnstructuredStage(StageBase):
 
     def __init__(self, config: UnstructuredConfig, index: int) -> None:
         super().__init__(config, index)
+        self.last_gram_reader = False
         self.sparsity = config.effective_sparsity  # what every layer gets without a coordinated budget
         self.options = {  # recipe keys that name one of the solver's options (None: the solver's default)
             k: getattr(config, k) for k in solver_options(config.method) if getattr(config, k, None) is not None
@@ -119,6 +120,8 @@ class UnstructuredStage(StageBase):
 
     # ---- before the loop ----------------------------------------------------------------------------------------
     def setup(self, model: ModelInfo) -> None:
+        # the last stage of the run may let its solver factorise a Gram in place (nothing reads it afterwards)
+        self.last_gram_reader = model.stages[-1] is self
         adapter = model.adapter
         specs = [s for i in range(adapter.num_layers) for s in adapter.meta_linears(i)]
         chosen = [s for s in specs if self.config.selects(s.name)]
@@ -224,8 +227,11 @@ class UnstructuredStage(StageBase):
         def solve(group: list[LinearSpec]) -> list[tuple[Tensor, dict]]:
             st = stats.get(group[0].input_id)
             W0s = [visit.adapter.get_weight(visit.block, spec) for spec in group]
-            Ws = self._solve(group, [W0.float() for W0 in W0s], st, sparsity)
-            return [(W.to(W0.dtype), _linear_record(W0, W, st, sparsity)) for W0, W in zip(W0s, Ws)]
+            # the group is the only reader of its Gram (one task per input, the last stage that reads Grams): the
+            # solver may factorise it in place (solvers.registry: consume_gram)
+            consume = shared and self.last_gram_reader and st is not None and st.H is not None
+            Ws, errors = self._solve(group, [W0.float() for W0 in W0s], st, sparsity, consume)
+            return [(W.to(W0.dtype), _linear_record(W, sparsity, err)) for W0, W, err in zip(W0s, Ws, errors)]
 
         results = visit.run_sharded(tasks, [self._cost(g) for g in tasks], solve)
         out = StageResult()
@@ -252,18 +258,39 @@ class UnstructuredStage(StageBase):
                     "calibration activations or weights?"
                 )
 
-    def _solve(self, group: list[LinearSpec], Ws: list[Tensor], st: InputStats | None, s: float) -> list[Tensor]:
+    def _solve(
+        self, group: list[LinearSpec], Ws: list[Tensor], st: InputStats | None, s: float, consume: bool
+    ) -> tuple[list[Tensor], list[float | None]]:
+        """The pruned weights and each one's relative reconstruction error ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` (None
+        without a Gram), measured on at most `ERROR_ROWS` evenly spaced rows (exact for smaller matrices; the full
+        products would cost ``d_out·d_in²`` each, as much as the solve)."""
         method, pattern = self.config.method, self.config.pattern
         if st is not None:
             st = stats_to(st, Ws[0].device)  # statistics of a chunked gather wait on the host
-        if len(Ws) > 1:
-            many = get_group_solver(method)
-            assert many is not None
-            return [r.weight for r in many(Ws, st, s, pattern, **self.options)]
         if (st is None or st.n == 0) and needs_stats(method):  # an expert that received no calibration token
             log.warning("%s: no calibration tokens reached this linear; using magnitude", group[0].name)
-            return [get_solver("magnitude")(Ws[0], None, s, pattern).weight]
-        return [get_solver(method)(Ws[0], st, s, pattern, **self.options).weight]
+            return [get_solver("magnitude")(W, None, s, pattern).weight for W in Ws], [None] * len(Ws)
+        H = st.H if st is not None else None
+        rows = [_error_rows(W.shape[0]) for W in Ws]
+        base = [_row_energy(W, H, r) for W, r in zip(Ws, rows)] if H is not None else None
+        kept = [W[r].clone() for W, r in zip(Ws, rows)] if H is not None and not consume else None
+        many = get_group_solver(method)
+        extra = {"consume_gram": True} if consume else {}
+        if many is not None:
+            results = many(Ws, st, s, pattern, **self.options, **extra)
+        else:
+            results = [get_solver(method)(W, st, s, pattern, **self.options) for W in Ws]
+        if base is None:
+            return [r.weight for r in results], [None] * len(Ws)
+        errors: list[float | None] = []
+        for k, (res, r, b) in enumerate(zip(results, rows, base)):
+            if kept is not None:  # the Gram is still there: the error on the same rows
+                errors.append(_row_energy(res.weight, H, r, minus=kept[k]) / max(b, 1e-30))
+            else:  # consumed: the solver's own undamped error (per token, all rows) against the rows' energy
+                scale = Ws[k].shape[0] / len(r)
+                err = res.info.get("error")
+                errors.append(None if err is None else float(err) * st.n / max(b * scale, 1e-30))
+        return [r.weight for r in results], errors
 
     def solve_bytes(self, visit: BlockVisit, target: LayerDecision | None) -> int:
         """The largest task's solver workspace (a shared-input group counts its stacked rows)."""
@@ -272,8 +299,14 @@ class UnstructuredStage(StageBase):
         for spec in visit.specs():
             if self.config.selects(spec.name):
                 groups.setdefault(spec.input_id if shared else spec.name, []).append(spec)
+        consume = shared and self.last_gram_reader
         return max(
-            (workspace_bytes(self.config.method, sum(s.d_out for s in g), g[0].d_in) for g in groups.values()),
+            (
+                workspace_bytes(
+                    self.config.method, sum(s.d_out for s in g), g[0].d_in, consume_gram=consume, cuda=visit.on_cuda
+                )
+                for g in groups.values()
+            ),
             default=0,
         )
 
@@ -285,12 +318,30 @@ class UnstructuredStage(StageBase):
         return float(d_out * d_in)
 
 
-def _linear_record(W0: Tensor, W: Tensor, st: InputStats | None, planned: float) -> dict:
-    zeros = int((W == 0).sum())
+ERROR_ROWS = 256  # rows of a pruned linear on which its relative reconstruction error is measured
+
+
+def _error_rows(d_out: int) -> Tensor:
+    """At most `ERROR_ROWS` evenly spaced row indices (all rows of a smaller matrix)."""
+    if d_out <= ERROR_ROWS:
+        return torch.arange(d_out)
+    return torch.linspace(0, d_out - 1, ERROR_ROWS).round().to(torch.int64).unique()
+
+
+def _row_energy(W: Tensor, H: Tensor, rows: Tensor, minus: Tensor | None = None) -> float:
+    """``Σ_{r ∈ rows} v_r H v_rᵀ`` with ``v = W[rows] − minus`` (or ``W[rows]``), in float32 at least."""
+    dtype = torch.promote_types(H.dtype, torch.float32)
+    V = W[rows.to(W.device)].to(device=H.device, dtype=dtype)
+    if minus is not None:
+        V = V - minus.to(device=H.device, dtype=dtype)
+    return float(((V @ H.to(dtype)) * V).sum())
+
+
+def _linear_record(W: Tensor, planned: float, error: float | None) -> dict:
+    zeros = W.numel() - int(torch.count_nonzero(W))
     rec = {"sparsity": round(zeros / W.numel(), 6), "zeros": zeros, "shape": list(W.shape), "planned": planned}
-    if st is not None and st.H is not None:
-        base = layer_error(torch.zeros_like(W), W0.float(), st.H)
-        rec["error"] = float(layer_error(W0.float(), W, st.H) / max(base, 1e-30))
+    if error is not None:
+        rec["error"] = error
     return rec
 
 
