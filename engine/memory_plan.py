@@ -132,6 +132,12 @@ def _json_value(key: str, value):
     return round(value / GiB, 3)
 
 
+def device_reserve(device_memory: int) -> int:
+    """Device bytes the plan leaves free: the CUDA context and cuBLAS/cuSOLVER workspaces (about 1 GiB) and the
+    caching allocator's fragmentation (5% of the device)."""
+    return max(int(1.5 * GiB), int(0.05 * device_memory))
+
+
 def itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
@@ -212,6 +218,8 @@ def plan_memory(
     one-pass path (dense blocks only take it). `skip`: blocks removed whole. `reconstruct`: the run's
     `ReconstructConfig` (its training, `engine.reconstruct.reconstruct_bytes`, counted as a solve after the stages')."""
     cuda = device.startswith("cuda")
+    # what the plan may fill: the device less the CUDA context, the allocator's fragmentation and kernels' scratch
+    usable = max(device_memory - device_reserve(device_memory), 0) if cuda else 0
     size = itemsize(dtype)
     H = int(adapter.config.hidden_size)
     cache = 2 * samples * seq_len * H * size
@@ -231,15 +239,15 @@ def plan_memory(
     # the activation cache: on the device when it fits beside the worst block (and the one-pass attention core),
     # else pinned host memory, else disk
     if cuda:
-        tier = "device" if worst + core + cache <= device_memory else ("host" if cache <= host_memory // 2 else "disk")
+        tier = "device" if worst + core + cache <= usable else ("host" if cache <= host_memory // 2 else "disk")
     else:
         tier = "host" if baseline + worst + core + cache <= host_memory else "disk"
     cache_device = cache if (cuda and tier == "device") else 0
     for b in blocks:
         _fit_side(
-            b, tier, cuda, device_memory - cache_device, host_memory - baseline - (cache if tier == "host" else 0)
+            b, tier, cuda, usable - cache_device, host_memory - baseline - (cache if tier == "host" else 0)
         )
-        _fit_stats(b, adapter, stages, device_memory - cache_device - (b.side if b.side_on_device else 0), cuda)
+        _fit_stats(b, adapter, stages, usable - cache_device - (b.side if b.side_on_device else 0), cuda)
     pre = max((b.staging or b.weights for b in blocks), default=0) if prefetch else 0
     for b in blocks:
         offloaded = b.stats * (b.stats_chunks - 1) if b.stats_chunks > 1 else 0
@@ -253,21 +261,23 @@ def plan_memory(
             b.host_peak = int(host * BASELINE_SLACK) if host else 0
     device_peak = max((b.device_peak for b in blocks), default=0)
     host_peak = max((b.host_peak for b in blocks), default=baseline)
-    fits = (device_peak <= device_memory if cuda else True) and host_peak <= host_memory
+    fits = (device_peak <= usable if cuda else True) and host_peak <= host_memory
     if any(b.stats_chunks == 0 for b in blocks):
         fits = False
         need = max(b.weights + b.stats + max(b.forward, b.solve) for b in blocks if b.stats_chunks == 0)
+        smallest = need + cache_device + device_reserve(need + cache_device)
         advice.append(
-            f"a single input's statistics and its solve do not fit {device_memory / GiB:.1f} GiB beside the block "
-            f"(needs about {need / GiB:.1f} GiB): use a device with at least {math.ceil((need + cache_device) / GiB)}"
+            f"a single input's statistics and its solve do not fit {usable / GiB:.1f} GiB beside the block "
+            f"(needs about {need / GiB:.1f} GiB): use a device with at least {math.ceil(smallest / GiB)}"
             " GiB or a smaller calibration set"
         )
     elif not fits:
-        need = device_peak if cuda and device_peak > device_memory else host_peak
-        what = "device" if cuda and device_peak > device_memory else "host"
+        on_device = cuda and device_peak > usable
+        need = device_peak + device_reserve(device_peak) if on_device else host_peak
+        what = "device" if on_device else "host"
         advice.append(
-            f"the {what} peak {need / GiB:.1f} GiB exceeds the {what} memory; needs at least "
-            f"{math.ceil(need / GiB)} GiB"
+            f"the {what} peak {(device_peak if on_device else host_peak) / GiB:.1f} GiB exceeds the {what} memory "
+            f"left to the run; needs at least {math.ceil(need / GiB)} GiB"
         )
     chunked = [b.block for b in blocks if b.stats_chunks > 1]
     if chunked:
