@@ -73,6 +73,7 @@ def llmc_child(argv: list[str]) -> int:
     for name in ("--model", "--calib", "--output", "--method"):
         p.add_argument(name, required=True)
     p.add_argument("--sparsity", type=float, required=True)
+    p.add_argument("--mask-structure", default="0:0", help='"0:0" (unstructured) or "N:M", e.g. "2:4"')
     a = p.parse_args(argv)
     t0 = time.perf_counter()
     import torch
@@ -88,7 +89,7 @@ def llmc_child(argv: list[str]) -> int:
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(a.model)
     modifier = getattr(pruning, MODIFIERS[a.method])(
-        sparsity=a.sparsity, mask_structure="0:0", targets=["Linear"], ignore=["re:.*lm_head"]
+        sparsity=a.sparsity, mask_structure=a.mask_structure, targets=["Linear"], ignore=["re:.*lm_head"]
     )
     t_load = time.perf_counter()
     oneshot(
