@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                     "yes" if plan["fits"] else "NO: " + "; ".join(plan["advice"]),
                 ]
             )
-            raw.append({"model": name, "recipe": label, "plan_s": round(time.perf_counter() - t, 1), **plan})
+            raw.append({"model": name, "recipe": label, "plan_s": str(round(time.perf_counter() - t, 1)), **plan})
     table = common.markdown_table(
         [
             "model",
