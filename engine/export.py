@@ -101,7 +101,11 @@ def modeling_source(model_type: str) -> str:
     from engine import modeling_blockprune
 
     src = Path(modeling_blockprune.__file__).read_text()
-    return src.rstrip("\n") + f"\n\n\nBlockpruneForCausalLM = make_causal_lm({model_type!r})\n"
+    return src.rstrip("\n") + (
+        f"\n\n\nBlockpruneForCausalLM = make_causal_lm({model_type!r})\n"
+        "# the class carries the stock name (clients check it): a saved copy's auto_map names it so\n"
+        "globals()[BlockpruneForCausalLM.__name__] = BlockpruneForCausalLM\n"
+    )
 
 
 def nonuniform_config(config: dict, layers: list[dict]) -> tuple[dict, str]:
