@@ -44,6 +44,7 @@ def stage(args: argparse.Namespace, budget: float, alloc: dict) -> dict:
         "score": args.score,
         "solver": args.solver,
         "allocation": alloc,
+        "align": 1,  # exact widths: the allocation, not the rounding to GEMM-friendly widths, is what is measured
     }
 
 
