@@ -244,9 +244,7 @@ def plan_memory(
         tier = "host" if baseline + worst + core + cache <= host_memory else "disk"
     cache_device = cache if (cuda and tier == "device") else 0
     for b in blocks:
-        _fit_side(
-            b, tier, cuda, usable - cache_device, host_memory - baseline - (cache if tier == "host" else 0)
-        )
+        _fit_side(b, tier, cuda, usable - cache_device, host_memory - baseline - (cache if tier == "host" else 0))
         _fit_stats(b, adapter, stages, usable - cache_device - (b.side if b.side_on_device else 0), cuda)
     pre = max((b.staging or b.weights for b in blocks), default=0) if prefetch else 0
     for b in blocks:

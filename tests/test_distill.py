@@ -192,6 +192,20 @@ def test_check_inputs(tmp_path, tiny_ckpt, calib_file):
     cfg.micro_batch, cfg.teacher = None, str(other)
     with pytest.raises(ConfigError, match="vocab_size"):
         check_inputs(cfg, 2)
+    # same vocab_size, another tokenizer (two tokens' ids swapped): the KL would compare unrelated ids
+    import json as _json
+    import shutil
+
+    swapped = tmp_path / "teacher"
+    shutil.copytree(dense, swapped)
+    tj = _json.loads((swapped / "tokenizer.json").read_text())
+    vocab = tj["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[10:12]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (swapped / "tokenizer.json").write_text(_json.dumps(tj))
+    cfg.teacher = str(swapped)
+    with pytest.raises(ConfigError, match="tokenizers differ"):
+        check_inputs(cfg, 2)
     cfg.teacher = str(dense)
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "x").write_text("x")

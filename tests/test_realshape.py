@@ -69,6 +69,8 @@ DEEPSEEK_HEADERS = {
     "model.layers.61.mlp.experts.0.gate_proj.weight": ("F8_E4M3", (2048, 7168)),
     "lm_head.weight": ("BF16", (129280, 7168)),
 }
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """built(name, dequantized=False) -> (checkpoint dir, its CheckpointReader, build seconds); each built and

@@ -161,6 +161,28 @@ def _read_config(path: str, what: str) -> dict:
     return json.loads(f.read_text())
 
 
+def check_same_tokenizer(student: str, teacher: str) -> None:
+    """ConfigError unless the two checkpoints tokenize alike: the same token -> id map (and special tokens). A teacher
+    with the same `vocab_size` but another tokenizer would give a KL between unrelated distributions over ids."""
+    from transformers import AutoTokenizer
+
+    try:
+        ts, tt = AutoTokenizer.from_pretrained(student), AutoTokenizer.from_pretrained(teacher)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"distill: cannot load the student's or the teacher's tokenizer: {e}") from None
+    vs, vt = ts.get_vocab(), tt.get_vocab()
+    if vs != vt:
+        diff = sorted(set(vs.items()) ^ set(vt.items()))[:3]
+        raise ConfigError(
+            f"distill: the student's and the teacher's tokenizers differ ({len(vs)} vs {len(vt)} tokens; e.g. {diff}); "
+            "the KL needs one vocabulary"
+        )
+    special = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
+    bad = [k for k in special if getattr(ts, k) != getattr(tt, k)]
+    if bad:
+        raise ConfigError(f"distill: the tokenizers' special tokens differ: {', '.join(bad)}")
+
+
 def check_inputs(cfg: DistillConfig, world: int) -> int:
     """Fail before any weight is read: paths, output, vocabularies, batch split. Returns the micro-batch size."""
     student, teacher = _read_config(cfg.student, "student"), _read_config(cfg.teacher, "teacher")
@@ -169,6 +191,7 @@ def check_inputs(cfg: DistillConfig, world: int) -> int:
             f"distill: student vocab_size {student.get('vocab_size')} != teacher vocab_size "
             f"{teacher.get('vocab_size')} (the KL needs the same vocabulary)"
         )
+    check_same_tokenizer(cfg.student, cfg.teacher)
     if not Path(cfg.data).expanduser().exists():
         raise ConfigError(f"distill.data = {cfg.data}: not found")
     out = Path(cfg.output)
