@@ -180,18 +180,20 @@ def prune_groups(
     return GroupPruneResult(keep_groups=keep, keep_cols=keep_cols, weight=W_S, bias=bias, info=info)
 
 
-def workspace_bytes(d_out: int, d_in: int, score: str, solver: str, n_groups: int, *, cuda: bool = True) -> int:
+def workspace_bytes(
+    d_out: int, d_in: int, score: str, solver: str, n_groups: int, *, cuda: bool = True, kept: int | None = None
+) -> int:
     """Peak bytes :func:`prune_groups` allocates for one ``[d_out, d_in]`` consumer (float32 work, ``n_groups``
     groups) beyond ``W`` and the statistics: the largest of its steps, times 1.15 plus 32 MiB for what the allocator
-    and LAPACK keep beyond the live tensors (``d² = d_in²``, ``wd = d_out·d_in``, 4 bytes each; any removal
-    fraction).
+    and LAPACK keep beyond the live tensors (``d² = d_in²``, ``wd = d_out·d_in``, 4 bytes each). ``kept``: the
+    input columns that survive, when known (``None``: any removal fraction, ``kept = d_in``).
 
     - ``obs`` greedy: the inverse, made in place (``d²``; on CUDA ``cholesky_inverse`` clones it: ``+d²``), and the
       target and updated weights (``2·wd``).
     - ``obs`` swap search: the kept block's inverse and the kept-by-removed products (``|S|² + 3·|S|·|P| <=
       1.15·d²``; groups wider than one column: ``H_SS⁻¹·H_{S,:}`` and its operand, ``+2·d²``), the target,
       ``W·H``, its kept and removed columns and the kept weights (``3.5·wd``, measured; at most ``4.5·wd``).
-    - ``closed_form``: the kept block (``d²``), ``W·H`` and its kept columns, solved in place (``2·wd``).
+    - ``closed_form``: the kept block (``kept²``), ``W·H`` and its kept columns, solved in place (``2·wd``).
     - ``admm``: the normalised Gram, its eigenvectors and ``syevd``'s workspace (``4·d²``) beside the target and
       scaled weights (``2·wd``); then the iterates (``8·wd``) beside the eigenvectors; then the swap search.
     - the reported errors: the difference and one block of rows of its product (``wd + 1024·d_in``).
@@ -202,12 +204,13 @@ def workspace_bytes(d_out: int, d_in: int, score: str, solver: str, n_groups: in
     (2.45; before: 9.46; with ``dtype=torch.float64``: 4.29). Peaks vary by ~±10% from run to run (allocator).
     """
     d2, wd = d_in * d_in, d_out * d_in
+    k = d_in if kept is None else min(max(kept, 0), d_in) + 1  # + 1: the bias column of a fit with bias
     swap = 1.15 * d2 + (2 * d2 if n_groups < d_in else 0) + 3.5 * wd
     steps: list[float] = [2 * wd, wd + 1024 * d_in]
     if score == "obs":
         steps += [d2 * (2 if cuda else 1) + 2 * wd, swap]
     if solver in ("closed_form", "admm"):
-        steps.append(d2 + 2 * wd)
+        steps.append(k * k + 2 * wd)
     if solver == "admm":
         steps += [4 * d2 + 2 * wd, d2 + 8 * wd, swap]
     return int(1.15 * 4 * max(steps)) + 32 * 2**20

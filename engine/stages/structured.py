@@ -252,20 +252,27 @@ class StructuredStage(StageBase):
         return StatsRequest(moments=inputs, track=inputs)
 
     def solve_bytes(self, visit: BlockVisit, target: LayerDecision | None) -> int:
-        """The largest consumer's solve (`solvers.group_prune.workspace_bytes`: its score and reconstruction for
-        that consumer's shape and unit count) plus the rebuilt block's new tensors."""
+        """What `surgery.prune_block` holds at its peak. It solves the consumers one after another, keeping each
+        one's solved float32 weights (at most the consumer's shape) until the block is rebuilt: the peak is the
+        larger of one consumer's solve (`solvers.group_prune.workspace_bytes` for its shape, unit count and kept
+        columns where the removal is known; its own weights are in that workspace) beside the others' weights, and
+        all the solved weights beside the rebuilt block's new tensors (at most the block)."""
         specs = {s.name: s for s in visit.specs()}
         kinds = {k for u in self.config.units for k in UNIT_KINDS[u]}
         c = self.config
-        work = [
-            group_workspace_bytes(
-                specs[consumer(g)].d_out, specs[consumer(g)].d_in, c.score, c.solver, g.count, cuda=visit.on_cuda
-            )
-            for g in visit.adapter.units(visit.block, visit.i)
-            if g.kind in kinds
-        ]
+        remove = self._remove(target) if target is not None or self.plan is not None else None
+        groups = [g for g in visit.adapter.units(visit.block, visit.i) if g.kind in kinds]
+        cons = [specs[consumer(g)] for g in groups]
+        results = [4 * s.d_out * s.d_in for s in cons]
+        total = sum(results)
+        peak = 0
+        for s, g, own in zip(cons, groups, results):
+            width = next(w for _, axis, w in g.members if axis == 1)
+            kept = None if remove is None else s.d_in - remove.get(g.kind, 0) * width
+            work = group_workspace_bytes(s.d_out, s.d_in, c.score, c.solver, g.count, cuda=visit.on_cuda, kept=kept)
+            peak = max(peak, work + total - own)
         block = sum(p.numel() * p.element_size() for p in visit.block.parameters())
-        return max(work, default=0) + block
+        return max(peak, total + block)
 
     def apply(self, visit: BlockVisit, target: LayerDecision | None) -> StageResult:
         before = sum(p.numel() for p in visit.block.parameters())
