@@ -229,20 +229,30 @@ class _Job:
 def distill(cfg: DistillConfig) -> dict:
     """Run the distillation on this process's rank (a world of one without torchrun); returns the summary (also
     written to `distill_report.json` by rank 0)."""
+    import torch.distributed as dist
+
     from engine.distill.zero import init_process_group
 
     t0 = time.perf_counter()
     cfg.validate()
+    owned = not dist.is_initialized()  # a caller's own process group is left to the caller
     rank, world = init_process_group(cfg.build_shm_op)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    micro = check_inputs(cfg, world)
-    job = _prepare(cfg, rank, world, micro)
-    t_load = time.perf_counter() - t0
-    _train(job)
-    t_train = time.perf_counter() - t0 - t_load
-    summary = _summary(job, t_load, t_train)
-    _save(job, summary, t0)
+    try:
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        micro = check_inputs(cfg, world)
+        job = _prepare(cfg, rank, world, micro)
+        t_load = time.perf_counter() - t0
+        _train(job)
+        t_train = time.perf_counter() - t0 - t_load
+        summary = _summary(job, t_load, t_train)
+        _save(job, summary, t0)
+        del job
+    finally:
+        # Tear the group down here, not at interpreter exit: gloo's threads destroyed during static destruction
+        # abort the process ("terminate called without an active exception") after the output was written.
+        if owned and dist.is_initialized():
+            dist.destroy_process_group()
     return summary
 
 
