@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from sharding.errors import BlockpruneError
+from sharding.errors import BlockpruneError, CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +92,26 @@ class CalibrationConfig:
             raise CalibrationError(f"calibration.seq_len must be >= 2 with add_bos, got {self.seq_len}")
         if not self.text_field:
             raise CalibrationError("calibration.text_field is empty")
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """The tokenizer of the checkpoint in `path`, built from transformers' own classes only.
+
+    ``trust_remote_code=False``: a ``tokenizer_config.json`` whose ``auto_map`` names a custom tokenizer class would
+    otherwise make transformers ask on stdin whether to run that code (and wait for an answer); blockprune never
+    runs a checkpoint's code. When the stock class its ``tokenizer_class`` names can read the files, that is used;
+    else a CheckpointError says what to change."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise CheckpointError(
+            f"{path}: its tokenizer is custom code (auto_map in tokenizer_config.json) and blockprune never runs a "
+            "checkpoint's code; set tokenizer_class there to a transformers tokenizer that reads its files"
+        ) from None
 
 
 def load_calibration(cfg: CalibrationConfig, tokenizer: Any) -> torch.Tensor:

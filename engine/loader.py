@@ -26,8 +26,8 @@ def load_pruned(path: str | Path, **kwargs: Any):
     if not cfg_file.is_file():
         raise ValueError(f"load_pruned: {cfg_file} does not exist")
     raw = json.loads(cfg_file.read_text())
-    if SECTION not in raw:
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+    if SECTION not in raw:  # a stock model: transformers' own class, never code shipped in the checkpoint
+        return AutoModelForCausalLM.from_pretrained(path, **{"trust_remote_code": False, **kwargs}).eval()
     config = AutoConfig.for_model(**{k: v for k, v in raw.items() if k != "auto_map"})
     cls = make_causal_lm(raw["model_type"])
     log.info(

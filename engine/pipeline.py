@@ -36,7 +36,7 @@ from engine import sequential as seq_mod
 from engine.arch import ArchAdapter, LinearSpec, adapter_for
 from engine.budget import SCORES_FILE, Budget, make_budget
 from engine.cache import ActivationCache
-from engine.calibration import load_calibration
+from engine.calibration import load_calibration, load_tokenizer
 from engine.config import ConfigError, RunConfig, config_to_yaml, parse_size
 from engine.dense_pass import BlockBuilder, BlockRunner, StatsCollector, check_finite, free_block, stats_to
 from engine.distributed import RankWriter, run_sharded
@@ -168,9 +168,7 @@ def run(cfg: RunConfig) -> dict:
         rt.device,
         str(rt.dtype).replace("torch.", ""),
     )
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    tokenizer = load_tokenizer(cfg.model)
     ids = load_calibration(cfg.calibration, tokenizer)[dist.sample_slice(cfg.calibration.samples, rt.dist)]
     run_id = output_run_id(cfg, reader, rt.dist)
     writer = RankWriter(

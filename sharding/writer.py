@@ -213,6 +213,23 @@ def _json_bytes(obj: Any, *, sort_keys: bool = False) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n").encode()
 
 
+def _without_auto_map(path: Path) -> bytes:
+    """`path`'s bytes; a JSON object loses its ``auto_map`` (e.g. tokenizer_config.json naming a custom tokenizer
+    class): it points at code the output does not ship (or at another hub repository's), and no output of ours may
+    make ``trust_remote_code=True`` run code that is not ours."""
+    data = path.read_bytes()
+    if path.suffix != ".json":
+        return data
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        return data  # not ours to repair: copied as it is, as transformers would read it
+    if not isinstance(obj, dict) or "auto_map" not in obj:
+        return data
+    logger.warning("dropping %s's auto_map %s: outputs reference no foreign code", path.name, obj.pop("auto_map"))
+    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode()
+
+
 # ---- which files are ours ---------------------------------------------------------------------------------------
 
 
@@ -552,9 +569,9 @@ class CheckpointWriter:
         writes it), JSON, never ``total_size`` (the writer's).
 
         Order: record the rename plan and the names of the files about to be written in the manifest; rename parts
-        to ``model-0000i-of-0000N.safetensors``; write config.json, the SOURCE_FILES found in `source_dir`,
-        `extra_files` (``name`` or ``dir/name``); then the index (commit point); then ``finalized: true`` in the
-        manifest. Then the output lock is released (a later call takes it again)."""
+        to ``model-0000i-of-0000N.safetensors``; write config.json, the SOURCE_FILES found in `source_dir` (JSON
+        ones without their ``auto_map``), `extra_files` (``name`` or ``dir/name``); then the index (commit point);
+        then ``finalized: true`` in the manifest. Then the output lock is released (a later call takes it again)."""
         extra = dict(extra_files or {})
         meta = dict(index_metadata or {})
         self._check_finalizable(config, extra, source_dir)
@@ -573,7 +590,7 @@ class CheckpointWriter:
             atomic_write(self.out_dir / CONFIG_NAME, _json_bytes(config, sort_keys=True))
             for name in copies:
                 assert src is not None  # copies come from source_dir
-                atomic_write(self.out_dir / name, (src / name).read_bytes())
+                atomic_write(self.out_dir / name, _without_auto_map(src / name))
                 logger.debug("copied %s", src / name)
             for name, content in sorted(extra.items()):
                 self._write_extra(name, content.encode() if isinstance(content, str) else bytes(content))

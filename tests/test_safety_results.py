@@ -115,6 +115,10 @@ def test_no_foreign_auto_map_survives(stages, ours, tiny_ckpt, calib_file, tmp_p
     cfg["auto_map"] = {"AutoModelForCausalLM": "evil.EvilForCausalLM", "AutoConfig": "evil.EvilConfig"}
     (dst / "config.json").write_text(json.dumps(cfg))
     (dst / "evil.py").write_text("raise SystemExit('foreign code ran')\n")
+    tok_cfg = json.loads((dst / "tokenizer_config.json").read_text())
+    (dst / "tokenizer_config.json").write_text(
+        json.dumps({**tok_cfg, "auto_map": {"AutoTokenizer": ["evil.EvilTokenizer", "evil.EvilTokenizer"]}})
+    )
     run(config_from_dict(recipe(dst, tmp_path / "out", calib_file, stages)))
     out = json.loads((tmp_path / "out" / "config.json").read_text())
     if ours:
@@ -122,3 +126,6 @@ def test_no_foreign_auto_map_survives(stages, ours, tiny_ckpt, calib_file, tmp_p
     else:
         assert "auto_map" not in out
     assert not (tmp_path / "out" / "evil.py").exists()
+    # a custom tokenizer class named by tokenizer_config.json would run the input's code as well: the run read
+    # the stock tokenizer (no prompt on stdin, no code), and the output's copy names no code
+    assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text()) == tok_cfg

@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from engine.calibration import load_tokenizer
 from engine.config import ConfigError, _build, config_to_dict, config_to_yaml, parse_size, read_recipe
 
 log = logging.getLogger(__name__)
@@ -164,10 +165,8 @@ def _read_config(path: str, what: str) -> dict:
 def check_same_tokenizer(student: str, teacher: str) -> None:
     """ConfigError unless the two checkpoints tokenize alike: the same token -> id map (and special tokens). A teacher
     with the same `vocab_size` but another tokenizer would give a KL between unrelated distributions over ids."""
-    from transformers import AutoTokenizer
-
     try:
-        ts, tt = AutoTokenizer.from_pretrained(student), AutoTokenizer.from_pretrained(teacher)
+        ts, tt = load_tokenizer(student), load_tokenizer(teacher)
     except (OSError, ValueError) as e:
         raise ConfigError(f"distill: cannot load the student's or the teacher's tokenizer: {e}") from None
     vs, vt = ts.get_vocab(), tt.get_vocab()
@@ -259,14 +258,13 @@ def distill(cfg: DistillConfig) -> dict:
 def _prepare(cfg: DistillConfig, rank: int, world: int, micro: int) -> _Job:
     """Tokenizer and windows, both models partitioned, the DeepSpeed engines, the masks."""
     import deepspeed
-    from transformers import AutoTokenizer
 
     from engine.distill.data import training_windows
     from engine.distill.keep_masks import record_masks
     from engine.distill.zero import load_partitioned, student_ds_config, teacher_ds_config, zero3_loading
 
     t0 = time.perf_counter()
-    tok = AutoTokenizer.from_pretrained(cfg.student)
+    tok = load_tokenizer(cfg.student)
     windows = training_windows(
         cfg.data, cfg.seq_len, cfg.samples or cfg.steps * cfg.batch_size, cfg.seed, tok, cfg.text_field
     )

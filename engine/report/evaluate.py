@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from engine import memory
+from engine.calibration import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -284,10 +285,8 @@ def evaluate_one(
 ) -> dict:
     """Evaluate one checkpoint on `text`: perplexity, sizes, memory and (unless `speed` is None) speed.
     Returns a JSON-serialisable dict (fields in the module docstring)."""
-    from transformers import AutoTokenizer
-
     dev = resolve_device(device)
-    tok = AutoTokenizer.from_pretrained(str(check_checkpoint(path)))
+    tok = load_tokenizer(check_checkpoint(path))
     ids = text_ids(tok, text)
     win = windows_from_ids(ids, tok.bos_token_id, windows, seq_len, source)
     memory.reset_peak_rss()
@@ -471,11 +470,9 @@ def lm_eval_tasks(
         raise LmEvalMissing(
             f"--tasks needs lm-evaluation-harness, which is not installed ({e}): pip install 'blockprune[eval]'"
         ) from e
-    from transformers import AutoTokenizer
-
     dev = resolve_device(device)
     model = load_model(path, dtype=dtype, device=dev)
-    tok = AutoTokenizer.from_pretrained(str(path))
+    tok = load_tokenizer(path)
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, device=str(dev))
     manager = TaskManager(include_path=sorted({str(f.parent) for f in files}), include_defaults=False)
     t0 = time.perf_counter()
