@@ -17,7 +17,8 @@ Per block (bytes; the block's own shapes, the stages' statistics requests and th
     device peak = weights + staging|forward|... : weights + max(staging, stats + max(forward, solve)) + cache(device)
                   + side(device)
     host peak   = baseline (this process: interpreter, torch, transformers) + cache(host) + written + prefetch
-                  (+ every device term on a CPU run, where the device is the host)
+                  (+ every device term on a CPU run, where the device is the host); prefetch is the next block's
+                  read-ahead, so the last block visited has none
 
 When the statistics do not fit beside the rest, the plan gathers them in chunks (one dense forward per chunk over the
 cached inputs, each chunk's statistics moved to the host afterwards, so solving sees exactly what one forward would
@@ -247,15 +248,17 @@ def plan_memory(
         _fit_side(b, tier, cuda, usable - cache_device, host_memory - baseline - (cache if tier == "host" else 0))
         _fit_stats(b, adapter, stages, usable - cache_device - (b.side if b.side_on_device else 0), cuda)
     pre = max((b.staging or b.weights for b in blocks), default=0) if prefetch else 0
+    last = blocks[-1].block if blocks else None
     for b in blocks:
+        ahead = pre if b.block != last else 0  # the read-ahead of the next block: none beside the last one
         offloaded = b.stats * (b.stats_chunks - 1) if b.stats_chunks > 1 else 0
         host_side = b.side if not b.side_on_device else 0
         if cuda:
             b.device_peak = b.work + (b.side if b.side_on_device else 0) + cache_device
-            b.host_peak = baseline + (cache if tier == "host" else 0) + b.written + pre + offloaded + host_side
+            b.host_peak = baseline + (cache if tier == "host" else 0) + b.written + ahead + offloaded + host_side
         else:
             b.device_peak = 0
-            host = baseline + (cache if tier == "host" else 0) + b.work + b.side + b.written + pre
+            host = baseline + (cache if tier == "host" else 0) + b.work + b.side + b.written + ahead
             b.host_peak = int(host * BASELINE_SLACK) if host else 0
     device_peak = max((b.device_peak for b in blocks), default=0)
     host_peak = max((b.host_peak for b in blocks), default=baseline)

@@ -79,9 +79,13 @@ def check_inputs(W: Tensor, sparsity: float, where: str) -> None:
 
 
 def all_finite(x: Tensor) -> bool:
-    """No NaN or inf in ``x``: one reduction (``aminmax`` propagates NaN), no ``isfinite`` mask of ``x``'s size."""
+    """No NaN or inf in ``x``: one reduction (``aminmax`` propagates NaN), no ``isfinite`` mask of ``x``'s size.
+    A transposed view (e.g. the column-major ``H.mT`` of SparseGPT's factorisation) is reduced through its
+    contiguous storage: ``aminmax`` of the view itself would first copy all of it."""
     if x.numel() == 0:
         return True
+    if x.dim() >= 2 and not x.is_contiguous() and x.mT.is_contiguous():
+        x = x.mT  # same elements, same min and max
     lo, hi = torch.aminmax(x.detach())
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
 

@@ -624,6 +624,19 @@ def test_all_finite():
             y = x.clone()
             y[31, 4] = bad
             assert not all_finite(y)
+            # transposed views (SparseGPT checks its column-major factor): reduced through the storage, same answer
+            assert not all_finite(y.mT) and all_finite(x.mT) and not all_finite(y[1::2].mT)
+
+
+def test_all_finite_of_a_transposed_view_copies_nothing(monkeypatch):
+    """``aminmax`` sees the contiguous storage of ``H.mT`` (a copy of a d x d factor would cost d² floats)."""
+    import solvers.masks as masks
+
+    seen = []
+    real = torch.aminmax
+    monkeypatch.setattr(masks.torch, "aminmax", lambda t: (seen.append(t.is_contiguous()), real(t))[1])
+    H = torch.randn(64, 64)
+    assert masks.all_finite(H.mT) and seen == [True]
 
 
 def test_long_rows_break_ties_by_position(monkeypatch):
