@@ -6,6 +6,8 @@
 | 2:4 | SparseGPT 2:4 |
 | structured | structured 30%, heads + channels, uniform allocation (stock config, smaller widths) |
 | nonuniform | structured 30%, softmax allocation (per-layer widths: `modeling_blockprune.py`, `auto_map`) |
+| padded | the nonuniform output through `blockprune export --layout padded` (stock shapes, zero-padded; no code) |
+| dense | the unpruned source checkpoint (the baseline every client must take) |
 
 - lm-evaluation-harness on a local multiple-choice task (`dataset_path: json`, `data_files` -> a JSONL written here,
   `TaskManager(include_path=...)`), loaded by lm-eval itself (`trust_remote_code=True` for the non-uniform output):
@@ -35,11 +37,12 @@ import pytest
 import torch
 
 import engine
+from engine.padded import export_padded
 from tests.tiny_models import build_tiny_checkpoint, recipe, tiny_text
 
 pytestmark = pytest.mark.clients
 
-KINDS = ("unstructured", "2:4", "structured", "nonuniform")
+KINDS = ("dense", "unstructured", "2:4", "structured", "nonuniform", "padded")
 TASK = "bp_tiny_mc"
 STRUCT = {"method": "structured", "target": 0.3, "units": ["heads", "channels"], "score": "wanda"}
 STAGES = {
@@ -69,7 +72,8 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory) -> dict[str, Path]:
-    """The four tiny outputs, pruned by the engine. The non-uniform one comes from a llama with 4 KV groups so that
+    """The tiny outputs, pruned by the engine (and the dense source, and the padded export of the non-uniform
+    output). The non-uniform one comes from a llama with 4 KV groups so that
     layers can keep different numbers of them; the others from the default tiny llama (4 heads, 2 KV groups: a
     removed group leaves 2 heads, which divide hidden_size, see `test_head_pruned_uniform_output_in_stock_transformers`)."""
     d = tmp_path_factory.mktemp("clients")
@@ -79,7 +83,7 @@ def outputs(tmp_path_factory) -> dict[str, Path]:
     wide = build_tiny_checkpoint(
         "llama", d / "src_kv4", num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4
     )
-    outs = {}
+    outs = {"dense": plain}
     for kind, stages in STAGES.items():
         src = wide if kind == "nonuniform" else plain
         out = d / kind.replace(":", "of")
@@ -88,6 +92,9 @@ def outputs(tmp_path_factory) -> dict[str, Path]:
     cfg = json.loads((outs["nonuniform"] / "config.json").read_text())
     assert len({json.dumps(e["config"], sort_keys=True) for e in cfg["blockprune"]["layers"]}) > 1
     assert "auto_map" not in json.loads((outs["structured"] / "config.json").read_text())
+    export_padded(outs["nonuniform"], d / "padded")
+    outs["padded"] = d / "padded"
+    assert not list(outs["padded"].glob("*.py"))
     return outs
 
 
@@ -178,7 +185,7 @@ def test_lm_eval_local_task(kind, outputs, task_dir):
 
 def test_lm_eval_nonuniform_without_trust_remote_code_fails(outputs, task_dir):
     """config.json keeps the dense widths, so the stock class cannot take the smaller tensors (a padded layout, which
-    stock transformers loads, is the lead's issue 18 item 1)."""
+    stock transformers loads, passes `test_lm_eval_local_task[padded]` without it)."""
     with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
         lm_eval_by_path(outputs["nonuniform"], task_dir, trust_remote_code=False)
 
@@ -326,13 +333,7 @@ def _pipeline_log(model, tok) -> tuple[list[int], str]:
     return ids[0]["generated_token_ids"], buf.getvalue()
 
 
-@pytest.mark.parametrize(
-    "kind",
-    [
-        *KINDS[:3],
-        "nonuniform",
-    ],
-)
+@pytest.mark.parametrize("kind", KINDS)
 def test_pipeline_text_generation_supports_the_model(kind, outputs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
