@@ -16,8 +16,9 @@ next block's inputs. One round per block::
 
 The tier is chosen once, from the bytes of both buffers ``nbytes() = 2*N*L*H*itemsize``: ``device`` when
 ``nbytes <= device_budget_bytes``, else ``host`` (CPU memory, pinned when ``device`` is a CUDA device) when
-``nbytes <= host_budget_bytes``, else ``disk`` (two raw files in a fresh temporary directory under ``spill_dir``,
-read and written with positioned reads/writes of one micro-batch, never mapped whole, removed on ``close()``).
+``nbytes <= host_budget_bytes``, else ``disk`` (two anonymous raw files under ``spill_dir``, read and written with
+positioned reads/writes of one micro-batch, never mapped whole; nameless, so nothing stays on disk after ``close()``
+or after the process dies, even by ``kill -9``).
 A budget of ``None`` means unlimited.
 """
 
@@ -90,17 +91,19 @@ class _TensorStore:
         self.buffers = []
 
 
-def _remove_files(files: list[Any], directory: str) -> None:
+def _close_files(files: list[Any]) -> None:
     for f in files:
         f.close()
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 class _DiskStore:
-    """Both buffers as raw files ``buffer0.bin``/``buffer1.bin`` (row-major ``[N, L, H]``) in a temporary directory.
+    """Both buffers as two anonymous raw files (row-major ``[N, L, H]``) under ``spill_dir``.
 
-    Reads and writes move one micro-batch through a CPU tensor with seek + readinto/write, so host RSS stays at about
-    one micro-batch (the kernel's page cache is not part of RSS)."""
+    The files have no name (``tempfile.TemporaryFile``: ``O_TMPFILE``, or unlinked right after creation), so their
+    space returns to the filesystem when they are closed or the process ends in any way, ``kill -9`` and the OOM
+    killer included: a killed 100 GB spill never stays behind on a scratch disk. Reads and writes move one
+    micro-batch through a CPU tensor with seek + readinto/write, so host RSS stays at about one micro-batch (the
+    kernel's page cache is not part of RSS)."""
 
     def __init__(self, shape: tuple[int, int, int], dtype: torch.dtype, spill_dir: str | None) -> None:
         self.shape, self.dtype = shape, dtype
@@ -111,14 +114,14 @@ class _DiskStore:
         free = shutil.disk_usage(parent).free
         if free < 2 * size:
             raise OSError(f"activation cache: {parent} has {free} bytes free, {2 * size} needed for the disk tier")
-        self.directory = tempfile.mkdtemp(prefix="blockprune-acts-", dir=parent)
+        self.directory = parent
         self.files = [
-            open(os.path.join(self.directory, f"buffer{i}.bin"), "w+b", buffering=0)  # noqa: SIM115
-            for i in range(2)
+            tempfile.TemporaryFile(mode="w+b", buffering=0, prefix="blockprune-acts-", dir=parent)  # noqa: SIM115
+            for _ in range(2)
         ]  # open until close(): the files live as long as the cache
         for f in self.files:
             f.truncate(size)
-        self._finalizer = weakref.finalize(self, _remove_files, self.files, self.directory)
+        self._finalizer = weakref.finalize(self, _close_files, self.files)
 
     def read(self, i: int, start: int, stop: int) -> torch.Tensor:
         out = torch.empty((stop - start, *self.shape[1:]), dtype=self.dtype)
@@ -129,7 +132,10 @@ class _DiskStore:
         while done < len(view):
             n = f.readinto(view[done:])
             if not n:
-                raise OSError(f"activation cache: short read in {f.name} at byte {start * self.row_bytes + done}")
+                raise OSError(
+                    f"activation cache: short read of buffer {i} in {self.directory} at byte "
+                    f"{start * self.row_bytes + done}"
+                )
             done += n
         return out
 
@@ -257,7 +263,7 @@ class ActivationCache:
 
     @property
     def spill_path(self) -> str | None:
-        """The temporary directory of the disk tier (``None`` for the other tiers or after ``close()``)."""
+        """The directory whose filesystem holds the disk tier's (nameless) files; ``None`` for the other tiers."""
         return self._store.directory if isinstance(self._store, _DiskStore) else None
 
     def close(self) -> None:

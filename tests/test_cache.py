@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -105,18 +106,48 @@ def test_tier_choice_counts_both_buffers() -> None:
     assert 0 < dev <= host
 
 
-def test_disk_files_removed_on_close_and_on_collection(tmp_path: Path) -> None:
+def _open_spill_files(directory: Path) -> list[int]:
+    """Sizes of this process's open files under `directory` (the disk tier's nameless files show as
+    ``/proc/self/fd/N -> DIR/#123 (deleted)`` or ``DIR/blockprune-acts-... (deleted)``)."""
+    sizes = []
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith(str(directory)) and target.endswith("(deleted)"):
+            sizes.append(os.fstat(int(fd.name)).st_size)
+    return sizes
+
+
+def test_disk_files_are_nameless_and_closed_with_the_cache(tmp_path: Path) -> None:
     with make_cache("disk", torch.bfloat16, tmp_path) as cache:
-        spill = Path(cache.spill_path)
-        assert spill.parent == tmp_path and sorted(p.name for p in spill.iterdir()) == ["buffer0.bin", "buffer1.bin"]
-        assert sum(p.stat().st_size for p in spill.iterdir()) == cache.nbytes()
-    assert not spill.exists() and list(tmp_path.iterdir()) == []
+        assert cache.spill_path == str(tmp_path)
+        assert list(tmp_path.iterdir()) == []  # nothing named: nothing a crash could leave behind
+        assert sorted(_open_spill_files(tmp_path)) == [cache.nbytes() // 2] * 2
+    assert _open_spill_files(tmp_path) == [] and list(tmp_path.iterdir()) == []
     cache.close()  # idempotent
     cache = make_cache("disk", torch.bfloat16, tmp_path)
-    spill = Path(cache.spill_path)
+    assert len(_open_spill_files(tmp_path)) == 2
     del cache
     gc.collect()
-    assert not spill.exists()
+    assert _open_spill_files(tmp_path) == []
+
+
+def test_disk_tier_leaves_nothing_after_kill_9(tmp_path: Path) -> None:
+    """A process killed by SIGKILL (the OOM killer, a scheduler's hard kill) with a filled disk tier leaves no file."""
+    code = (
+        "import os, signal, sys, torch\n"
+        "from engine.cache import ActivationCache\n"
+        f"c = ActivationCache(4, 8, 16, micro_batch=2, dtype=torch.float32, device='cpu', device_budget_bytes=0,"
+        f" host_budget_bytes=0, spill_dir={str(tmp_path)!r})\n"
+        "assert c.tier == 'disk'\n"
+        "c.put(0, torch.ones(2, 8, 16)); c.put(1, torch.ones(2, 8, 16))\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == -signal.SIGKILL
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_misuse_raises_clear_errors(tmp_path: Path) -> None:
