@@ -346,6 +346,26 @@ def test_cumulative_error_and_outlier_ratio_match_references():
         cols = torch.cat([torch.arange(2 * u, 2 * u + 2) for u in order[:k]]) if k else torch.zeros(0, dtype=torch.long)
         assert float(cum[k]) == pytest.approx(float((X[:, cols] @ W[:, cols].T).square().sum()), rel=1e-10, abs=1e-12)
 
+    # row blocks of M (forced small: 1, 2 or 3 units at a time) give the same curve, for units of width 1 and 3
+    import engine.stages.structured as st_mod
+
+    for width, cap in ((1, 12 * 8 + 12 * 17), (3, 2 * (3 * 12 * 8 + 4 * 17)), (1, 3 * (12 * 8 + 12 * 17))):
+        order = torch.randperm(12 // width, generator=g)
+        whole = cumulative_error(W, X.T @ X, width, order)
+        old, st_mod.CUM_CHUNK_BYTES = st_mod.CUM_CHUNK_BYTES, cap
+        try:
+            chunked = cumulative_error(W, X.T @ X, width, order)
+        finally:
+            st_mod.CUM_CHUNK_BYTES = old
+        for k in range(len(order) + 1):
+            cols = torch.cat([torch.arange(width * u, width * u + width) for u in order[:k]]) if k else order[:0]
+            ref = float((X[:, cols] @ W[:, cols].T).square().sum())
+            assert float(chunked[k]) == pytest.approx(ref, rel=1e-10, abs=1e-12)
+            assert float(whole[k]) == pytest.approx(ref, rel=1e-10, abs=1e-12)
+    # float32 weights (the real blocks): float32 products, float64 sums
+    cum32 = cumulative_error(W.float(), (X.T @ X).float(), 2, torch.tensor([2, 0, 3, 1, 5, 4]))
+    assert torch.allclose(cum32, cum, rtol=1e-5, atol=1e-6 * float(cum[-1]))
+
     class _Adapter:
         def get_weight(self, block, spec):
             return block[spec.name]

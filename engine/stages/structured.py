@@ -356,19 +356,36 @@ def _structured_scores(
     return orders, score_stats, channel.tolist() if has_channels else []
 
 
+CUM_CHUNK_BYTES = 1 << 28  # what one row block of ``(WᵀW) ⊙ H`` in cumulative_error may hold (256 MiB)
+
+
 def cumulative_error(W: Tensor, H: Tensor | None, width: int, order: Tensor) -> Tensor:
-    """``E(k) = Σ_t ‖W_{:,R_k} x_{t,R_k}‖²`` for the first ``k`` units of `order` removed (``k = 0..n``), from
-    ``M = (WᵀW) ⊙ H`` summed over unit blocks: ``E(k) = Σ_{a,b<k} M_u[o_a, o_b]``. Zeros without a Gram (no token
-    reached the group: removing it changes nothing the calibration sees)."""
-    n = W.shape[1] // width
+    """``E(k) = Σ_t ‖W_{:,R_k} x_{t,R_k}‖²`` for the first ``k`` units of `order` removed (``k = 0..n``), float64 on
+    the CPU. With ``M = (WᵀW) ⊙ H`` summed over unit blocks (``M_u``), ``E(k) = Σ_{a,b<k} M_u[o_a, o_b]``, so
+    ``E(k+1) − E(k) = 2·Σ_{b<k} M_u[o_k, o_b] + M_u[o_k, o_k]``: one number per unit, computed from row blocks of
+    ``M`` of at most `CUM_CHUNK_BYTES` (never a d x d matrix: at d = 53248 that would be 21 GiB in float64). Products
+    in W's dtype (float32 for the real blocks, float64 in the references), row sums in float64. Zeros without a Gram
+    (no token reached the group: removing it changes nothing the calibration sees)."""
+    d = W.shape[1]
+    n = d // width
     if H is None:
         return torch.zeros(n + 1, dtype=torch.float64)
-    Wd = W.double()
-    M = (Wd.T @ Wd) * H.to(W.device, torch.float64)
-    Mu = M.reshape(n, width, n, width).sum(dim=(1, 3)).cpu()
-    o = order.cpu()
-    C = Mu[o][:, o].cumsum(0).cumsum(1).diagonal()
-    return torch.cat([torch.zeros(1, dtype=torch.float64), C])
+    dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
+    Wc = W.to(dtype)
+    pos = torch.empty(n, dtype=torch.long, device=W.device)
+    pos[order.to(W.device)] = torch.arange(n, device=W.device)
+    inc = torch.zeros(n, dtype=torch.float64, device=W.device)
+    per_unit = width * d * Wc.element_size() + n * 17  # its rows of M; its row of M_u, masked copy, mask
+    units = max(1, CUM_CHUNK_BYTES // per_unit)
+    for u0 in range(0, n, units):
+        u1 = min(u0 + units, n)
+        cols = slice(u0 * width, u1 * width)
+        rows = (Wc[:, cols].T @ Wc) * H[cols].to(W.device, dtype)  # [(u1-u0)·width, d]: rows of M
+        Mu = rows.reshape(u1 - u0, width, n, width).sum(dim=(1, 3)).double()  # [u1-u0, n]: rows of M_u
+        del rows
+        before = pos[None, :] < pos[u0:u1, None]  # b removed before a
+        inc[pos[u0:u1]] = 2.0 * (Mu * before).sum(1) + Mu[torch.arange(u1 - u0), torch.arange(u0, u1)]
+    return torch.cat([torch.zeros(1, dtype=torch.float64), inc.cumsum(0).cpu()])
 
 
 def _unit_masks(
