@@ -18,7 +18,8 @@ Per block (bytes; the block's own shapes, the stages' statistics requests and th
                   + side(device)
     host peak   = baseline (this process: interpreter, torch, transformers) + cache(host) + written + prefetch
                   (+ every device term on a CPU run, where the device is the host); prefetch is the next block's
-                  read-ahead, so the last block visited has none
+                  read-ahead, so the last block visited has none. A CPU run's peak is the larger of that and the
+                  write: weights + the writer's contiguous copy of one shard of them (the statistics freed)
 
 When the statistics do not fit beside the rest, the plan gathers them in chunks (one dense forward per chunk over the
 cached inputs, each chunk's statistics moved to the host afterwards, so solving sees exactly what one forward would
@@ -39,6 +40,7 @@ from engine.arch import ArchAdapter
 from engine.blocks import build_meta_block, num_experts_of
 from engine.reconstruct import reconstruct_bytes, reconstruct_config
 from engine.stage import BlockStage, BlockVisit, StatsRequest
+from sharding.writer import parse_size
 
 GiB = 2**30
 BASELINE_SLACK = 1.06  # allocator fragmentation and small tensors on top of the counted ones (measured, CPU)
@@ -61,6 +63,7 @@ class BlockMemory:
     side_mlp: int  # one-pass: the MLP hidden of all tokens (down_proj's input), held when it fits, else recomputed
     written: int
     one_pass: bool
+    write_copy: int = 0  # the writer's contiguous host copy of the block's tensors (one shard of them at a time)
     keep_mlp: bool = True
     side_on_device: bool = False
     device_peak: int = 0
@@ -213,6 +216,7 @@ def plan_memory(
     skip: Sequence[int] = (),
     prefetch: bool = False,
     reconstruct=None,
+    shard_bytes: int | None = None,
 ) -> MemoryPlan:
     """The plan of a run (module docstring). `device_memory` / `host_memory`: what the run may use. `baseline`: the
     process's own resident memory before any block (interpreter, libraries). `one_pass`: the stages allow the
@@ -259,6 +263,9 @@ def plan_memory(
         else:
             b.device_peak = 0
             host = baseline + (cache if tier == "host" else 0) + b.work + b.side + b.written + ahead
+            # writing: the pruned block and the writer's copy of (one shard of) it, the statistics freed
+            copy = min(b.write_copy, shard_bytes) if shard_bytes else b.write_copy
+            host = max(host, baseline + (cache if tier == "host" else 0) + b.weights + b.written + copy + ahead)
             b.host_peak = int(host * BASELINE_SLACK) if host else 0
     device_peak = max((b.device_peak for b in blocks), default=0)
     host_peak = max((b.host_peak for b in blocks), default=baseline)
@@ -347,6 +354,7 @@ def _block_memory(
         side_mlp=mlp,
         written=params * src if (cuda or src != size) else 0,
         one_pass=takes_one_pass,
+        write_copy=params * src,
     )
 
 
@@ -441,4 +449,5 @@ def plan_for_run(cfg, reader, adapter: ArchAdapter, stages: Sequence[BlockStage]
         one_pass=one_pass,
         prefetch=bool(rt.overlap),
         reconstruct=rc,
+        shard_bytes=parse_size(cfg.max_shard_size),
     )

@@ -230,7 +230,10 @@ class UnstructuredStage(StageBase):
             # the group is the only reader of its Gram (one task per input, the last stage that reads Grams): the
             # solver may factorise it in place (solvers.registry: consume_gram)
             consume = shared and self.last_gram_reader and st is not None and st.H is not None
-            Ws, errors = self._solve(group, [W0.float() for W0 in W0s], st, sparsity, consume)
+            # Gram solvers work on float32 copies; the mask solvers (magnitude, Wanda) score a chunk of rows in
+            # float32 and write the pruned weight in the weight's own dtype: no float32 copy of a bf16 matrix
+            f32 = needs_gram(self.config.method)
+            Ws, errors = self._solve(group, [W0.float() if f32 else W0 for W0 in W0s], st, sparsity, consume)
             return [(W.to(W0.dtype), _linear_record(W, sparsity, err)) for W0, W, err in zip(W0s, Ws, errors)]
 
         results = visit.run_sharded(tasks, [self._cost(g) for g in tasks], solve)
