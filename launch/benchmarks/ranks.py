@@ -41,13 +41,15 @@ def build_model(path: Path, layers: int, hidden: int, seed: int = 0) -> Path:
 
     if (path / "model.safetensors.index.json").exists() or (path / "model.safetensors").exists():
         return path
+    if hidden % 256:
+        raise ValueError(f"hidden {hidden}: use a multiple of 256 (heads of 64, in 4 KV groups)")
     tok_dir = smollm2_checkpoint()
     cfg = LlamaConfig(
         vocab_size=49152,
         hidden_size=hidden,
         intermediate_size=hidden * 8 // 3 // 64 * 64,
         num_hidden_layers=layers,
-        num_attention_heads=12,
+        num_attention_heads=hidden // 64,  # head_dim 64 (transformers >= 5.25 requires hidden % heads == 0)
         num_key_value_heads=4,
         max_position_embeddings=2048,
         tie_word_embeddings=True,
