@@ -97,7 +97,8 @@ def admm_prune(
 
     Computed in float32 (float64 when ``W`` is float64), returned in ``W.dtype``; ``weight[~mask] == 0`` exactly;
     inputs with ``H_jj = 0`` get zero weights. ``info``: ``sparsity``, ``loss`` (``tr(ΔW H_λ ΔWᵀ)`` with
-    ``H_λ = H + λ·diag(H)``, per token with ``n_tokens``), ``damp``, ``refine_steps``, ``dead_inputs``.
+    ``H_λ = H + λ·diag(H)``, per token with ``n_tokens``), ``error`` (the undamped ``tr(ΔW H ΔWᵀ)`` in the units of
+    ``loss``: ``loss − λ·Σ_j H_jj‖ΔW_{:,j}‖²``), ``damp``, ``refine_steps``, ``dead_inputs``.
     """
     masks = None if mask is None else [mask]
     return admm_prune_many(
@@ -350,6 +351,8 @@ def _results(
 ) -> list[PruneResult]:
     losses = _objective(prob, V, R)
     V = V.masked_fill(~keep | prob.dead[None, :], 0.0)
+    # the damping's part of the loss: λ·Σ_j H_jj‖ΔW_{:,j}‖² = λ‖ΔV‖² in normalised coordinates
+    damping = opts.percdamp * (prob.Wt - V).square().sum(dim=1)
     scale = 1.0 / n_tokens if n_tokens else 1.0
     W_new = V / prob.D[None, :]
     out = []
@@ -360,6 +363,7 @@ def _results(
             "pattern": "unstructured" if nm is None else f"{nm[0]}:{nm[1]}",
             "sparsity": 1.0 - m.float().mean().item(),
             "loss": float(losses[r0:r1].sum()) * scale,
+            "error": max(float((losses[r0:r1] - damping[r0:r1]).sum()) * scale, 0.0),
             "damp": opts.percdamp,
             "refine_steps": steps,
             "dead_inputs": int(prob.dead.sum()),

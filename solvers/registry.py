@@ -145,7 +145,9 @@ def _admm_many(
     refine_iterations: int = 10,
     refine_tol: float = 1e-4,
     compute_error: bool = False,
+    consume_gram: bool = False,
 ) -> list[PruneResult]:
+    # consume_gram: accepted for the engine's shared-input call; ADMM reads H and works on a normalised copy
     stats = _require(stats, "admm", gram=True)
     assert stats.H is not None
     opts = ADMMOptions(iterations, schedule_iterations, percdamp, rho, per_row, refine_iterations, refine_tol)

@@ -52,14 +52,15 @@ def test_zero_sparsity_is_byte_identical(arch, tiny_ckpt, calib_file, tmp_path):
     assert len(rep["blocks"]) == report["num_layers"] == 3
 
 
-@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "admm"])
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
 def test_half_sparsity_every_linear(method, pattern, tiny_ckpt, calib_file, tmp_path):
     src = tiny_ckpt("llama")
     out = tmp_path / "out"
-    report = run(
-        config_from_dict(recipe(src, out, calib_file, [{"method": method, "sparsity": 0.5, "pattern": pattern}]))
-    )
+    stage = {"method": method, "sparsity": 0.5, "pattern": pattern}
+    if method == "admm":
+        stage.update(iterations=8, schedule_iterations=6)
+    report = run(config_from_dict(recipe(src, out, calib_file, [stage])))
     t = all_tensors(out)
     for name, W in t.items():
         if not name.endswith("proj.weight"):
@@ -75,8 +76,40 @@ def test_half_sparsity_every_linear(method, pattern, tiny_ckpt, calib_file, tmp_
     assert report["pruned_linear_sparsity"] == pytest.approx(0.5, abs=0.01)
     for b in report["blocks"]:
         assert b["output_error"] is not None and b["output_error"] > 0
+        if method in ("sparsegpt", "admm"):  # Gram solvers record each linear's reconstruction error
+            assert all(0 < rec["error"] < 1 for rec in b["linears"].values()), b["linears"]
     ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(1))
     assert torch.isfinite(logits(out, ids)).all()
+
+
+@pytest.mark.parametrize(
+    "arch,extra,options",
+    [
+        ("llama", {"allocation": {"rule": "owl"}}, {}),  # per-layer sparsities from the global rule
+        ("llama", {"reconstruct": {"steps": 2}}, {}),  # the two-forward path with block reconstruction
+        ("llama", {}, {"sequential": False}),
+        ("mixtral", {}, {}),  # experts: one task per expert input
+    ],
+)
+def test_admm_runs_on_every_path(arch, extra, options, tiny_ckpt, calib_file, tmp_path):
+    """`{method: admm}` through the real loop: one-pass (the engine lets the solver take the Gram), allocation,
+    reconstruction, non-sequential and MoE blocks; the written zeros match the plan."""
+    src = tiny_ckpt(arch)
+    stage = {"method": "admm", "sparsity": 0.5, "iterations": 6, "schedule_iterations": 4, **extra}
+    rep = run(config_from_dict(recipe(src, tmp_path / "out", calib_file, [stage], **options)))
+    assert rep["pruned_linear_sparsity"] == pytest.approx(0.5, abs=0.02)
+    files = all_tensors(tmp_path / "out")
+    for b in rep["blocks"]:
+        if options.get("sequential", True):  # sequential: false never runs the pruned block
+            assert b["output_error"] is not None and b["output_error"] > 0
+        matched = 0
+        for lin, rec in b["linears"].items():
+            assert rec["error"] >= 0 and rec["sparsity"] == pytest.approx(rec["planned"], abs=0.02), (b["block"], lin)
+            W = files.get(f"model.layers.{b['output_block']}.{lin}.weight")  # experts are stored fused
+            if W is not None:
+                assert int((W == 0).sum()) == rec["zeros"], (b["block"], lin)
+                matched += 1
+        assert matched >= 4  # attention linears at least
 
 
 def test_block_error_orders_solvers(tiny_ckpt, calib_file, tmp_path):

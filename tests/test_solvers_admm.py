@@ -198,8 +198,14 @@ def test_registry_entry():
     direct = admm_prune(W, st.H, 0.5, pattern="2:4", iterations=10, schedule_iterations=8, n_tokens=st.n)
     assert torch.equal(res.mask, direct.mask) and torch.equal(res.weight, direct.weight)
     assert res.info["error"] == pytest.approx(layer_error(W, res.weight, st.H) / st.n)
-    both = get_solver_many("admm")([W, W[:4]], st, 0.5, None)
+    # the solver's own undamped error (what the engine records when it lets a solver consume the Gram)
+    assert direct.info["error"] == pytest.approx(layer_error(W, direct.weight, st.H) / st.n, rel=1e-9)
+    H0 = st.H.clone()
+    both = get_solver_many("admm")([W, W[:4]], st, 0.5, None, consume_gram=True)  # the engine's call
     assert len(both) == 2 and both[1].weight.shape == (4, 32)
+    assert torch.equal(st.H, H0)  # ADMM reads the Gram, it never overwrites it
+    for Wi, r in zip([W, W[:4]], both):
+        assert r.info["error"] == pytest.approx(layer_error(Wi, r.weight, st.H) / st.n, rel=1e-9)
     light = init_stats(32, dtype=F64, gram=False)
     accumulate(light, X)
     with pytest.raises(ValueError, match="Gram"):
