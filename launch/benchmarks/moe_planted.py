@@ -234,8 +234,8 @@ def time_case(work: Path, calib: Path, args) -> dict:
     med = lambda xs: sorted(xs)[len(xs) // 2]
     blocks = [b for b in rep["blocks"] if "experts" in b]
     return {
-        "decide": med([1e3 * b["experts"]["time_s"]["decide"] for b in blocks]),
-        "surgery": med([1e3 * b["experts"]["time_s"]["surgery"] for b in blocks]),
+        "decide": med([1e3 * b["time_s"]["experts_decide"] for b in blocks]),
+        "surgery": med([1e3 * b["time_s"]["experts_surgery"] for b in blocks]),
         "stats": med([1e3 * b["time_s"]["stats"] for b in blocks]),
         "solve": med([1e3 * b["time_s"]["solve"] for b in blocks]),
         "forward": med([1e3 * b["time_s"]["forward"] for b in blocks]),
