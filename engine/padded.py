@@ -349,9 +349,11 @@ def pad_in_place(out_dir: str | Path, *, max_shard_size: int | str = "5GB") -> d
     native checkpoint (`blockprune export OUT OUT2 --layout padded` finishes the job). Returns the padding summary."""
     target = Path(out_dir)
     staging = target.with_name(target.name + ".padded-tmp")
-    summary = export_padded(target, staging, max_shard_size=max_shard_size, overwrite=True)
     old = target.with_name(target.name + ".native-tmp")
-    if old.exists():
+    if old.exists() and not (old / MANIFEST_NAME).is_file():  # ours only if our manifest is in it
+        raise PaddingError(f"{old} exists and is not a blockprune output; move it away and run again")
+    summary = export_padded(target, staging, max_shard_size=max_shard_size, overwrite=True)
+    if old.exists():  # an earlier swap that died after its first rename
         shutil.rmtree(old)
     target.rename(old)
     staging.rename(target)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -255,3 +256,19 @@ def test_cli_export_and_resume(exported, tmp_path, monkeypatch, capsys):
         assert (out / f.name).read_bytes() == f.read_bytes(), f.name
     assert main(["export", str(native), str(native)]) == 2
     assert "is the input checkpoint" in capsys.readouterr().err
+
+
+def test_in_place_swap_never_removes_a_foreign_sibling(exported, tmp_path):
+    """`export.layout: padded` swaps directories through `<out>.native-tmp`; a directory of that name that is not a
+    blockprune output (no manifest) is refused before anything is written, and left as it was."""
+    from engine.padded import pad_in_place
+
+    native = tmp_path / "out"
+    shutil.copytree(exported["llama"][0], native)
+    sibling = tmp_path / "out.native-tmp"
+    sibling.mkdir()
+    (sibling / "notes.txt").write_text("mine")
+    with pytest.raises(PaddingError, match="not a blockprune output"):
+        pad_in_place(native)
+    assert (sibling / "notes.txt").read_text() == "mine"
+    assert not (tmp_path / "out.padded-tmp").exists() and (native / "config.json").is_file()
