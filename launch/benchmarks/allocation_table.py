@@ -29,6 +29,7 @@ import sys
 from pathlib import Path
 
 from launch.benchmarks import common
+from sharding.writer import MANIFEST_NAME
 
 log = logging.getLogger("allocation_table")
 
@@ -82,7 +83,9 @@ def prune_all(args: argparse.Namespace) -> list[dict]:
         scores: Path | None = None
         for name, alloc in runs_for(budget, args):
             dest = args.work_dir / f"b{round(budget * 100)}-{name}"
-            if dest.exists():
+            if dest.exists():  # an earlier run's output: removed only when the writer's manifest says it is ours
+                if not (dest / MANIFEST_NAME).is_file():
+                    raise SystemExit(f"{dest} exists and is not a blockprune output; choose another --work-dir")
                 shutil.rmtree(dest)
             if scores is not None and alloc["rule"] != "uniform":
                 dest.mkdir(parents=True)
